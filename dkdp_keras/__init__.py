@@ -1,0 +1,39 @@
+"""dkdp_keras: Dynamic Knowledge Distillation and Pruning for Keras 3.
+
+Models shrink while they train: importance criteria score weights, units and
+layers, threshold policies prune the teacher, and a smaller student is
+distilled from it in the same training step.
+"""
+
+from dkdp_keras import importance, thresholds, zoo
+from dkdp_keras._version import __version__
+from dkdp_keras.budget import Budget, count_macs, count_params
+from dkdp_keras.layers import (
+    MaskedConv1D,
+    MaskedConv2D,
+    MaskedConv3D,
+    MaskedDense,
+    MaskedDepthwiseConv1D,
+    MaskedDepthwiseConv2D,
+)
+from dkdp_keras.prunable import masked_layers, prunable, sparsity, strip
+
+__all__ = [
+    "Budget",
+    "MaskedConv1D",
+    "MaskedConv2D",
+    "MaskedConv3D",
+    "MaskedDense",
+    "MaskedDepthwiseConv1D",
+    "MaskedDepthwiseConv2D",
+    "__version__",
+    "count_macs",
+    "count_params",
+    "importance",
+    "masked_layers",
+    "prunable",
+    "sparsity",
+    "strip",
+    "thresholds",
+    "zoo",
+]

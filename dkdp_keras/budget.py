@@ -1,0 +1,214 @@
+"""Resource constraints C and the measures a model is held against.
+
+Counting rules (masked or plain Sequential/Functional models):
+
+- parameters: every weight of the model as Keras counts it (BatchNorm moving
+  statistics included), except masks, gates and statistics; with
+  `nonzero=True` only entries that are non-zero in the computation
+  (``kernel * mask``; the bias of a removed unit counts as removed).
+- bytes: ``parameters * bytes_per_param`` (4 for float32, 1 for int8), the
+  weight storage of a compacted model, before file overhead.
+- multiply-accumulates per example: Dense ``nonzero(kernel) * positions``,
+  convolutions ``nonzero(kernel) * output positions`` (depthwise likewise);
+  other layers count 0.
+- latency: estimated from MACs, ``dense_latency_ms * kept_macs / dense_macs``
+  where `dense_latency_ms` is measured by timing the model at batch 1 (see
+  `measure_latency_ms`); an estimate, since zeros inside a kernel buy no
+  speed until the model is compacted.
+"""
+
+import time
+
+import keras
+import numpy as np
+from keras import ops
+
+from dkdp_keras import _validation
+from dkdp_keras.layers import MASKED_TWINS
+from dkdp_keras.prunable import is_masked, iter_layers
+
+
+def _layer_weight_arrays(layer):
+    """The arrays that are the layer's parameters (effective values)."""
+    if is_masked(layer):
+        arrays = [ops.convert_to_numpy(layer.effective_kernel())]
+        if layer.bias is not None:
+            arrays.append(ops.convert_to_numpy(layer.bias * layer.unit_mask()))
+        return arrays
+    return [ops.convert_to_numpy(w) for w in layer.weights]
+
+
+def count_params_of_layer(layer, nonzero=False):
+    """Parameters of one layer; with `nonzero=True`, only non-zero ones."""
+    return sum(
+        int(np.count_nonzero(values)) if nonzero else values.size
+        for values in _layer_weight_arrays(layer)
+    )
+
+
+def count_params(model, nonzero=True):
+    """Parameters of `model`; with `nonzero=True`, only non-zero ones."""
+    return sum(
+        count_params_of_layer(layer, nonzero) for layer in iter_layers(model)
+    )
+
+
+def _positions(layer):
+    """Output positions per example (product of non-batch, non-channel dims)."""
+    shape = tuple(layer.output.shape)[1:-1]
+    data_format = getattr(layer, "data_format", "channels_last")
+    if data_format == "channels_first":
+        shape = tuple(layer.output.shape)[2:]
+    return int(np.prod([d for d in shape])) if shape else 1
+
+
+def count_macs(model, nonzero=True):
+    """Multiply-accumulates per example; with `nonzero=True`, pruned kernel
+    entries cost nothing."""
+    total = 0
+    for layer in iter_layers(model):
+        if not (is_masked(layer) or type(layer) in MASKED_TWINS):
+            continue
+        kernel = ops.convert_to_numpy(
+            layer.effective_kernel() if is_masked(layer) else layer.kernel
+        )
+        count = int(np.count_nonzero(kernel)) if nonzero else kernel.size
+        total += count * _positions(layer)
+    return total
+
+
+def measure_latency_ms(model, runs=50, warmup=5):
+    """Median wall time of one batch-1 inference of `model`, in ms (Keras)."""
+    shape = tuple(model.inputs[0].shape)[1:]
+    x = np.zeros((1,) + shape, dtype="float32")
+    for _ in range(warmup):
+        model(x, training=False)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        model(x, training=False)
+        times.append(time.perf_counter() - start)
+    return 1000.0 * float(np.median(times))
+
+
+class Budget:
+    """A resource constraint C = (max parameters, bytes, MACs, latency).
+
+    Args:
+        max_params: at most this many non-zero parameters.
+        max_bytes: at most this many bytes of weights
+            (non-zero parameters × `bytes_per_param`).
+        max_macs: at most this many multiply-accumulates per example.
+        max_latency_ms: at most this estimated batch-1 latency (estimated
+            from MACs against the dense model's measured latency).
+        bytes_per_param: 4 (float32), 2 (float16) or 1 (int8) for bytes.
+
+    Example:
+
+    >>> budget = Budget(max_params=60_000)
+    >>> budget.is_met(model)  # doctest: +SKIP
+    """
+
+    MEASURES = ("params", "bytes", "macs", "latency_ms")
+
+    def __init__(self, max_params=None, max_bytes=None, max_macs=None,
+                 max_latency_ms=None, bytes_per_param=4):
+        limits = {
+            "max_params": max_params,
+            "max_bytes": max_bytes,
+            "max_macs": max_macs,
+            "max_latency_ms": max_latency_ms,
+        }
+        if all(v is None for v in limits.values()):
+            raise ValueError(
+                "Budget needs at least one limit: max_params, max_bytes, "
+                "max_macs or max_latency_ms."
+            )
+        for name, value in limits.items():
+            if value is not None:
+                _validation.number(name, value, low=0, low_open=True)
+        if bytes_per_param not in (1, 2, 4):
+            raise ValueError(
+                "bytes_per_param must be 1 (int8), 2 (float16) or 4 "
+                f"(float32), got {bytes_per_param!r}."
+            )
+        self.max_params = max_params
+        self.max_bytes = max_bytes
+        self.max_macs = max_macs
+        self.max_latency_ms = max_latency_ms
+        self.bytes_per_param = bytes_per_param
+        self._dense_latency = {}
+
+    def limits(self):
+        """The set limits, keyed by measure name."""
+        named = {
+            "params": self.max_params,
+            "bytes": self.max_bytes,
+            "macs": self.max_macs,
+            "latency_ms": self.max_latency_ms,
+        }
+        return {k: v for k, v in named.items() if v is not None}
+
+    def measure(self, model):
+        """The model's measures that this budget limits, as a dict."""
+        limits = self.limits()
+        out = {}
+        if "params" in limits or "bytes" in limits:
+            params = count_params(model, nonzero=True)
+            out["params"] = params
+            if "bytes" in limits:
+                out["bytes"] = params * self.bytes_per_param
+        if "macs" in limits or "latency_ms" in limits:
+            macs = count_macs(model, nonzero=True)
+            if "macs" in limits:
+                out["macs"] = macs
+            if "latency_ms" in limits:
+                key = id(model)
+                if key not in self._dense_latency:
+                    self._dense_latency[key] = (
+                        measure_latency_ms(model),
+                        count_macs(model, nonzero=False),
+                    )
+                dense_ms, dense_macs = self._dense_latency[key]
+                out["latency_ms"] = dense_ms * macs / max(dense_macs, 1)
+        return out
+
+    def usage(self, model):
+        """measure / limit for each limit (1.0 = exactly at the budget)."""
+        measured = self.measure(model)
+        return {k: measured[k] / v for k, v in self.limits().items()}
+
+    def is_met(self, model):
+        """True when every measure is within its limit."""
+        return all(u <= 1.0 for u in self.usage(model).values())
+
+    def check_feasible(self, model):
+        """Raise if no pruning of `model` could meet the parameter budget:
+        the floor is the parameters of layers without a mask (normalisation
+        and other unmasked layers), which kernel pruning never reduces."""
+        floor_params = sum(
+            count_params_of_layer(layer)
+            for layer in iter_layers(model)
+            if not is_masked(layer)
+        )
+        if self.max_params is not None and self.max_params < floor_params:
+            raise ValueError(
+                f"max_params={self.max_params} is below the {floor_params} "
+                f"parameters of model '{model.name}' that pruning kernels "
+                "cannot remove (normalisation and unmasked layers); allow "
+                f"more than {floor_params} to keep some kernel weights."
+            )
+
+    def get_config(self):
+        return {
+            "max_params": self.max_params,
+            "max_bytes": self.max_bytes,
+            "max_macs": self.max_macs,
+            "max_latency_ms": self.max_latency_ms,
+            "bytes_per_param": self.bytes_per_param,
+        }
+
+    def __repr__(self):
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items()
+                         if v is not None and k != "bytes_per_param")
+        return f"Budget({args})"

@@ -1,0 +1,234 @@
+"""Importance criteria I(θ_i) = f(θ_i), each a small class named after what
+it computes. Scores are non-negative; larger means more important."""
+
+import numpy as np
+from keras import ops
+
+from dkdp_keras.importance.base import Criterion
+
+
+class Magnitude(Criterion):
+    """|w|: the absolute value of each kept kernel entry (Han et al. 2015).
+
+    Per unit: the L1 norm of the unit's kernel slice (Li et al. 2017,
+    "Pruning Filters for Efficient ConvNets").
+
+    Example:
+
+    >>> layer = dkdp_keras.MaskedDense(2); _ = layer(keras.ops.ones((1, 3)))
+    >>> Magnitude().score(layer, "unit").shape
+    TensorShape([2])
+    """
+
+    def _weight_scores(self, layer):
+        return ops.abs(layer.effective_kernel())
+
+
+class GradientMagnitude(Criterion):
+    """Running mean of |∂L/∂w| over training steps.
+
+    Per unit: the sum over the unit's kernel slice. Reads the gradient
+    statistics that the DKDP training step (or `collect_gradients`) keeps.
+    """
+
+    requires = ("gradient",)
+
+    def _weight_scores(self, layer):
+        return layer.gradient_abs
+
+
+class Taylor(Criterion):
+    """First-order Taylor estimate of the loss change when θ is removed
+    (Molchanov et al. 2017, 2019).
+
+    Per weight: the running mean of |w · g|. Per unit: the running mean of
+    (Σ_{i in unit} w_i · g_i)², the squared sum over the unit's weights
+    (Molchanov et al. 2019, eq. 7 for a whole filter).
+    """
+
+    requires = ("gradient",)
+
+    def _weight_scores(self, layer):
+        return layer.taylor
+
+    def _unit_scores(self, layer):
+        return layer.taylor_unit
+
+
+class ActivationFrequency(Criterion):
+    """How active each unit's output is over the training data.
+
+    Args:
+        statistic: "nonzero" (default): the fraction of the unit's outputs
+            that are non-zero after its activation, i.e. 1 − APoZ
+            (Hu et al. 2016, "Network Trimming"). For a layer with a linear
+            activation (such as a convolution followed by BatchNorm and ReLU)
+            it is the fraction of positive outputs, what a following ReLU
+            would pass. "mean_abs": the mean absolute output instead.
+
+    Per weight: each entry gets its unit's score.
+    """
+
+    requires = ("activation",)
+
+    def __init__(self, statistic="nonzero"):
+        if statistic not in ("nonzero", "mean_abs"):
+            raise ValueError(
+                "statistic must be 'nonzero' or 'mean_abs', got "
+                f"{statistic!r}."
+            )
+        self.statistic = statistic
+
+    def _unit_scores(self, layer):
+        if self.statistic == "nonzero":
+            return layer.activation_nonzero
+        return layer.activation_abs
+
+    def get_config(self):
+        return {"statistic": self.statistic}
+
+
+class LearnedMask(Criterion):
+    """|gate|: the magnitude of each unit's trainable gate (Network Slimming,
+    Liu et al. 2017). Needs masked layers with `learnable_mask=True`; an L1
+    penalty on the gates (`gate_l1`) makes unimportant gates shrink.
+
+    Per weight: each entry gets its unit's score.
+    """
+
+    def _unit_scores(self, layer):
+        if getattr(layer, "gate", None) is None:
+            raise ValueError(
+                f"LearnedMask reads unit gates, and layer '{layer.name}' has "
+                "none: make the model with dkdp_keras.prunable(model, "
+                "learnable_mask=True, gate_l1=1e-4)."
+            )
+        return ops.abs(layer.gate)
+
+
+class OutputContribution(Criterion):
+    """How much the model's output (or loss) changes when a unit is removed,
+    measured by removing each unit in turn on a calibration batch.
+
+    I(unit) = mean over the batch of |f(x) − f_{without unit}(x)| (target
+    "output", averaged over output entries), or |L(f_{without unit}) − L(f)|
+    (target "loss"). Per weight: each entry gets its unit's score. Costs one
+    forward pass of the batch per unit, at each pruning event only.
+
+    Args:
+        x: calibration inputs (a numpy array or tensor; 64-256 examples).
+        y: targets, needed for target "loss".
+        target: "output" or "loss".
+        loss: a Keras loss (callable `loss(y_true, y_pred)`), for "loss".
+    """
+
+    def __init__(self, x, y=None, target="output", loss=None):
+        if target not in ("output", "loss"):
+            raise ValueError(
+                f"target must be 'output' or 'loss', got {target!r}."
+            )
+        if target == "loss" and (y is None or loss is None):
+            raise ValueError(
+                "OutputContribution(target='loss') needs both y and loss."
+            )
+        self.x = x
+        self.y = y
+        self.target = target
+        self.loss = loss
+        self._scores = {}
+
+    def prepare(self, model):
+        from dkdp_keras.prunable import masked_layers
+
+        self._scores = {}
+        baseline = model(self.x, training=False)
+        base_loss = self._loss(baseline)
+        for layer in masked_layers(model):
+            mask = ops.convert_to_numpy(layer.kernel_mask)
+            units = mask.reshape(-1, layer.num_units)
+            scores = np.zeros(layer.num_units, dtype="float32")
+            try:
+                for u in np.flatnonzero(units.max(axis=0) > 0):
+                    ablated = units.copy()
+                    ablated[:, u] = 0.0
+                    layer.kernel_mask.assign(ablated.reshape(mask.shape))
+                    out = model(self.x, training=False)
+                    if self.target == "output":
+                        change = ops.mean(ops.abs(out - baseline))
+                    else:
+                        change = ops.abs(self._loss(out) - base_loss)
+                    scores[u] = float(ops.convert_to_numpy(change))
+            finally:
+                layer.kernel_mask.assign(mask)
+            self._scores[id(layer)] = scores
+
+    def _loss(self, out):
+        if self.target != "loss":
+            return None
+        return self.loss(self.y, out)
+
+    def _unit_scores(self, layer):
+        if id(layer) not in self._scores:
+            raise ValueError(
+                f"OutputContribution has no scores for layer '{layer.name}': "
+                "call criterion.prepare(model) with the model that holds it "
+                "(DKDPCallback does this at each pruning event)."
+            )
+        return ops.convert_to_tensor(self._scores[id(layer)])
+
+    def get_config(self):
+        return {"target": self.target}
+
+
+class Combined(Criterion):
+    """A weighted sum of criteria, each normalised by its mean over the
+    layer's kept entries so that criteria of different scales mix:
+    I = Σ_k w_k · I_k / mean(I_k).
+
+    Args:
+        criteria: a list of `(criterion, weight)` pairs, weights > 0.
+
+    Example:
+
+    >>> c = Combined([(Magnitude(), 1.0), (LearnedMask(), 0.5)])
+    """
+
+    def __init__(self, criteria):
+        from dkdp_keras.importance import get
+
+        if not isinstance(criteria, (list, tuple)) or not criteria:
+            raise TypeError(
+                "criteria must be a non-empty list of (criterion, weight) "
+                f"pairs, got {criteria!r}."
+            )
+        parsed = []
+        for item in criteria:
+            if not (isinstance(item, (list, tuple)) and len(item) == 2):
+                raise TypeError(
+                    f"each entry of criteria must be (criterion, weight), "
+                    f"got {item!r}."
+                )
+            criterion, weight = item
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+                raise TypeError(f"weight must be a number, got {weight!r}.")
+            if not weight > 0:
+                raise ValueError(f"weight must be > 0, got {weight!r}.")
+            parsed.append((get(criterion), float(weight)))
+        self.criteria = parsed
+
+    def prepare(self, model):
+        for criterion, _ in self.criteria:
+            criterion.prepare(model)
+
+    def score(self, layer, granularity="weight"):
+        total = None
+        for criterion, weight in self.criteria:
+            s = criterion.score(layer, granularity)
+            if granularity != "layer":
+                s = s / (ops.mean(s) + 1e-12)
+            part = weight * s
+            total = part if total is None else total + part
+        return total
+
+    def get_config(self):
+        return {"criteria": self.criteria}

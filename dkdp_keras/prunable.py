@@ -1,0 +1,260 @@
+"""Model-level masking: make a model prunable, strip masks, measure sparsity."""
+
+import warnings
+
+import keras
+import numpy as np
+from keras import ops
+
+from dkdp_keras.layers import MASKED_TWINS, MaskedKernelMixin
+
+#: Layers with weights that need no mask: normalisation and the like. A layer
+#: with weights outside this list and outside MASKED_TWINS is reported.
+_PASSIVE_LAYERS = (
+    keras.layers.BatchNormalization,
+    keras.layers.LayerNormalization,
+    keras.layers.GroupNormalization,
+    keras.layers.Normalization,
+    keras.layers.PReLU,
+)
+
+
+def _is_graph_model(model):
+    """True for Sequential and Functional models, which can be cloned."""
+    names = {cls.__name__ for cls in type(model).__mro__}
+    return "Sequential" in names or "Functional" in names
+
+
+def check_graph_model(model, argument="model"):
+    """Raise a clear error unless `model` is a built Sequential/Functional model."""
+    if not isinstance(model, keras.Model):
+        raise TypeError(
+            f"{argument} must be a keras.Model (Sequential or Functional), got "
+            f"{type(model).__name__}: {model!r:.80}. Load a saved model with "
+            "keras.saving.load_model(path) first."
+        )
+    if not _is_graph_model(model):
+        raise TypeError(
+            f"{argument} is a subclassed keras.Model ({type(model).__name__}), "
+            "whose layers cannot be rewired. Build the same network as a "
+            "Sequential or Functional model (keras.Model(inputs, outputs)), or "
+            "use the masked layers (dkdp_keras.MaskedDense, MaskedConv2D, ...) "
+            "directly inside your subclass."
+        )
+    if not model.built or not model.inputs:
+        raise ValueError(
+            f"{argument} '{model.name}' is not built: give it an input "
+            "(keras.Input(shape=...)) or call model.build(input_shape) first."
+        )
+
+
+def iter_layers(model):
+    """Every layer of `model`, nested models' layers included, in order."""
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            yield from iter_layers(layer)
+        else:
+            yield layer
+
+
+def masked_layers(model):
+    """The masked layers of `model` (nested models included), in order."""
+    return [layer for layer in iter_layers(model) if is_masked(layer)]
+
+
+def is_masked(layer):
+    """True if `layer` is one of the library's masked layers."""
+    return isinstance(layer, MaskedKernelMixin)
+
+
+def _twin_of(layer):
+    """The masked class for `layer`'s exact class, or None."""
+    return MASKED_TWINS.get(type(layer))
+
+
+def _clone(model, clone_function):
+    pairs = []
+
+    def recording(layer):
+        new = clone_function(layer)
+        pairs.append((layer, new))
+        return new
+
+    clone = keras.models.clone_model(
+        model, clone_function=recording, recursive=True
+    )
+    return clone, pairs
+
+
+def prunable(
+    model,
+    layers=None,
+    learnable_mask=False,
+    gate_l1=0.0,
+    track_statistics=False,
+):
+    """A copy of `model` with every supported layer replaced by its masked twin.
+
+    Dense, Conv1D/2D/3D and DepthwiseConv1D/2D layers become MaskedDense,
+    MaskedConv1D/2D/3D and MaskedDepthwiseConv1D/2D with the same weights and
+    all-ones masks, so the copy computes exactly what `model` computes.
+    Layers with weights that cannot be masked (LSTM, Embedding, ...) are
+    kept as they are and named in one warning. Layers that are already
+    masked are copied with their masks.
+
+    Args:
+        model: a built Sequential or Functional Keras model.
+        layers: optional restriction: a list of layer names, or a callable
+            `layer -> bool`. Only the selected layers are masked.
+        learnable_mask: give every masked layer trainable unit gates.
+        gate_l1: L1 penalty on those gates.
+        track_statistics: keep running activation/gradient statistics for
+            the gradient- and activation-based importance criteria.
+
+    Returns:
+        A new Keras model of the same kind as `model`.
+
+    Example:
+
+    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    >>> masked = prunable(model)
+    >>> type(masked.layers[0]).__name__
+    'MaskedDense'
+    """
+    check_graph_model(model)
+    if layers is None:
+        selected = lambda layer: True  # noqa: E731
+    elif callable(layers):
+        selected = layers
+    elif isinstance(layers, (list, tuple, set)) and all(
+        isinstance(name, str) for name in layers
+    ):
+        names = set(layers)
+        known = {layer.name for layer in iter_layers(model)}
+        unknown = sorted(names - known)
+        if unknown:
+            raise ValueError(
+                f"layers names {unknown} that model '{model.name}' does not "
+                f"have; its layers are {sorted(known)}."
+            )
+        selected = lambda layer: layer.name in names  # noqa: E731
+    else:
+        raise TypeError(
+            "layers must be None, a list of layer names or a callable "
+            f"layer -> bool, got {layers!r}."
+        )
+
+    skipped = []
+    extra = dict(
+        learnable_mask=learnable_mask,
+        gate_l1=gate_l1,
+        track_statistics=track_statistics,
+    )
+
+    def clone_function(layer):
+        twin = _twin_of(layer)
+        if is_masked(layer):
+            return type(layer).from_config(layer.get_config())
+        if twin is not None and selected(layer):
+            return twin.from_config({**layer.get_config(), **extra})
+        if (
+            layer.weights
+            and twin is None
+            and not isinstance(layer, _PASSIVE_LAYERS)
+            and selected(layer)
+        ):
+            skipped.append(f"{layer.name} ({type(layer).__name__})")
+        return layer.__class__.from_config(layer.get_config())
+
+    clone, pairs = _clone(model, clone_function)
+    for old, new in pairs:
+        if is_masked(new) and not is_masked(old):
+            new.kernel.assign(old.kernel)
+            if old.bias is not None:
+                new.bias.assign(old.bias)
+        else:
+            _copy_by_name(old, new)
+    if skipped:
+        warnings.warn(
+            "prunable: these layers have weights but no masked twin and are "
+            f"left unpruned: {', '.join(skipped)}. Supported: "
+            f"{', '.join(sorted(c.__name__ for c in MASKED_TWINS))}.",
+            stacklevel=2,
+        )
+    return clone
+
+
+def _copy_by_name(old, new):
+    """Copy weights between two layers of the same class and config."""
+    if len(old.weights) != len(new.weights):
+        raise ValueError(
+            f"Cannot copy weights of layer '{old.name}': the copy has "
+            f"{len(new.weights)} weights, the original {len(old.weights)}."
+        )
+    for source, target in zip(old.weights, new.weights):
+        target.assign(source)
+
+
+def strip(model):
+    """The same model with plain Keras layers: masks and gates baked in.
+
+    Every masked layer becomes its Keras base layer with kernel
+    ``kernel * mask * gate`` and bias ``bias * unit_mask * gate``; the
+    outputs are unchanged. Pruned entries are exact zeros in the result.
+
+    Args:
+        model: a built Sequential or Functional model (masked or not).
+
+    Returns:
+        A new Keras model with no dkdp_keras layer in it.
+    """
+    check_graph_model(model)
+
+    def clone_function(layer):
+        if is_masked(layer):
+            return layer.base_class.from_config(layer.base_config())
+        return layer.__class__.from_config(layer.get_config())
+
+    clone, pairs = _clone(model, clone_function)
+    for old, new in pairs:
+        if is_masked(old):
+            new.set_weights(old.stripped_weights())
+        else:
+            _copy_by_name(old, new)
+    return clone
+
+
+def effective_kernel(layer):
+    """The kernel a layer computes with: ``kernel * mask`` for masked layers,
+    the kernel itself for plain Dense/Conv/DepthwiseConv layers, else None."""
+    if is_masked(layer):
+        return layer.effective_kernel()
+    if type(layer) in MASKED_TWINS:
+        return layer.kernel
+    return None
+
+
+def sparsity(model):
+    """Fraction of zero entries over all prunable kernels of `model`.
+
+    Works on masked models (zeros of ``kernel * mask``) and on stripped or
+    plain models (zeros of the Dense/Conv/DepthwiseConv kernels).
+
+    Returns:
+        A Python float in [0, 1].
+    """
+    zeros = 0
+    total = 0
+    for layer in iter_layers(model):
+        kernel = effective_kernel(layer)
+        if kernel is None:
+            continue
+        values = ops.convert_to_numpy(kernel)
+        zeros += int(np.count_nonzero(values == 0))
+        total += values.size
+    if total == 0:
+        raise ValueError(
+            f"Model '{model.name}' has no prunable kernel (Dense, Conv or "
+            "DepthwiseConv layer)."
+        )
+    return zeros / total

@@ -1,0 +1,271 @@
+"""From importance scores and a target sparsity to τ and new masks.
+
+θ_i = 0 where I(θ_i) < τ, with τ chosen so that the requested fraction of
+the prunable weights falls below it:
+
+- granularity "weight": entries are kernel entries (size 1 each);
+  granularity "unit": entries are units, each as large as its fan-in, and τ
+  is the smallest unit score for which the pruned units' weights reach the
+  target fraction of all weights.
+- scope "global": one τ over all layers. Each layer's scores are first
+  divided by their mean over the layer's kept entries (``normalize="mean"``,
+  so a score of 1 means "as important as the layer's average entry") or by
+  their L2 norm over kept entries (``"l2"``, Molchanov et al. 2017), or used
+  raw (``"none"``, sensible for magnitudes of comparably scaled layers).
+  `layer_weights` (for instance layer-level importance) then multiply each
+  layer's normalised scores, so that more important layers lose less.
+- scope "layer": a τ per layer, each layer pruned to the target fraction.
+
+Floors then restore the best entries of any layer that fell below them: at
+least `min_units` units (and at least `min_fraction` of its units) keep
+weights, and at least `min_fraction` of its weights stay. Layers named in
+`protect_units` (the model's output layers) are never unit-pruned.
+
+Ties are broken by position (a stable sort), so exactly the requested count
+is pruned. Masks are computed eagerly with numpy between training steps;
+nothing here runs inside the training graph.
+"""
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+from keras import ops
+
+from dkdp_keras import _validation
+from dkdp_keras.importance.base import check_granularity
+
+
+@dataclass
+class Floors:
+    """What every layer keeps whatever τ says.
+
+    Args:
+        min_units: units (neurons/filters) that keep weights in each layer.
+        min_fraction: fraction of each layer's weights (and, at unit
+            granularity, of its units) that stays.
+    """
+
+    min_units: int = 1
+    min_fraction: float = 0.01
+
+    def __post_init__(self):
+        _validation.number("min_units", self.min_units, low=1, integer=True)
+        _validation.number(
+            "min_fraction", self.min_fraction, low=0.0, high=1.0
+        )
+
+
+@dataclass
+class PruningResult:
+    """What one pruning computation decided.
+
+    Attributes:
+        tau: the threshold (in normalised score units for scope "global");
+            a dict layer name -> τ for scope "layer".
+        masks: dict layer name -> new kernel mask (numpy float32).
+        sparsity: fraction of prunable weights the new masks zero.
+    """
+
+    tau: object
+    masks: dict = field(default_factory=dict)
+    sparsity: float = 0.0
+
+
+def threshold_for_sparsity(scores, sparsity, sizes=None):
+    """τ and the pruned entries for one pool of scores.
+
+    Args:
+        scores: 1-D array of scores.
+        sparsity: target fraction in [0, 1) of the total size to prune.
+        sizes: optional 1-D array of entry sizes (weights per unit).
+
+    Returns:
+        `(tau, pruned)`: `pruned` is a boolean array, True for entries to
+        prune; all of them score <= τ and all kept ones >= τ.
+    """
+    scores = np.asarray(scores, dtype="float64").ravel()
+    _validation.sparsity("sparsity", sparsity)
+    sizes = np.ones_like(scores) if sizes is None else np.asarray(sizes, "float64")
+    order = np.argsort(scores, kind="stable")
+    before = np.cumsum(sizes[order]) - sizes[order]
+    count = int(np.sum(before < sparsity * sizes.sum() - 1e-9))
+    pruned = np.zeros(scores.shape, dtype=bool)
+    pruned[order[:count]] = True
+    if count < scores.size:
+        tau = float(scores[order[count]])
+    else:
+        tau = float(np.nextafter(scores.max(), np.inf))
+    return tau, pruned
+
+
+def _normalise(scores, kept, normalize):
+    live = scores[kept] if kept.any() else scores
+    if normalize == "mean":
+        scale = float(np.mean(live))
+    elif normalize == "l2":
+        scale = float(np.sqrt(np.sum(np.square(live))))
+    else:
+        return scores
+    return scores / scale if scale > 0 else scores
+
+
+def compute_masks(
+    layers,
+    scores,
+    sparsity,
+    granularity="weight",
+    scope="global",
+    normalize="mean",
+    floors=None,
+    protect_units=(),
+    layer_weights=None,
+):
+    """New kernel masks that prune `sparsity` of the weights by score.
+
+    Args:
+        layers: the masked layers to prune.
+        scores: a list (aligned with `layers`) of score tensors at
+            `granularity` ("weight": kernel-shaped, "unit": per unit).
+        sparsity: target fraction in [0, 1) of the layers' kernel weights.
+        granularity: "weight" or "unit".
+        scope: "global" (one τ) or "layer" (one τ per layer).
+        normalize: "mean", "l2" or "none" (scope "global" only).
+        floors: a `Floors`; default `Floors()`.
+        protect_units: names of layers whose units are never removed
+            (at unit granularity they are left out of the pool).
+        layer_weights: optional dict layer name -> multiplier of that
+            layer's normalised scores (scope "global").
+
+    Returns:
+        A `PruningResult`.
+    """
+    check_granularity(granularity)
+    if granularity == "layer":
+        raise ValueError(
+            "granularity 'layer' scores share a budget between layers; it "
+            "cannot itself zero weights. Prune at 'weight' or 'unit' "
+            "granularity and pass layer scores as layer_weights."
+        )
+    _validation.choice("scope", scope, ("global", "layer"))
+    _validation.choice("normalize", normalize, ("mean", "l2", "none"))
+    _validation.sparsity("sparsity", sparsity)
+    floors = Floors() if floors is None else floors
+    if len(layers) != len(scores):
+        raise ValueError(
+            f"Got {len(layers)} layers and {len(scores)} score arrays."
+        )
+    layer_weights = layer_weights or {}
+
+    entries = []  # (layer, scores 1-D, sizes 1-D, current kept 1-D, poolable)
+    for layer, s in zip(layers, scores):
+        s = np.asarray(ops.convert_to_numpy(s), dtype="float64")
+        mask = ops.convert_to_numpy(layer.kernel_mask)
+        if granularity == "weight":
+            flat = s.reshape(-1)
+            sizes = np.ones_like(flat)
+            kept = mask.reshape(-1) > 0
+        else:
+            flat = s.reshape(-1)
+            fan_in = mask.size // layer.num_units
+            sizes = np.full(flat.shape, float(fan_in))
+            kept = mask.reshape(-1, layer.num_units).max(axis=0) > 0
+        if not np.all(np.isfinite(flat)):
+            raise ValueError(
+                f"Scores of layer '{layer.name}' contain NaN or Inf; no mask "
+                "was changed."
+            )
+        poolable = not (granularity == "unit" and layer.name in protect_units)
+        entries.append((layer, flat, sizes, kept, poolable))
+
+    pruned = {}
+    if scope == "global":
+        pool = [e for e in entries if e[4]]
+        if pool:
+            norm = [
+                _normalise(flat, kept, normalize)
+                * float(layer_weights.get(layer.name, 1.0))
+                for layer, flat, _, kept, _ in pool
+            ]
+            # Protected layers' weights still count in the total: the target
+            # is a fraction of all the layers' weights.
+            protected = sum(e[2].sum() for e in entries if not e[4])
+            pool_size = sum(e[2].sum() for e in pool)
+            target = min(
+                sparsity * (pool_size + protected) / pool_size, 1.0 - 1e-9
+            )
+            tau, flags = threshold_for_sparsity(
+                np.concatenate(norm),
+                target,
+                np.concatenate([e[2] for e in pool]),
+            )
+            start = 0
+            for (layer, flat, _, _, _) in pool:
+                pruned[layer.name] = flags[start : start + flat.size]
+                start += flat.size
+        else:
+            tau = None
+    else:
+        tau = {}
+        for layer, flat, sizes, _, poolable in entries:
+            if not poolable:
+                continue
+            tau[layer.name], pruned[layer.name] = threshold_for_sparsity(
+                flat, sparsity, sizes
+            )
+
+    result = PruningResult(tau=tau)
+    zeros = total = 0
+    for layer, flat, sizes, _, poolable in entries:
+        flags = pruned.get(layer.name, np.zeros(flat.shape, dtype=bool))
+        keep = _apply_floors(layer, flat, ~flags, granularity, floors)
+        shape = tuple(int(d) for d in layer.kernel.shape)
+        if granularity == "weight":
+            mask = keep.reshape(shape)
+        else:
+            fan_in = int(np.prod(shape)) // layer.num_units
+            mask = np.broadcast_to(keep, (fan_in, layer.num_units)).reshape(shape)
+        mask = mask.astype("float32")
+        result.masks[layer.name] = mask
+        zeros += int(mask.size - np.count_nonzero(mask))
+        total += mask.size
+    result.sparsity = zeros / total if total else 0.0
+    return result
+
+
+def _apply_floors(layer, flat, keep, granularity, floors):
+    """Keep the best entries of a layer that fell below its floors."""
+    keep = keep.copy()
+    order = np.argsort(-flat, kind="stable")  # best first
+    if granularity == "unit":
+        need = max(floors.min_units, math.ceil(floors.min_fraction * flat.size))
+        need = min(need, flat.size)
+        if keep.sum() < need:
+            keep[order[:need]] = True
+        return keep
+    need = min(max(1, math.ceil(floors.min_fraction * flat.size)), flat.size)
+    if keep.sum() < need:
+        keep[order[:need]] = True
+    # At least `min_units` units keep a weight: the best weight of the best
+    # units that have none.
+    units = keep.reshape(-1, layer.num_units)
+    alive = units.any(axis=0)
+    need_units = min(floors.min_units, layer.num_units)
+    if alive.sum() < need_units:
+        by_unit = flat.reshape(-1, layer.num_units)
+        best = by_unit.max(axis=0)
+        for u in np.argsort(-best, kind="stable"):
+            if alive.sum() >= need_units:
+                break
+            if not alive[u]:
+                units[np.argmax(by_unit[:, u]), u] = True
+                alive[u] = True
+        keep = units.reshape(-1)
+    return keep
+
+
+def apply_masks(model_layers, masks):
+    """Write masks (dict layer name -> array) into the layers' kernel_mask."""
+    by_name = {layer.name: layer for layer in model_layers}
+    for name, mask in masks.items():
+        by_name[name].kernel_mask.assign(mask)

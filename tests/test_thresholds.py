@@ -1,0 +1,171 @@
+"""τ, masks, floors and the sparsity schedules."""
+
+import keras
+import numpy as np
+import pytest
+
+import dkdp_keras as dkdp
+from dkdp_keras import importance, thresholds
+from dkdp_keras.thresholds import Floors, compute_masks, threshold_for_sparsity
+
+
+@pytest.mark.parametrize("target", [0.0, 0.1, 0.5, 0.9, 0.95, 0.999])
+def test_tau_puts_exactly_the_requested_fraction_below_it(rng, target):
+    scores = rng.random(10_000)
+    tau, pruned = threshold_for_sparsity(scores, target)
+    assert np.mean(scores < tau) == pytest.approx(target)
+    assert pruned.sum() == round(target * scores.size)
+    assert np.all(scores[pruned] < tau) and np.all(scores[~pruned] >= tau)
+
+
+def test_tau_with_unit_sizes_counts_weights_not_units():
+    scores = np.array([0.1, 0.2, 0.3, 0.4])
+    sizes = np.array([10, 30, 30, 30])
+    tau, pruned = threshold_for_sparsity(scores, 0.4, sizes)
+    # 10 + 30 = 40 of 100 weights: the two least important units.
+    assert pruned.tolist() == [True, True, False, False] and tau == 0.3
+
+
+def _model():
+    model = keras.Sequential([
+        keras.Input((20,)),
+        keras.layers.Dense(30, activation="relu", name="a"),
+        keras.layers.Dense(20, activation="relu", name="b"),
+        keras.layers.Dense(5, name="out"),
+    ])
+    return dkdp.prunable(model)
+
+
+def test_global_weight_pruning_reaches_the_target():
+    model = _model()
+    layers = dkdp.masked_layers(model)
+    scores = [importance.Magnitude().score(layer, "weight") for layer in layers]
+    result = compute_masks(layers, scores, 0.8, granularity="weight")
+    total = sum(m.size for m in result.masks.values())
+    zeros = sum((m == 0).sum() for m in result.masks.values())
+    assert zeros == round(0.8 * total) and result.sparsity == pytest.approx(0.8, abs=1e-3)
+    thresholds.apply_masks(layers, result.masks)
+    assert dkdp.sparsity(model) == pytest.approx(0.8, abs=1e-3)
+
+
+def test_per_layer_scope_prunes_each_layer_to_the_target():
+    model = _model()
+    layers = dkdp.masked_layers(model)
+    scores = [importance.Magnitude().score(layer, "weight") for layer in layers]
+    result = compute_masks(layers, scores, 0.5, scope="layer")
+    for layer in layers:
+        mask = result.masks[layer.name]
+        assert (mask == 0).mean() == pytest.approx(0.5, abs=1.0 / mask.size)
+        kernel = np.abs(layer.kernel.numpy())
+        assert kernel[mask == 0].max() <= kernel[mask == 1].min()
+    assert set(result.tau) == {"a", "b", "out"}
+
+
+def test_unit_pruning_removes_whole_units_and_spares_protected_layers():
+    model = _model()
+    layers = dkdp.masked_layers(model)
+    scores = [importance.Magnitude().score(layer, "unit") for layer in layers]
+    result = compute_masks(layers, scores, 0.5, granularity="unit", protect_units={"out"})
+    for name in ("a", "b"):
+        per_unit = result.masks[name].reshape(-1, result.masks[name].shape[-1])
+        # every column is all ones or all zeros
+        assert set(per_unit.min(0) == per_unit.max(0)) == {True}
+    assert np.all(result.masks["out"] == 1)
+    assert result.sparsity == pytest.approx(0.5, abs=0.05)
+
+
+def test_floors_keep_every_layer_alive():
+    model = _model()
+    layers = dkdp.masked_layers(model)
+    # Layer "a" looks worthless: global pruning would empty it.
+    scores = [importance.Magnitude().score(layer, "weight") for layer in layers]
+    scores[0] = scores[0] * 0 + 1e-9
+    result = compute_masks(layers, scores, 0.6, normalize="none",
+                           floors=Floors(min_units=3, min_fraction=0.05))
+    mask_a = result.masks["a"]
+    assert mask_a.sum() >= np.ceil(0.05 * mask_a.size)
+    assert (mask_a.max(axis=0) > 0).sum() >= 3
+    unit_scores = [importance.Magnitude().score(layer, "unit") for layer in layers]
+    unit_scores[1] = unit_scores[1] * 0
+    result = compute_masks(layers, unit_scores, 0.9, granularity="unit",
+                           normalize="none", floors=Floors(min_units=2, min_fraction=0.0))
+    assert (result.masks["b"].max(axis=0) > 0).sum() >= 2
+
+
+def test_layer_weights_shift_pruning_between_layers():
+    model = _model()
+    layers = dkdp.masked_layers(model)
+    scores = [importance.Magnitude().score(layer, "weight") for layer in layers]
+    even = compute_masks(layers, scores, 0.5)
+    favoured = compute_masks(layers, scores, 0.5, layer_weights={"a": 10.0})
+    assert (favoured.masks["a"] == 0).mean() < (even.masks["a"] == 0).mean()
+
+
+def test_nan_scores_change_nothing():
+    model = _model()
+    layers = dkdp.masked_layers(model)
+    scores = [importance.Magnitude().score(layer, "weight").numpy() for layer in layers]
+    scores[1][0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        compute_masks(layers, scores, 0.5)
+
+
+@pytest.mark.parametrize(
+    "call,error,text",
+    [
+        (lambda l, s: compute_masks(l, s, 1.0), ValueError, r"sparsity must be in \[0.0, 1.0\), got 1.0"),
+        (lambda l, s: compute_masks(l, s, -0.1), ValueError, "sparsity must be in"),
+        (lambda l, s: compute_masks(l, s, 0.5, granularity="layer"), ValueError, "cannot itself zero weights"),
+        (lambda l, s: compute_masks(l, s, 0.5, granularity="filter"), ValueError, "granularity must be one of"),
+        (lambda l, s: compute_masks(l, s, 0.5, scope="local"), ValueError, "scope must be one of"),
+        (lambda l, s: compute_masks(l, s[:1], 0.5), ValueError, "3 layers and 1 score"),
+        (lambda l, s: Floors(min_units=0), ValueError, r"min_units must be in \[1, inf\]"),
+        (lambda l, s: Floors(min_fraction=1.5), ValueError, "min_fraction must be in"),
+    ],
+)
+def test_mechanism_bad_input(call, error, text):
+    layers = dkdp.masked_layers(_model())
+    scores = [importance.Magnitude().score(layer, "weight") for layer in layers]
+    with pytest.raises(error, match=text):
+        call(layers, scores)
+
+
+def test_constant_and_polynomial_schedules():
+    assert thresholds.ConstantSparsity(0.9).sparsity_at(0) == 0.9
+    sched = thresholds.PolynomialDecay(0.1, 0.9, begin_step=100, end_step=200, power=3)
+    assert sched.sparsity_at(0) == pytest.approx(0.1)
+    assert sched.sparsity_at(100) == pytest.approx(0.1)
+    assert sched.sparsity_at(150) == pytest.approx(0.9 + (0.1 - 0.9) * 0.5 ** 3)
+    assert sched.sparsity_at(200) == pytest.approx(0.9)
+    assert sched.sparsity_at(10_000) == pytest.approx(0.9)
+    values = [sched.sparsity_at(t) for t in range(100, 201)]
+    assert all(b >= a for a, b in zip(values, values[1:]))
+
+
+@pytest.mark.parametrize(
+    "make,error,text",
+    [
+        (lambda: thresholds.ConstantSparsity(1.0), ValueError, r"target must be in \[0.0, 1.0\), got 1.0"),
+        (lambda: thresholds.ConstantSparsity("0.5"), TypeError, "target must be a number"),
+        (lambda: thresholds.ConstantSparsity(float("nan")), ValueError, "target must be a finite number"),
+        (lambda: thresholds.PolynomialDecay(0.0, 0.5, 10, 5), ValueError, r"end_step \(5\) must be after begin_step \(10\)"),
+        (lambda: thresholds.PolynomialDecay(0.6, 0.5, 0, 5), ValueError, "final_sparsity .* must be at least initial_sparsity"),
+        (lambda: thresholds.PolynomialDecay(0.0, 0.5, -1, 5), ValueError, "begin_step must be in"),
+        (lambda: thresholds.PolynomialDecay(0.0, 0.5, 0, 5, power=0.5), ValueError, "power must be in"),
+        (lambda: thresholds.Adaptive(60_000), TypeError, "budget must be a dkdp_keras.Budget"),
+        (lambda: thresholds.Adaptive(dkdp.Budget(max_params=10), tolerance=1.5), ValueError, "tolerance must be in"),
+        (lambda: thresholds.Adaptive(dkdp.Budget(max_params=10), monitor=None), TypeError, "monitor must be a metric name"),
+        (lambda: thresholds.Adaptive(dkdp.Budget(max_params=10), mode="up"), ValueError, "mode must be one of"),
+        (lambda: thresholds.Adaptive(dkdp.Budget(max_params=10), min_step=0.5), ValueError, "min_step must be in"),
+    ],
+)
+def test_policy_bad_input(make, error, text):
+    with pytest.raises(error, match=text):
+        make()
+
+
+def test_adaptive_reads_direction_from_the_metric_name():
+    budget = dkdp.Budget(max_params=1000)
+    assert thresholds.Adaptive(budget).higher_is_better
+    assert not thresholds.Adaptive(budget, monitor="val_loss").higher_is_better
+    assert thresholds.Adaptive(budget, monitor="val_loss", mode="max").higher_is_better
