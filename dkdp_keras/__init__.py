@@ -37,3 +37,7 @@ __all__ = [
     "thresholds",
     "zoo",
 ]
+
+from dkdp_keras.model import DKDPModel  # noqa: E402
+
+__all__.append("DKDPModel")

@@ -1,0 +1,133 @@
+"""Distillation losses L_KD = D(M_t(x), M_s(x)) and metric helpers for the
+DKDP training step."""
+
+import keras
+from keras import ops
+
+from dkdp_keras import _validation
+
+KD_LOSSES = ("kl", "mse")
+
+
+def get_kd_loss(kd_loss, temperature):
+    """A `keras.distillation.DistillationLoss` for `kd_loss`.
+
+    - "kl": `keras.distillation.LogitsDistillation(temperature)`, i.e.
+      T² · KL(softmax(z_t / T) ‖ softmax(z_s / T)), averaged over the batch
+      (Hinton et al. 2015), exactly as keras.distillation computes it.
+    - "mse": the mean squared difference of the logits (Ba & Caruana 2014).
+    - a `keras.distillation.DistillationLoss` instance, used as it is
+      (`FeatureDistillation` with layer names included).
+    """
+    if isinstance(kd_loss, keras.distillation.DistillationLoss):
+        return kd_loss
+    if kd_loss == "kl":
+        # A KLDivergence *instance*: with the default loss="kl_divergence"
+        # string, Keras 3.15 resolves a plain function, misses its softmax
+        # branch and computes KL on raw logits.
+        return keras.distillation.LogitsDistillation(
+            temperature=temperature, loss=keras.losses.KLDivergence()
+        )
+    if kd_loss == "mse":
+        return keras.distillation.LogitsDistillation(
+            temperature=1.0, loss="mean_squared_error"
+        )
+    raise ValueError(
+        f"kd_loss must be one of {KD_LOSSES} or a "
+        f"keras.distillation.DistillationLoss, got {kd_loss!r}."
+    )
+
+
+def feature_layer_names(kd_loss):
+    """(teacher_layer_name, student_layer_name) a loss distils from, if any."""
+    return (
+        getattr(kd_loss, "teacher_layer_name", None),
+        getattr(kd_loss, "student_layer_name", None),
+    )
+
+
+def auto_accuracy(y_true, y_pred):
+    """Accuracy for class labels or one-hot labels, decided from the static
+    shapes as `compile(metrics=["accuracy"])` does: one-hot labels when
+    `y_true` has the shape of `y_pred`, binary when there is one output,
+    class indices otherwise."""
+    classes = y_pred.shape[-1]
+    if classes == 1:
+        return keras.metrics.binary_accuracy(y_true, y_pred)
+    if len(y_true.shape) == len(y_pred.shape) and y_true.shape[-1] == classes:
+        return keras.metrics.categorical_accuracy(y_true, y_pred)
+    return keras.metrics.sparse_categorical_accuracy(y_true, y_pred)
+
+
+def make_metrics(metrics, prefix):
+    """Fresh metric objects named `<prefix>_<name>` for each identifier."""
+    if metrics is None:
+        return []
+    if not isinstance(metrics, (list, tuple)):
+        raise TypeError(
+            "metrics must be a list such as ['accuracy'], got "
+            f"{metrics!r}. (Per-output dicts are for multi-output models, "
+            "which DKDPModel does not support.)"
+        )
+    made = []
+    for metric in metrics:
+        if isinstance(metric, str) and metric in ("accuracy", "acc"):
+            made.append(
+                keras.metrics.MeanMetricWrapper(
+                    auto_accuracy, name=f"{prefix}_accuracy"
+                )
+            )
+        elif isinstance(metric, keras.metrics.Metric):
+            config = metric.get_config()
+            config["name"] = f"{prefix}_{metric.name}"
+            made.append(type(metric).from_config(config))
+        else:
+            fn = keras.metrics.get(metric)
+            if isinstance(fn, keras.metrics.Metric):
+                config = fn.get_config()
+                config["name"] = f"{prefix}_{fn.name}"
+                made.append(type(fn).from_config(config))
+            else:
+                name = metric if isinstance(metric, str) else fn.__name__
+                made.append(
+                    keras.metrics.MeanMetricWrapper(fn, name=f"{prefix}_{name}")
+                )
+    return made
+
+
+def check_hyperparameters(lambda_kd, temperature, student_hard_loss_weight,
+                          mutual, student_width):
+    _validation.number("lambda_kd", lambda_kd, low=0.0)
+    _validation.number("temperature", temperature, low=0.0, low_open=True)
+    _validation.number(
+        "student_hard_loss_weight", student_hard_loss_weight, low=0.0
+    )
+    if not isinstance(mutual, bool):
+        raise TypeError(f"mutual must be True or False, got {mutual!r}.")
+    _validation.number(
+        "student_width", student_width, low=0.0, high=1.0, low_open=True
+    )
+
+
+def same_signature(teacher, student):
+    """Raise unless student and teacher take and give tensors of one shape."""
+    def shapes(tensors):
+        return [tuple(t.shape)[1:] for t in tensors]
+
+    if shapes(teacher.inputs) != shapes(student.inputs):
+        raise ValueError(
+            f"The student takes inputs of shape {shapes(student.inputs)} but "
+            f"the teacher takes {shapes(teacher.inputs)} (batch dimension "
+            "left out): both must read the same data."
+        )
+    if shapes(teacher.outputs) != shapes(student.outputs):
+        raise ValueError(
+            f"The student outputs shape {shapes(student.outputs)} but the "
+            f"teacher outputs {shapes(teacher.outputs)}: the student must "
+            "predict the same targets (same number of classes)."
+        )
+
+
+def kd_value(kd, teacher_out, student_out):
+    """The distillation loss as a float32 scalar."""
+    return ops.cast(kd.compute_loss(teacher_out, student_out), "float32")

@@ -1,0 +1,102 @@
+"""Reading the layer graph of Sequential/Functional models with the public
+API (`layer.input`, `layer.output`): which layers own the model's output
+units, and width-scaled copies of a model."""
+
+import keras
+
+from dkdp_keras.layers import MASKED_TWINS
+from dkdp_keras.prunable import check_graph_model, is_masked
+
+#: Layers whose output has the same units (channels) as their input, one to
+#: one: a unit of the layer before them is a unit of their output.
+UNIT_PRESERVING = (
+    keras.layers.Activation,
+    keras.layers.ReLU,
+    keras.layers.LeakyReLU,
+    keras.layers.ELU,
+    keras.layers.PReLU,
+    keras.layers.Softmax,
+    keras.layers.Dropout,
+    keras.layers.GaussianNoise,
+    keras.layers.GaussianDropout,
+    keras.layers.BatchNormalization,
+    keras.layers.LayerNormalization,
+    keras.layers.Identity,
+)
+
+
+def _is_kernel_layer(layer):
+    return is_masked(layer) or type(layer) in MASKED_TWINS
+
+
+def _single(tensors):
+    if isinstance(tensors, (list, tuple)):
+        return tensors[0] if len(tensors) == 1 else None
+    return tensors
+
+
+def output_unit_layers(model):
+    """Names of the kernel layers whose units are the model's output units.
+
+    Walks back from each model output through unit-preserving layers
+    (activations, dropout, normalisation) to the Dense/Conv layer that
+    produces those units. Removing one of its units would remove an output.
+    """
+    producer = {}
+    for layer in model.layers:
+        try:
+            out = layer.output
+        except (AttributeError, ValueError):
+            continue  # used at several places or not connected
+        for tensor in out if isinstance(out, (list, tuple)) else [out]:
+            producer[id(tensor)] = layer
+    names = set()
+    for tensor in model.outputs:
+        layer = producer.get(id(tensor))
+        while layer is not None:
+            if isinstance(layer, keras.Model):
+                names |= output_unit_layers(layer)
+                break
+            if _is_kernel_layer(layer):
+                names.add(layer.name)
+                break
+            if not isinstance(layer, UNIT_PRESERVING):
+                break
+            try:
+                previous = _single(layer.input)
+            except (AttributeError, ValueError):
+                break
+            layer = producer.get(id(previous)) if previous is not None else None
+    return names
+
+
+def width_copy(model, width, name=None):
+    """A freshly initialised plain copy of `model` with every Dense/Conv
+    layer `width` times as wide (at least one unit), except the layers that
+    own the model's output units. Depthwise layers follow their input;
+    masked layers become their plain Keras layers.
+
+    Args:
+        model: a built Sequential or Functional model (masked or not).
+        width: factor in (0, 1] (or larger, for a wider copy).
+        name: name of the copy (default: `<model.name>_w<width>`).
+    """
+    check_graph_model(model)
+    keep = output_unit_layers(model)
+
+    def clone_function(layer):
+        if is_masked(layer):
+            cls, config = layer.base_class, layer.base_config()
+        else:
+            cls, config = layer.__class__, layer.get_config()
+        if layer.name not in keep and _is_kernel_layer(layer):
+            for key in ("units", "filters"):
+                if key in config:
+                    config[key] = max(1, int(round(config[key] * width)))
+        return cls.from_config(config)
+
+    copy = keras.models.clone_model(
+        model, clone_function=clone_function, recursive=True
+    )
+    copy.name = name or f"{model.name}_w{width:g}"
+    return copy

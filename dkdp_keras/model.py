@@ -1,0 +1,445 @@
+"""DKDPModel: teacher and student trained together, L + λ·L_KD, in one step."""
+
+import keras
+import tensorflow as tf
+from keras import ops
+
+from dkdp_keras import _validation
+from dkdp_keras.distillation import (
+    check_hyperparameters,
+    feature_layer_names,
+    get_kd_loss,
+    kd_value,
+    make_metrics,
+    same_signature,
+)
+from dkdp_keras.graph import width_copy
+from dkdp_keras.prunable import check_graph_model, masked_layers, prunable
+
+SERVE = ("student", "teacher")
+REFRESH = ("width", "compact_teacher")
+
+
+class _Forward:
+    """Holds the functional views that return a model's output and the
+    features a distillation loss reads, in one forward pass. A plain object,
+    so that Keras neither tracks nor saves these views twice."""
+
+    def __init__(self, model, feature_layer):
+        self.model = model
+        self.features = None
+        if feature_layer is not None:
+            try:
+                layer = model.get_layer(feature_layer)
+            except ValueError as error:
+                raise ValueError(
+                    f"The distillation loss reads layer '{feature_layer}', "
+                    f"which model '{model.name}' does not have: {error}"
+                ) from None
+            inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs
+            self.features = keras.Model(
+                inputs, [model.outputs[0], layer.output]
+            )
+
+    def __call__(self, x, training):
+        if self.features is None:
+            out = self.model(x, training=training)
+            return out, out
+        out, feat = self.features(x, training=training)
+        return out, feat
+
+
+def _clone_optimizer(optimizer):
+    return optimizer.__class__.from_config(optimizer.get_config())
+
+
+def _loss_object(loss):
+    if loss is None:
+        raise ValueError(
+            "compile() needs loss=, the task loss L(M_t(x), y), for example "
+            "keras.losses.SparseCategoricalCrossentropy(from_logits=True)."
+        )
+    if isinstance(loss, (dict, list, tuple)):
+        raise TypeError(
+            "loss must be one loss (DKDPModel trains single-output models), "
+            f"got {loss!r}."
+        )
+    fn = keras.losses.get(loss) if isinstance(loss, str) else loss
+    if fn is None or not callable(fn):
+        raise ValueError(f"Unknown loss {loss!r}.")
+    if isinstance(fn, keras.losses.Loss):
+        return fn
+    return keras.losses.LossFunctionWrapper(fn)
+
+
+@keras.saving.register_keras_serializable(package="dkdp_keras")
+class DKDPModel(keras.Model):
+    """Teacher and student trained together in one `train_step`.
+
+    Each step runs the teacher once; its output serves both its own loss
+    L(M_t(x), y) and the distillation target. The teacher descends L (plus
+    λ·L_KD when `mutual`), the student descends λ·L_KD (plus
+    `student_hard_loss_weight`·L(M_s(x), y)), each with its own optimizer
+    (learning rates α and β of the method):
+
+        θ_t ← θ_t − α ∇_θt L(M_t(x), y)
+        θ_s ← θ_s − β ∇_θs L_KD(M_t(x), M_s(x))
+
+    The logged `loss` is L_DKDP = L + λ·L_KD. The teacher is made prunable
+    (masked layers with running statistics) on the way in, and the training
+    step feeds the gradients it computes into those statistics, so that
+    gradient-based importance criteria cost no extra pass.
+
+    Args:
+        teacher: a Sequential or Functional Keras model with one output.
+        student: "auto" (a width-`student_width` copy of the teacher, every
+            Dense/Conv layer but the output narrower), a Keras model with the
+            teacher's input and output shapes, or a callable
+            `teacher -> student`.
+        lambda_kd: λ >= 0, weight of the distillation loss.
+        temperature: T > 0 for the "kl" distillation loss.
+        kd_loss: "kl" (T²·KL of softened distributions, as
+            `keras.distillation.LogitsDistillation`), "mse" (on logits) or a
+            `keras.distillation.DistillationLoss` (`FeatureDistillation` with
+            layer names distils intermediate features).
+        student_hard_loss_weight: weight of the student's own task loss.
+        mutual: if True, the distillation loss also trains the teacher
+            (deep mutual learning); otherwise the target is a stop-gradient.
+        student_width: width factor of the "auto" student, in (0, 1].
+        serve: "student" (default) or "teacher": what `call` and `predict`
+            return. `model.teacher.predict(x)` always serves the teacher.
+
+    Example:
+
+    ```python
+    model = DKDPModel(dkdp_keras.zoo.reference_cnn(), lambda_kd=1.0)
+    model.compile(
+        teacher_optimizer=keras.optimizers.Adam(1e-3),
+        student_optimizer=keras.optimizers.Adam(1e-3),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    model.fit(x_train, y_train, epochs=1)  # logs teacher_accuracy, ...
+    ```
+    """
+
+    def __init__(self, teacher, student="auto", lambda_kd=1.0, temperature=4.0,
+                 kd_loss="kl", student_hard_loss_weight=0.0, mutual=False,
+                 student_width=0.5, serve="student", **kwargs):
+        super().__init__(**kwargs)
+        check_hyperparameters(
+            lambda_kd, temperature, student_hard_loss_weight, mutual,
+            student_width,
+        )
+        _validation.choice("serve", serve, SERVE)
+        check_graph_model(teacher, "teacher")
+        if len(teacher.outputs) != 1:
+            raise ValueError(
+                f"teacher '{teacher.name}' has {len(teacher.outputs)} outputs; "
+                "DKDPModel trains single-output models. Distil each head "
+                "with its own DKDPModel, or concatenate the heads."
+            )
+        if not masked_layers(teacher):
+            teacher = prunable(teacher, track_statistics=True)
+        if not masked_layers(teacher):
+            raise ValueError(
+                f"teacher '{teacher.name}' has no prunable layer (Dense, "
+                "Conv1D/2D/3D, DepthwiseConv1D/2D): there is nothing to prune."
+            )
+        self.lambda_kd = float(lambda_kd)
+        self.temperature = float(temperature)
+        self.kd_loss = kd_loss
+        self.student_hard_loss_weight = float(student_hard_loss_weight)
+        self.mutual = mutual
+        self.student_width = float(student_width)
+        self.serve = serve
+        self._kd = get_kd_loss(kd_loss, temperature)
+        self.teacher = teacher
+        self.student = self._make_student(student)
+        self._trackers = [
+            keras.metrics.Mean(name=name)
+            for name in ("loss", "teacher_loss", "kd_loss", "student_loss")
+        ]
+        self._teacher_metrics = []
+        self._student_metrics = []
+        self._compile_args = None
+        self.built = True
+
+    # -------------------------------------------------------------- student
+    def _make_student(self, student):
+        if isinstance(student, str):
+            if student != "auto":
+                raise ValueError(
+                    "student must be 'auto', a Keras model or a callable "
+                    f"teacher -> student, got {student!r}."
+                )
+            made = prunable(width_copy(self.teacher, self.student_width,
+                                       name="student"))
+        elif isinstance(student, keras.Model):
+            made = student
+        elif callable(student):
+            made = student(self.teacher)
+            if not isinstance(made, keras.Model):
+                raise TypeError(
+                    "the student callable must return a keras.Model, got "
+                    f"{type(made).__name__}."
+                )
+        else:
+            raise TypeError(
+                "student must be 'auto', a Keras model or a callable "
+                f"teacher -> student, got {student!r}."
+            )
+        check_graph_model(made, "student")
+        same_signature(self.teacher, made)
+        teacher_layer, student_layer = feature_layer_names(self._kd)
+        self._teacher_forward = _Forward(self.teacher, teacher_layer)
+        self._student_forward = _Forward(made, student_layer)
+        return made
+
+    def refresh_student(self, strategy="width"):
+        """Replace the student by a new one built from the current teacher.
+
+        Args:
+            strategy: "width" (a fresh width-`student_width` copy of the
+                teacher), "compact_teacher" (the structurally compacted
+                teacher, inheriting its weights) or a callable
+                `teacher -> student`.
+
+        The student optimizer is rebuilt for the new variables (same
+        configuration, fresh state); the teacher, its optimizer and the
+        metrics are untouched.
+        """
+        if isinstance(strategy, str):
+            _validation.choice("strategy", strategy, REFRESH)
+            if strategy == "compact_teacher":
+                raise NotImplementedError(
+                    "refresh_student('compact_teacher') needs structural "
+                    "compaction (dkdp_keras.compact), which is not in this "
+                    "version yet; use 'width' or a callable."
+                )
+            new = "auto"
+        elif callable(strategy):
+            new = strategy
+        else:
+            raise TypeError(
+                "strategy must be 'width', 'compact_teacher' or a callable "
+                f"teacher -> student, got {strategy!r}."
+            )
+        old = self.student
+        student = self._make_student(new)
+        # Keras tracks sub-models assigned as attributes and never forgets
+        # them; the old student must leave the tracker, or `layers`, the
+        # weights and `.keras` files would still carry it.
+        tracker = getattr(self, "_tracker", None)
+        if tracker is not None and hasattr(tracker, "untrack"):
+            tracker.untrack(old)
+        self.student = student
+        if self.compiled:
+            optimizer = _clone_optimizer(self.student_optimizer)
+            optimizer.build(self.student.trainable_variables)
+            self.student_optimizer = optimizer
+            for metric in self._student_metrics:
+                metric.reset_state()
+            self.make_train_function(force=True)
+            self.make_test_function(force=True)
+            self.make_predict_function(force=True)
+        return self.student
+
+    def compact_teacher(self):
+        """The pruned teacher as a plain, physically smaller Keras model."""
+        raise NotImplementedError(
+            "compact_teacher() needs structural compaction "
+            "(dkdp_keras.compact), which is not in this version yet; "
+            "dkdp_keras.strip(model.teacher) gives the teacher with its "
+            "masks baked in."
+        )
+
+    def compact_student(self):
+        """The student as a plain, physically smaller Keras model."""
+        raise NotImplementedError(
+            "compact_student() needs structural compaction "
+            "(dkdp_keras.compact), which is not in this version yet; "
+            "dkdp_keras.strip(model.student) gives the student with its "
+            "masks baked in."
+        )
+
+    # -------------------------------------------------------------- compile
+    def compile(self, teacher_optimizer=None, student_optimizer=None,
+                loss=None, metrics=None, optimizer=None, jit_compile=False,
+                **kwargs):
+        """Configure training with two optimizers.
+
+        Args:
+            teacher_optimizer: optimizer of the teacher (learning rate α).
+            student_optimizer: optimizer of the student (learning rate β);
+                default: a copy of the teacher's.
+            loss: the task loss L, one Keras loss.
+            metrics: a list of metrics, each tracked for teacher and student
+                (`teacher_accuracy`, `student_accuracy`, ...). "accuracy"
+                works with class labels and one-hot labels.
+            optimizer: instead of the two above: one optimizer, copied for
+                both models.
+            jit_compile: XLA compilation (off: it slows Keras 3 on CPU).
+            **kwargs: other `keras.Model.compile` arguments
+                (`steps_per_execution`, `run_eagerly`, ...).
+        """
+        if optimizer is not None:
+            if teacher_optimizer is not None or student_optimizer is not None:
+                raise ValueError(
+                    "Pass either optimizer= (copied for teacher and student) "
+                    "or teacher_optimizer=/student_optimizer=, not both."
+                )
+            teacher_optimizer = optimizer
+        teacher_optimizer = keras.optimizers.get(teacher_optimizer or "adam")
+        if student_optimizer is None or student_optimizer is teacher_optimizer:
+            student_optimizer = _clone_optimizer(teacher_optimizer)
+        student_optimizer = keras.optimizers.get(student_optimizer)
+        for name in ("loss_weights", "weighted_metrics"):
+            if kwargs.get(name) is not None:
+                raise ValueError(
+                    f"DKDPModel.compile does not take {name}: weigh the "
+                    "losses with lambda_kd and student_hard_loss_weight."
+                )
+        self._loss_fn = _loss_object(loss)
+        self._teacher_metrics = make_metrics(metrics, "teacher")
+        self._student_metrics = make_metrics(metrics, "student")
+        super().compile(optimizer=teacher_optimizer, jit_compile=jit_compile,
+                        **kwargs)
+        self.student_optimizer = student_optimizer
+        teacher_optimizer.build(self.teacher.trainable_variables)
+        student_optimizer.build(self.student.trainable_variables)
+        self._compile_args = {
+            "teacher_optimizer": teacher_optimizer,
+            "student_optimizer": student_optimizer,
+            "loss": loss,
+            "metrics": metrics,
+        }
+
+    @property
+    def teacher_optimizer(self):
+        return self.optimizer
+
+    def get_compile_config(self):
+        if self._compile_args is None:
+            return None
+        return keras.saving.serialize_keras_object(self._compile_args)
+
+    def compile_from_config(self, config):
+        config = keras.saving.deserialize_keras_object(config)
+        self.compile(**config)
+
+    @property
+    def metrics(self):
+        return (
+            list(self._trackers)
+            + list(self._teacher_metrics)
+            + list(self._student_metrics)
+        )
+
+    # ----------------------------------------------------------------- call
+    def call(self, inputs, training=False):
+        model = self.student if self.serve == "student" else self.teacher
+        return model(inputs, training=training)
+
+    # ---------------------------------------------------------------- steps
+    def _forward_losses(self, x, y, sample_weight, training):
+        t_out, t_feat = self._teacher_forward(x, training=training)
+        s_out, s_feat = self._student_forward(x, training=training)
+        teacher_loss = self._loss_fn(y, t_out, sample_weight=sample_weight)
+        student_loss = self._loss_fn(y, s_out, sample_weight=sample_weight)
+        target = t_feat if self.mutual else ops.stop_gradient(t_feat)
+        kd = kd_value(self._kd, target, s_feat)
+        return t_out, s_out, teacher_loss, student_loss, kd
+
+    def _record(self, y, t_out, s_out, sample_weight, teacher_loss,
+                student_loss, kd):
+        values = (teacher_loss + self.lambda_kd * kd, teacher_loss, kd,
+                  student_loss)
+        for tracker, value in zip(self._trackers, values):
+            tracker.update_state(value)
+        for metric in self._teacher_metrics:
+            metric.update_state(y, t_out, sample_weight=sample_weight)
+        for metric in self._student_metrics:
+            metric.update_state(y, s_out, sample_weight=sample_weight)
+        return {m.name: m.result() for m in self.metrics}
+
+    def train_step(self, data):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        teacher_vars = self.teacher.trainable_variables
+        student_vars = self.student.trainable_variables
+        with tf.GradientTape(persistent=True) as tape:
+            t_out, s_out, teacher_loss, student_loss, kd = self._forward_losses(
+                x, y, sample_weight, training=True
+            )
+            teacher_total = teacher_loss
+            if self.teacher.losses:
+                teacher_total = teacher_total + ops.sum(self.teacher.losses)
+            if self.mutual:
+                teacher_total = teacher_total + self.lambda_kd * kd
+            student_total = self.lambda_kd * kd
+            if self.student_hard_loss_weight:
+                student_total = (
+                    student_total + self.student_hard_loss_weight * student_loss
+                )
+            if self.student.losses:
+                student_total = student_total + ops.sum(self.student.losses)
+        teacher_grads = tape.gradient(teacher_total, teacher_vars)
+        student_grads = tape.gradient(student_total, student_vars)
+        del tape
+        self._update_gradient_statistics(teacher_vars, teacher_grads)
+        self.optimizer.apply_gradients(
+            [(g, v) for g, v in zip(teacher_grads, teacher_vars) if g is not None]
+        )
+        self.student_optimizer.apply_gradients(
+            [(g, v) for g, v in zip(student_grads, student_vars) if g is not None]
+        )
+        return self._record(y, t_out, s_out, sample_weight, teacher_loss,
+                            student_loss, kd)
+
+    def test_step(self, data):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        t_out, s_out, teacher_loss, student_loss, kd = self._forward_losses(
+            x, y, sample_weight, training=False
+        )
+        return self._record(y, t_out, s_out, sample_weight, teacher_loss,
+                            student_loss, kd)
+
+    def _update_gradient_statistics(self, variables, grads):
+        """Fold the teacher's kernel gradients of L into its layers' running
+        statistics (read by GradientMagnitude and Taylor)."""
+        index = {id(v): i for i, v in enumerate(variables)}
+        for layer in masked_layers(self.teacher):
+            if not layer.track_statistics:
+                continue
+            i = index.get(id(layer.kernel))
+            if i is not None and grads[i] is not None:
+                layer.update_gradient_statistics(grads[i])
+
+    # --------------------------------------------------------------- config
+    def get_config(self):
+        kd_loss = self.kd_loss
+        if not isinstance(kd_loss, str):
+            kd_loss = keras.saving.serialize_keras_object(kd_loss)
+        return {
+            "name": self.name,
+            "teacher": keras.saving.serialize_keras_object(self.teacher),
+            "student": keras.saving.serialize_keras_object(self.student),
+            "lambda_kd": self.lambda_kd,
+            "temperature": self.temperature,
+            "kd_loss": kd_loss,
+            "student_hard_loss_weight": self.student_hard_loss_weight,
+            "mutual": self.mutual,
+            "student_width": self.student_width,
+            "serve": self.serve,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        for key in ("teacher", "student"):
+            config[key] = keras.saving.deserialize_keras_object(config[key])
+        if isinstance(config.get("kd_loss"), dict):
+            config["kd_loss"] = keras.saving.deserialize_keras_object(
+                config["kd_loss"]
+            )
+        return cls(**config)
