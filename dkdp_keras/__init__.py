@@ -5,9 +5,10 @@ layers, threshold policies prune the teacher, and a smaller student is
 distilled from it in the same training step.
 """
 
-from dkdp_keras import importance, thresholds, zoo
+from dkdp_keras import datasets, importance, report, thresholds, zoo
 from dkdp_keras._version import __version__
 from dkdp_keras.budget import Budget, count_macs, count_params
+from dkdp_keras.callbacks import DKDPCallback, StudentRefresh
 from dkdp_keras.layers import (
     MaskedConv1D,
     MaskedConv2D,
@@ -16,28 +17,30 @@ from dkdp_keras.layers import (
     MaskedDepthwiseConv1D,
     MaskedDepthwiseConv2D,
 )
+from dkdp_keras.model import DKDPModel
 from dkdp_keras.prunable import masked_layers, prunable, sparsity, strip
 
 __all__ = [
     "Budget",
+    "DKDPCallback",
+    "DKDPModel",
     "MaskedConv1D",
     "MaskedConv2D",
     "MaskedConv3D",
     "MaskedDense",
     "MaskedDepthwiseConv1D",
     "MaskedDepthwiseConv2D",
+    "StudentRefresh",
     "__version__",
     "count_macs",
     "count_params",
+    "datasets",
     "importance",
     "masked_layers",
     "prunable",
+    "report",
     "sparsity",
     "strip",
     "thresholds",
     "zoo",
 ]
-
-from dkdp_keras.model import DKDPModel  # noqa: E402
-
-__all__.append("DKDPModel")

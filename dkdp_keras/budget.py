@@ -183,20 +183,22 @@ class Budget:
         return all(u <= 1.0 for u in self.usage(model).values())
 
     def check_feasible(self, model):
-        """Raise if no pruning of `model` could meet the parameter budget:
-        the floor is the parameters of layers without a mask (normalisation
-        and other unmasked layers), which kernel pruning never reduces."""
+        """Raise if no pruning of `model` could meet the parameter budget.
+
+        The floor: the parameters of layers without a mask (normalisation
+        and other unmasked layers), which kernel pruning never reduces, plus
+        the one weight that every masked layer keeps.
+        """
+        layers = list(iter_layers(model))
         floor_params = sum(
-            count_params_of_layer(layer)
-            for layer in iter_layers(model)
-            if not is_masked(layer)
-        )
+            count_params_of_layer(layer) for layer in layers if not is_masked(layer)
+        ) + sum(1 for layer in layers if is_masked(layer))
         if self.max_params is not None and self.max_params < floor_params:
             raise ValueError(
                 f"max_params={self.max_params} is below the {floor_params} "
-                f"parameters of model '{model.name}' that pruning kernels "
-                "cannot remove (normalisation and unmasked layers); allow "
-                f"more than {floor_params} to keep some kernel weights."
+                f"parameters of model '{model.name}' that pruning cannot "
+                "remove (unmasked layers such as normalisation, and one "
+                f"weight per masked layer); allow more than {floor_params}."
             )
 
     def get_config(self):

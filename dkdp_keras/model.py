@@ -163,6 +163,7 @@ class DKDPModel(keras.Model):
         self._teacher_metrics = []
         self._student_metrics = []
         self._compile_args = None
+        self._collect_gradients = True
         self.built = True
 
     # -------------------------------------------------------------- student
@@ -173,8 +174,7 @@ class DKDPModel(keras.Model):
                     "student must be 'auto', a Keras model or a callable "
                     f"teacher -> student, got {student!r}."
                 )
-            made = prunable(width_copy(self.teacher, self.student_width,
-                                       name="student"))
+            made = width_copy(self.teacher, self.student_width, name="student")
         elif isinstance(student, keras.Model):
             made = student
         elif callable(student):
@@ -244,6 +244,32 @@ class DKDPModel(keras.Model):
             self.make_test_function(force=True)
             self.make_predict_function(force=True)
         return self.student
+
+    def request_statistics(self, kinds):
+        """Collect only the running statistics that will be read.
+
+        Args:
+            kinds: a set of "gradient" and/or "activation" (what the
+                importance criterion's `requires` names). Until this is
+                called, both are collected; `DKDPCallback` calls it at the
+                start of training so that a magnitude criterion costs no
+                statistics at all.
+        """
+        kinds = set(kinds)
+        unknown = kinds - {"gradient", "activation"}
+        if unknown:
+            raise ValueError(
+                f"Unknown statistics {sorted(unknown)}: use 'gradient' and/or "
+                "'activation'."
+            )
+        changed = self._collect_gradients != ("gradient" in kinds)
+        self._collect_gradients = "gradient" in kinds
+        for layer in masked_layers(self.teacher):
+            want = layer.track_statistics and "activation" in kinds
+            changed |= layer.collect_activations != want
+            layer.collect_activations = want
+        if changed and self.compiled:
+            self.make_train_function(force=True)
 
     def compact_teacher(self):
         """The pruned teacher as a plain, physically smaller Keras model."""
@@ -407,6 +433,8 @@ class DKDPModel(keras.Model):
     def _update_gradient_statistics(self, variables, grads):
         """Fold the teacher's kernel gradients of L into its layers' running
         statistics (read by GradientMagnitude and Taylor)."""
+        if not self._collect_gradients:
+            return
         index = {id(v): i for i, v in enumerate(variables)}
         for layer in masked_layers(self.teacher):
             if not layer.track_statistics:

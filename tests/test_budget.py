@@ -64,6 +64,6 @@ def test_budget_bad_input(kwargs, error, text):
 
 def test_impossible_budget_is_refused():
     model = dkdp.prunable(dkdp.zoo.reference_cnn())
-    with pytest.raises(ValueError, match="max_params=100 is below the 384 parameters"):
+    with pytest.raises(ValueError, match="max_params=100 is below the 388 parameters"):
         dkdp.Budget(max_params=100).check_feasible(model)
     dkdp.Budget(max_params=80_000).check_feasible(model)

@@ -169,3 +169,22 @@ def test_adaptive_reads_direction_from_the_metric_name():
     assert thresholds.Adaptive(budget).higher_is_better
     assert not thresholds.Adaptive(budget, monitor="val_loss").higher_is_better
     assert thresholds.Adaptive(budget, monitor="val_loss", mode="max").higher_is_better
+
+
+def test_lamp_scores_follow_the_paper():
+    from dkdp_keras.thresholds.mechanism import _lamp
+
+    s = np.array([3.0, 1.0, 2.0, 4.0])
+    # sorted ascending 1,2,3,4 -> squares 1,4,9,16; tails 30,29,25,16
+    np.testing.assert_allclose(_lamp(s), [9 / 25, 1 / 30, 4 / 29, 1.0])
+
+
+def test_lamp_gives_layers_different_sparsities():
+    model = _model()
+    layers = dkdp.masked_layers(model)
+    scores = [importance.Magnitude().score(layer, "weight") for layer in layers]
+    result = compute_masks(layers, scores, 0.8, normalize="lamp")
+    per_layer = [(result.masks[l.name] == 0).mean() for l in layers]
+    assert result.sparsity == pytest.approx(0.8, abs=1e-3)
+    assert max(per_layer) - min(per_layer) > 0.01
+    assert all(result.masks[l.name].max() == 1.0 for l in layers)

@@ -56,7 +56,7 @@ class Criterion:
     Subclasses implement `_weight_scores(layer)` or `_unit_scores(layer)`
     (or both) in `keras.ops`; `score` is the one public scoring method.
     `requires` names the running statistics the criterion reads
-    ("gradient" or "activation"). `prepare(model)` is called once before a
+    ("gradient" or "activation"; None for "unknown, collect all"). `prepare(model)` is called once before a
     round of scoring, for criteria that need the whole model.
     """
 
@@ -109,7 +109,7 @@ class Criterion:
         return ops.sum(layer.as_units(self._weight_scores(layer)), axis=0)
 
     def _check_statistics(self, layer):
-        for kind in self.requires:
+        for kind in self.requires or ():
             if not getattr(layer, "track_statistics", False):
                 raise ValueError(
                     f"{type(self).__name__} reads {kind} statistics, which "
@@ -140,7 +140,11 @@ class Criterion:
 
 
 class FunctionCriterion(Criterion):
-    """A criterion made from a callable `fn(layer, granularity) -> scores`."""
+    """A criterion made from a callable `fn(layer, granularity) -> scores`.
+
+    What statistics it reads is unknown, so all are collected for it."""
+
+    requires = None
 
     def __init__(self, fn):
         if not callable(fn):

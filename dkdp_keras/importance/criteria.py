@@ -216,6 +216,15 @@ class Combined(Criterion):
             parsed.append((get(criterion), float(weight)))
         self.criteria = parsed
 
+    @property
+    def requires(self):
+        kinds = []
+        for criterion, _ in self.criteria:
+            if criterion.requires is None:
+                return None
+            kinds += [k for k in criterion.requires if k not in kinds]
+        return tuple(kinds)
+
     def prepare(self, model):
         for criterion, _ in self.criteria:
             criterion.prepare(model)

@@ -18,7 +18,8 @@ kept in non-trainable variables so that they survive checkpoints:
 - ``taylor``: per kernel entry, the mean of ``|w * g|``;
 - ``taylor_unit``: per unit, the mean of ``(sum over the unit of w * g)^2``.
 
-Activation statistics are updated in ``call`` whenever ``training=True``;
+Activation statistics are updated in ``call`` whenever ``training=True``
+(from the first 32 examples of the batch, an unbiased sample);
 gradient statistics by ``update_gradient_statistics(kernel_gradient)``, which
 the DKDP training step calls with the gradient it has already computed.
 """
@@ -27,6 +28,9 @@ import keras
 from keras import ops
 
 MASK_ARGS = ("learnable_mask", "gate_l1", "track_statistics")
+#: Examples of each batch from which activation statistics are taken.
+ACTIVATION_SAMPLE = 32
+
 STATISTICS = (
     "activation_nonzero",
     "activation_abs",
@@ -80,6 +84,9 @@ class MaskedKernelMixin:
         self.learnable_mask = learnable_mask
         self.gate_l1 = float(gate_l1)
         self.track_statistics = track_statistics
+        # Runtime switch (not config): DKDPModel turns activation statistics
+        # off when no criterion reads them, before the training step traces.
+        self.collect_activations = track_statistics
 
     # ------------------------------------------------------------------ build
     def build(self, input_shape):
@@ -164,12 +171,16 @@ class MaskedKernelMixin:
             outputs = ops.multiply(outputs, ops.reshape(self.gate, shape))
         if self.activation is not None:
             outputs = self.activation(outputs)
-        if self.track_statistics and training:
+        if self.track_statistics and self.collect_activations and training:
             self._update_activation_statistics(outputs)
         return outputs
 
     # ----------------------------------------------------------- statistics
     def _update_activation_statistics(self, outputs):
+        # The first ACTIVATION_SAMPLE examples of the batch estimate the
+        # batch's statistics without bias, at a fraction of the memory
+        # traffic of the whole batch's activations.
+        outputs = outputs[:ACTIVATION_SAMPLE]
         rank = len(outputs.shape)
         data_format = getattr(self, "data_format", "channels_last")
         channel_axis = 1 if data_format == "channels_first" else rank - 1

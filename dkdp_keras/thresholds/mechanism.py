@@ -11,7 +11,11 @@ the prunable weights falls below it:
   divided by their mean over the layer's kept entries (``normalize="mean"``,
   so a score of 1 means "as important as the layer's average entry") or by
   their L2 norm over kept entries (``"l2"``, Molchanov et al. 2017), or used
-  raw (``"none"``, sensible for magnitudes of comparably scaled layers).
+  raw (``"none"``, global magnitude pruning), or turned into LAMP scores
+  (``"lamp"``, Lee et al. 2021): s_u² / Σ_{v: s_v >= s_u} s_v² within the
+  layer, which lets one global τ give each layer its own sparsity from the
+  shape of its score distribution (large, redundant layers lose more; every
+  layer's best entry scores 1 and is never below a global τ < 1).
   `layer_weights` (for instance layer-level importance) then multiply each
   layer's normalised scores, so that more important layers lose less.
 - scope "layer": a τ per layer, each layer pruned to the target fraction.
@@ -34,6 +38,9 @@ from keras import ops
 
 from dkdp_keras import _validation
 from dkdp_keras.importance.base import check_granularity
+
+
+NORMALIZE = ("mean", "l2", "lamp", "none")
 
 
 @dataclass
@@ -99,7 +106,21 @@ def threshold_for_sparsity(scores, sparsity, sizes=None):
     return tau, pruned
 
 
+def _lamp(scores):
+    """s_u² / Σ_{v: s_v >= s_u} s_v² (Lee et al. 2021, LAMP)."""
+    squared = np.square(scores)
+    order = np.argsort(squared, kind="stable")
+    tail = np.cumsum(squared[order][::-1])[::-1]  # sum over this and larger
+    out = np.zeros_like(squared)
+    out[order] = np.divide(
+        squared[order], tail, out=np.zeros_like(tail), where=tail > 0
+    )
+    return out
+
+
 def _normalise(scores, kept, normalize):
+    if normalize == "lamp":
+        return _lamp(scores)
     live = scores[kept] if kept.any() else scores
     if normalize == "mean":
         scale = float(np.mean(live))
@@ -130,7 +151,7 @@ def compute_masks(
         sparsity: target fraction in [0, 1) of the layers' kernel weights.
         granularity: "weight" or "unit".
         scope: "global" (one τ) or "layer" (one τ per layer).
-        normalize: "mean", "l2" or "none" (scope "global" only).
+        normalize: "mean", "l2", "lamp" or "none" (scope "global" only).
         floors: a `Floors`; default `Floors()`.
         protect_units: names of layers whose units are never removed
             (at unit granularity they are left out of the pool).
@@ -148,7 +169,7 @@ def compute_masks(
             "granularity and pass layer scores as layer_weights."
         )
     _validation.choice("scope", scope, ("global", "layer"))
-    _validation.choice("normalize", normalize, ("mean", "l2", "none"))
+    _validation.choice("normalize", normalize, NORMALIZE)
     _validation.sparsity("sparsity", sparsity)
     floors = Floors() if floors is None else floors
     if len(layers) != len(scores):

@@ -6,6 +6,8 @@ and importance scores into τ and masks. `Adaptive` decides from the model's
 measured performance and the resource budget instead of the step alone.
 """
 
+import math
+
 from dkdp_keras import _validation
 from dkdp_keras.budget import Budget
 
@@ -110,20 +112,48 @@ class PolynomialDecay(SparsityPolicy):
 
 
 class Adaptive(SparsityPolicy):
-    """τ = g(M_t, C): sparsity driven by the budget C and the model's
-    measured performance M_t (behaviour: see DKDPCallback).
+    """τ = g(M_t, C): sparsity driven by the resource budget C and the
+    teacher's measured performance M_t, decided at each epoch end by
+    `DKDPCallback`.
+
+    With s_k the sparsity after pruning event k, s_req(C) the smallest
+    sparsity whose masks meet the budget (found by bisection on the masks the
+    criterion's scores give), M* the best monitored value before pruning
+    started, ε the tolerance, δ_k the step and e_D the deadline epoch
+    (`finish_by` of the epochs):
+
+        if M_t >= M* − ε:   s_{k+1} = min(s_req, s_k + max(δ_k, (s_req − s_k) / (e_D − e)))
+        if M_t <  M* − ε:   masks ← masks of the last good event,
+                            δ_{k+1} = max(backoff · δ_k, min_step),
+                            then `recovery_events` epochs without pruning
+        at e_D:             s = s_req (the budget is a hard constraint)
+        τ_{k+1}:            the score below which the fraction s_{k+1} of
+                            weights falls (`thresholds.compute_masks`)
+
+    ("M_t < M* − ε" reads "M_t > M* + ε" for metrics where lower is
+    better.) Restored weights regrow from their stored values: a mask hides a
+    weight without erasing it, and a pruned weight receives no gradient
+    (only the optimizer's decaying momentum can still move it).
+    When training ends with the budget met but the metric more than ε below
+    M*, a warning says how far it fell.
+
+    Budget measures are the ones of `dkdp_keras.Budget`: parameters and MACs
+    counted over the kept structure, bytes from parameters, latency
+    estimated from MACs against the dense model's measured latency.
 
     Args:
         budget: a `Budget`, the resource constraint C.
-        monitor: the metric watched for damage, from the epoch logs
-            ("val_accuracy", "val_teacher_accuracy", "val_loss", ...).
-        tolerance: how far (absolute) the monitored metric may fall below
-            its best value before pruning started, in [0, 1).
+        monitor: the metric watched for damage ("val_accuracy"; for a
+            DKDPModel, "val_accuracy" reads "val_teacher_accuracy").
+        tolerance: ε, how far (absolute) the metric may fall, in [0, 1).
         mode: "max", "min" or "auto" (from the metric's name).
-        initial_step: first increase of sparsity per pruning event, (0, 1).
-        min_step: smallest increase after back-offs, (0, initial_step].
-        backoff: factor applied to the step after a back-off, (0, 1).
-        recovery_events: pruning events to wait after a back-off, >= 0.
+        initial_step: δ_0, the first increase of sparsity, in (0, 1).
+        min_step: smallest step after back-offs, in (0, initial_step].
+        backoff: factor applied to the step after a back-off, in (0, 1).
+        recovery_events: epochs without pruning after a back-off, >= 0.
+        warmup_epochs: epochs of training before the first pruning, >= 1.
+        finish_by: fraction of the epochs by whose end the budget is met,
+            in (0, 1]; later epochs fine-tune the pruned model.
 
     Example:
 
@@ -132,7 +162,7 @@ class Adaptive(SparsityPolicy):
 
     def __init__(self, budget, monitor="val_accuracy", tolerance=0.005,
                  mode="auto", initial_step=0.2, min_step=0.01, backoff=0.5,
-                 recovery_events=1):
+                 recovery_events=1, warmup_epochs=1, finish_by=0.75):
         if not isinstance(budget, Budget):
             raise TypeError(
                 "budget must be a dkdp_keras.Budget (for example "
@@ -164,6 +194,13 @@ class Adaptive(SparsityPolicy):
         self.recovery_events = _validation.number(
             "recovery_events", recovery_events, low=0, integer=True
         )
+        self.warmup_epochs = _validation.number(
+            "warmup_epochs", warmup_epochs, low=1, integer=True
+        )
+        self.finish_by = _validation.number(
+            "finish_by", finish_by, low=0.0, high=1.0, low_open=True
+        )
+        self.start(None, 1)
 
     @property
     def higher_is_better(self):
@@ -171,6 +208,72 @@ class Adaptive(SparsityPolicy):
             return self.mode == "max"
         name = self.monitor.lower()
         return not ("loss" in name or "error" in name)
+
+    def sparsity_at(self, step):
+        raise TypeError(
+            "Adaptive decides from the model's metrics and budget, not from "
+            "the step alone: use it through DKDPCallback(threshold=...)."
+        )
+
+    # ----------------------------------------------------------- controller
+    def start(self, model, epochs):
+        """Reset the controller for a training run of `epochs` epochs."""
+        self.epochs = int(epochs)
+        self.deadline = max(
+            self.warmup_epochs - 1, math.ceil(self.finish_by * self.epochs) - 1
+        )
+        self.reference = None
+        self.last_value = None
+        self.step = self.initial_step
+        self.started = False
+        self.recovering = 0
+        self.backoffs = 0
+        self.last_good_masks = None
+
+    def _fall(self, value):
+        """How far `value` is worse than the reference (positive = worse)."""
+        if self.reference is None:
+            return 0.0
+        return (self.reference - value) if self.higher_is_better else (
+            value - self.reference
+        )
+
+    def observe(self, epoch, value, budget_met):
+        """Take the epoch's monitored value; return what to do:
+        "warmup", "recovering", "backoff" or "keep_good" (the current masks
+        are good: prune further unless the budget is met)."""
+        self.last_value = value
+        if not self.started:
+            if self.reference is None or self._fall(value) < 0:
+                self.reference = value
+            if epoch + 1 >= self.warmup_epochs:
+                self.started = True
+                return "keep_good"
+            return "warmup"
+        if self.recovering > 0:
+            self.recovering -= 1
+            return "recovering"
+        damaged = self._fall(value) > self.tolerance
+        if damaged and epoch < self.deadline and self.last_good_masks is not None:
+            self.step = max(self.step * self.backoff, self.min_step)
+            self.recovering = self.recovery_events
+            self.backoffs += 1
+            return "backoff"
+        return "keep_good"
+
+    def next_sparsity(self, epoch, current, required):
+        """s_{k+1} from s_k = `current` and s_req = `required`."""
+        if epoch >= self.deadline:
+            return required
+        remaining = max(1, self.deadline - epoch)
+        step = max(self.step, (required - current) / remaining)
+        return min(required, current + step)
+
+    def final_fall(self):
+        """How far the last monitored value is below the reference."""
+        if self.reference is None or self.last_value is None:
+            return None
+        return self._fall(self.last_value)
 
     def get_config(self):
         return {
@@ -182,4 +285,6 @@ class Adaptive(SparsityPolicy):
             "min_step": self.min_step,
             "backoff": self.backoff,
             "recovery_events": self.recovery_events,
+            "warmup_epochs": self.warmup_epochs,
+            "finish_by": self.finish_by,
         }

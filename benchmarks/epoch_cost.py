@@ -1,0 +1,71 @@
+"""Cost of one DKDP epoch against one epoch of plain teacher training.
+
+Protocol settings (../shared/benchmark/PROTOCOL.md): reference_cnn,
+Fashion-MNIST, 55,000 training images, batch 128, Adam 1e-3, seed 0. Each
+system trains `--epochs` epochs in this one process; the first epoch (graph
+tracing) is reported apart and the ratio is taken over the later ones.
+
+    python benchmarks/epoch_cost.py --epochs 3
+"""
+
+import argparse
+import json
+import os
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+import dkdp_keras as dkdp  # noqa: E402
+
+
+class EpochTimer(keras.callbacks.Callback):
+    def on_train_begin(self, logs=None):
+        self.times = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.times.append(time.perf_counter() - self.start)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--model", default="reference_cnn")
+    parser.add_argument("--width", type=float, default=0.5)
+    args = parser.parse_args()
+    (x, y), _ = dkdp.datasets.load("fashion_mnist", as_numpy=True)
+    (x, y), _ = dkdp.datasets.validation_split(x, y)
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    build = getattr(dkdp.zoo, args.model)
+    results = {}
+    for system in ("dense", "dkdp", "dense", "dkdp"):
+        keras.utils.set_random_seed(0)
+        if system == "dense":
+            model = build()
+            model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=loss,
+                          metrics=["accuracy"], jit_compile=False)
+        else:
+            model = dkdp.DKDPModel(build(), student_width=args.width)
+            model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=loss,
+                          metrics=["accuracy"])
+        timer = EpochTimer()
+        model.fit(x, y, batch_size=128, epochs=args.epochs, verbose=0,
+                  callbacks=[timer])
+        results.setdefault(system, []).extend(timer.times[1:])
+        print(system, ["%.1f" % t for t in timer.times], flush=True)
+    dense = float(np.median(results["dense"]))
+    ours = float(np.median(results["dkdp"]))
+    print(json.dumps({
+        "model": args.model, "student_width": args.width,
+        "dense_epoch_s": round(dense, 2), "dkdp_epoch_s": round(ours, 2),
+        "ratio": round(ours / dense, 3),
+    }))
+
+
+if __name__ == "__main__":
+    main()

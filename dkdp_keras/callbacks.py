@@ -1,0 +1,521 @@
+"""DKDPCallback: prune, distil and refine inside `model.fit`."""
+
+import math
+import warnings
+
+import keras
+import numpy as np
+from keras import ops
+
+from dkdp_keras import _validation
+from dkdp_keras import importance as importance_lib
+from dkdp_keras.budget import count_macs, count_params
+from dkdp_keras.graph import output_unit_layers
+from dkdp_keras.prunable import masked_layers
+from dkdp_keras.thresholds.mechanism import NORMALIZE, Floors, compute_masks
+from dkdp_keras.thresholds.schedules import (
+    Adaptive,
+    PolynomialDecay,
+    SparsityPolicy,
+)
+
+
+class StudentRefresh:
+    """When a DKDPModel's student is rebuilt from the pruned teacher.
+
+    Args:
+        every: rebuild after every `every` pruning events.
+        shrink: rebuild when the teacher's non-zero parameters have fallen
+            by this factor (> 1) since the last rebuild.
+        strategy: passed to `DKDPModel.refresh_student` ("width",
+            "compact_teacher" or a callable).
+    """
+
+    def __init__(self, every=None, shrink=None, strategy="width"):
+        if every is None and shrink is None:
+            raise ValueError("StudentRefresh needs every= or shrink=.")
+        self.every = (
+            None if every is None
+            else _validation.number("every", every, low=1, integer=True)
+        )
+        self.shrink = (
+            None if shrink is None
+            else _validation.number("shrink", shrink, low=1.0, low_open=True)
+        )
+        self.strategy = strategy
+
+    def __repr__(self):
+        return (f"StudentRefresh(every={self.every}, shrink={self.shrink}, "
+                f"strategy={self.strategy!r})")
+
+
+class DKDPCallback(keras.callbacks.Callback):
+    """Prunes the teacher on a schedule during `fit`: scores importance,
+    asks the threshold policy for the target, writes new masks.
+
+    Each pruning event: (1) the criterion scores every masked layer of the
+    teacher at `granularity`; (2) the policy gives the target sparsity (a
+    schedule from the training step, or `Adaptive` from the budget and the
+    monitored metric); (3) the shared mechanism (`compute_masks`) finds τ so
+    that the target fraction of weights scores below it, applies per-layer
+    floors, and the masks are assigned. Pruned weights keep their stored
+    values under the mask, so a back-off can restore them.
+
+    Works with a `DKDPModel` (prunes its teacher) and with a plain Keras
+    model made with `dkdp_keras.prunable`.
+
+    Adds to the epoch logs (progress bar, History, and CSVLogger when it is
+    listed after this callback): `tau`, `sparsity`, `kept_params`,
+    `kept_macs` and, with a budget, `budget_usage` (the largest
+    measure/limit ratio; <= 1 means within budget).
+
+    Args:
+        importance: a criterion, its name or a callable (see
+            `dkdp_keras.importance`).
+        granularity: "weight" (unstructured) or "unit" (whole neurons and
+            filters; the output layer's units are never removed).
+        threshold: a `SparsityPolicy`: `ConstantSparsity`, `PolynomialDecay`
+            or `Adaptive`. Default: `PolynomialDecay(0, 0.8)` from `begin`
+            to 70% of the training steps.
+        frequency: "epoch" (prune at epoch ends) or a number of steps.
+            `Adaptive` always decides at epoch ends.
+        begin: first training step at which pruning may happen.
+        end: last training step at which pruning may happen (None: none).
+        scope: "global" (one τ) or "layer" (a τ per layer).
+        normalize: how scores are made comparable across layers for a
+            global τ: "lamp" (default), "mean", "l2" or "none".
+        floors: a `thresholds.Floors` (what every layer keeps).
+        layer_importance: if True, each layer's normalised scores are
+            multiplied by its layer-level importance (mean 1 over layers).
+        student_refresh: a `StudentRefresh`, or an int k for
+            `StudentRefresh(every=k)`.
+        calibration_data: `(x, y)` used to collect gradients for gradient
+            criteria when the model is a plain Keras model (a DKDPModel
+            collects them during training).
+        log_dir: write TensorBoard summaries here (τ, sparsity per layer,
+            importance histograms).
+        verbose: 0 silent, 1 one line per pruning event.
+
+    Example:
+
+    ```python
+    callback = DKDPCallback(
+        importance=dkdp_keras.importance.Taylor(), granularity="unit",
+        threshold=dkdp_keras.thresholds.Adaptive(
+            budget=dkdp_keras.Budget(max_params=60_000), tolerance=0.005))
+    model.fit(x, y, validation_split=0.1, epochs=15, callbacks=[callback])
+    ```
+    """
+
+    def __init__(self, importance="magnitude", granularity="weight",
+                 threshold=None, frequency="epoch", begin=0, end=None,
+                 scope="global", normalize="lamp", floors=None,
+                 layer_importance=False, student_refresh=None,
+                 calibration_data=None, log_dir=None, verbose=1):
+        super().__init__()
+        self.importance = importance_lib.get(importance)
+        self.granularity = _validation.choice(
+            "granularity", granularity, ("weight", "unit")
+        )
+        if threshold is not None and not isinstance(threshold, SparsityPolicy):
+            raise TypeError(
+                "threshold must be a dkdp_keras.thresholds policy "
+                "(ConstantSparsity, PolynomialDecay, Adaptive), got "
+                f"{threshold!r}."
+            )
+        self.threshold = threshold
+        if frequency != "epoch":
+            _validation.number("frequency", frequency, low=1, integer=True)
+        self.frequency = frequency
+        self.begin = _validation.number("begin", begin, low=0, integer=True)
+        if end is not None:
+            _validation.number("end", end, low=self.begin, integer=True)
+        self.end = end
+        self.scope = _validation.choice("scope", scope, ("global", "layer"))
+        self.normalize = _validation.choice("normalize", normalize, NORMALIZE)
+        if floors is not None and not isinstance(floors, Floors):
+            raise TypeError(
+                f"floors must be a dkdp_keras.thresholds.Floors, got {floors!r}."
+            )
+        self.floors = floors or Floors()
+        if not isinstance(layer_importance, bool):
+            raise TypeError(
+                f"layer_importance must be True or False, got {layer_importance!r}."
+            )
+        self.layer_importance = layer_importance
+        if isinstance(student_refresh, int) and not isinstance(student_refresh, bool):
+            student_refresh = StudentRefresh(every=student_refresh)
+        if student_refresh is not None and not isinstance(student_refresh, StudentRefresh):
+            raise TypeError(
+                "student_refresh must be None, an int or a StudentRefresh, "
+                f"got {student_refresh!r}."
+            )
+        self.student_refresh = student_refresh
+        if calibration_data is not None and not (
+            isinstance(calibration_data, (tuple, list)) and len(calibration_data) == 2
+        ):
+            raise TypeError("calibration_data must be a pair (x, y).")
+        self.calibration_data = calibration_data
+        if log_dir is not None:
+            try:
+                import tensorboard  # noqa: F401
+            except ImportError:
+                raise ImportError(
+                    "DKDPCallback(log_dir=...) writes TensorBoard summaries "
+                    "and needs the tensorboard package: pip install tensorboard."
+                ) from None
+        self.log_dir = log_dir
+        self.verbose = _validation.number("verbose", verbose, low=0, integer=True)
+        self.tau = 0.0
+        self.events = 0
+        self.history = []  # one dict per pruning event
+        self._writer = None
+
+    # ------------------------------------------------------------ plumbing
+    def _teacher(self):
+        return getattr(self.model, "teacher", self.model)
+
+    def _is_dkdp(self):
+        from dkdp_keras.model import DKDPModel
+
+        return isinstance(self.model, DKDPModel)
+
+    def _step(self):
+        return int(ops.convert_to_numpy(self.model.optimizer.iterations))
+
+    def on_train_begin(self, logs=None):
+        teacher = self._teacher()
+        self._layers = masked_layers(teacher)
+        if not self._layers:
+            raise ValueError(
+                f"DKDPCallback prunes masked layers, and model "
+                f"'{teacher.name}' has none: make it with "
+                "dkdp_keras.prunable(model) or train a dkdp_keras.DKDPModel."
+            )
+        if (
+            "gradient" in (getattr(self.importance, "requires", None) or ())
+            and not self._is_dkdp()
+            and self.calibration_data is None
+        ):
+            raise ValueError(
+                f"{type(self.importance).__name__} needs gradients, which "
+                "only a DKDPModel collects while training: pass "
+                "calibration_data=(x, y) to DKDPCallback, or train a "
+                "DKDPModel."
+            )
+        if self._is_dkdp():
+            needs = getattr(self.importance, "requires", None)
+            self.model.request_statistics(
+                ("gradient", "activation") if needs is None else needs
+            )
+        self._protect = (
+            output_unit_layers(teacher) if self.granularity == "unit" else set()
+        )
+        epochs = self.params.get("epochs") or 1
+        steps = self.params.get("steps") or 1
+        self._epochs = epochs
+        self._total_steps = epochs * steps
+        if self.threshold is None:
+            self.threshold = PolynomialDecay(
+                0.0, 0.8, self.begin,
+                max(self.begin + 1, int(0.7 * self._total_steps)),
+            )
+        self._dense_params = count_params(teacher, nonzero=False)
+        self._refresh_params = count_params(teacher)
+        if isinstance(self.threshold, Adaptive):
+            self.threshold.budget.check_feasible(teacher)
+            self.threshold.start(teacher, epochs)
+        if self.log_dir and self._writer is None:
+            import tensorflow as tf
+
+            self._writer = tf.summary.create_file_writer(str(self.log_dir))
+
+    def on_train_batch_end(self, batch, logs=None):
+        if logs and "loss" in logs:
+            value = float(ops.convert_to_numpy(logs["loss"]))
+            if not math.isfinite(value):
+                raise FloatingPointError(
+                    f"The training loss became {value} at step {self._step()}; "
+                    "DKDPCallback stopped training before any pruning step "
+                    "acted on it (masks are as they were). Lower the "
+                    "learning rate, check the data for NaN/Inf, or clip "
+                    "gradients (optimizer clipnorm=1.0)."
+                )
+        if self.frequency == "epoch" or isinstance(self.threshold, Adaptive):
+            return
+        step = self._step()
+        if step % self.frequency == 0 and self._in_window(step):
+            self._prune(self.threshold.sparsity_at(step))
+
+    def _in_window(self, step):
+        return step >= self.begin and (self.end is None or step <= self.end)
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs if logs is not None else {}
+        step = self._step()
+        if isinstance(self.threshold, Adaptive):
+            if self._in_window(step):
+                self._adaptive_event(epoch, logs)
+        elif self.frequency == "epoch" and self._in_window(step):
+            self._prune(self.threshold.sparsity_at(step))
+        self._add_logs(logs)
+
+    def on_train_end(self, logs=None):
+        if isinstance(self.threshold, Adaptive):
+            self._adaptive_finish(logs or {})
+        if self._writer is not None:
+            self._writer.flush()
+
+    # -------------------------------------------------------------- scoring
+    def _check_weights(self):
+        for layer in self._layers:
+            kernel = ops.convert_to_numpy(layer.kernel)
+            if not np.all(np.isfinite(kernel)):
+                raise FloatingPointError(
+                    f"The kernel of layer '{layer.name}' holds NaN or Inf "
+                    f"after step {self._step()}: training diverged. "
+                    "DKDPCallback stopped before pruning on it (masks are as "
+                    "they were). Lower the learning rate, check the data for "
+                    "NaN/Inf, or clip gradients (optimizer clipnorm=1.0)."
+                )
+
+    def _scores(self):
+        self._check_weights()
+        teacher = self._teacher()
+        if self.calibration_data is not None and not self._is_dkdp() and (
+            "gradient" in (getattr(self.importance, "requires", None) or ("gradient",))
+        ):
+            for layer in self._layers:
+                layer.reset_statistics()
+            x, y = self.calibration_data
+            importance_lib.collect_gradients(teacher, x, y, self.model.loss)
+        self.importance.prepare(teacher)
+        scores = [
+            self.importance.score(layer, self.granularity) for layer in self._layers
+        ]
+        arrays = [np.asarray(ops.convert_to_numpy(s)) for s in scores]
+        bad = [l.name for l, a in zip(self._layers, arrays) if not np.all(np.isfinite(a))]
+        if bad:
+            warnings.warn(
+                f"DKDPCallback: importance scores of {', '.join(bad)} contain "
+                "NaN or Inf; this pruning event is skipped and the masks are "
+                "unchanged.",
+                stacklevel=2,
+            )
+            return None
+        return arrays
+
+    def _layer_weights(self):
+        if not self.layer_importance:
+            return None
+        values = np.array([
+            float(ops.convert_to_numpy(self.importance.score(l, "layer")))
+            for l in self._layers
+        ])
+        mean = values.mean()
+        if not np.all(np.isfinite(values)) or mean <= 0:
+            return None
+        return {l.name: v / mean for l, v in zip(self._layers, values)}
+
+    def _masks_for(self, sparsity, scores):
+        return compute_masks(
+            self._layers, scores, sparsity, granularity=self.granularity,
+            scope=self.scope, normalize=self.normalize, floors=self.floors,
+            protect_units=self._protect, layer_weights=self._layer_weights(),
+        )
+
+    def _current_masks(self):
+        return {l.name: ops.convert_to_numpy(l.kernel_mask).copy() for l in self._layers}
+
+    def _assign(self, masks):
+        for layer in self._layers:
+            layer.kernel_mask.assign(masks[layer.name])
+
+    # -------------------------------------------------------------- pruning
+    def _prune(self, sparsity, scores=None):
+        """One pruning event to `sparsity`; returns the result or None."""
+        scores = self._scores() if scores is None else scores
+        if scores is None:
+            return None
+        before = self._sparsity()
+        result = self._masks_for(sparsity, scores)
+        self._assign(result.masks)
+        self._after_masks_changed(before, result)
+        return result
+
+    def _after_masks_changed(self, before, result):
+        for layer in self._layers:
+            layer.reset_statistics()
+        self.tau = (
+            float(np.mean(list(result.tau.values())))
+            if isinstance(result.tau, dict) else float(result.tau or 0.0)
+        )
+        self.events += 1
+        teacher = self._teacher()
+        record = {
+            "step": self._step(),
+            "tau": self.tau,
+            "sparsity": result.sparsity,
+            "kept_params": count_params(teacher),
+        }
+        self.history.append(record)
+        if self.verbose:
+            print(
+                f"\nDKDP step {record['step']}: sparsity {before:.3f} -> "
+                f"{result.sparsity:.3f} (tau={self.tau:.4g}), kept params "
+                f"{record['kept_params']:,} of {self._dense_params:,}",
+                flush=True,
+            )
+        self._summaries(result)
+        self._maybe_refresh_student(record["kept_params"])
+
+    def _sparsity(self):
+        zeros = total = 0
+        for layer in self._layers:
+            mask = ops.convert_to_numpy(layer.kernel_mask)
+            zeros += mask.size - int(np.count_nonzero(mask))
+            total += mask.size
+        return zeros / total
+
+    def _maybe_refresh_student(self, kept_params):
+        refresh = self.student_refresh
+        if refresh is None or not self._is_dkdp():
+            return
+        due = (refresh.every is not None and self.events % refresh.every == 0) or (
+            refresh.shrink is not None
+            and kept_params * refresh.shrink <= self._refresh_params
+        )
+        if due:
+            self.model.refresh_student(refresh.strategy)
+            self._refresh_params = kept_params
+            if self.verbose:
+                print(f"DKDP: student rebuilt ({refresh.strategy!r}).", flush=True)
+
+    # ------------------------------------------------------------- adaptive
+    def _measure_with(self, masks):
+        """Budget usage of the teacher if it had `masks` (restored after)."""
+        saved = self._current_masks()
+        self._assign(masks)
+        try:
+            return self.threshold.budget.usage(self._teacher())
+        finally:
+            self._assign(saved)
+
+    def _sparsity_for_budget(self, scores):
+        """The smallest target sparsity whose masks meet the budget
+        (bisection on the mechanism, 10 rounds)."""
+        lo, hi = self._sparsity(), 0.999
+        if max(self._measure_with(self._masks_for(lo, scores).masks).values()) <= 1:
+            return lo
+        for _ in range(10):
+            mid = (lo + hi) / 2
+            usage = self._measure_with(self._masks_for(mid, scores).masks)
+            if max(usage.values()) <= 1.0:
+                hi = mid
+            else:
+                lo = mid
+        return hi
+
+    def _monitor_value(self, logs):
+        policy = self.threshold
+        name = policy.monitor
+        if name not in logs and self._is_dkdp() and name.startswith("val_"):
+            alias = "val_teacher_" + name[len("val_"):]
+            if alias in logs:
+                name = alias
+        if name not in logs:
+            raise ValueError(
+                f"Adaptive watches {policy.monitor!r}, which the epoch logs do "
+                f"not have (they have {sorted(logs)}): pass validation_data "
+                "(or validation_split) to fit, or set Adaptive(monitor=...)."
+            )
+        return float(ops.convert_to_numpy(logs[name]))
+
+    def _adaptive_event(self, epoch, logs):
+        policy = self.threshold
+        value = self._monitor_value(logs)
+        action = policy.observe(epoch, value, self._budget_met())
+        if action == "backoff":
+            self._assign(policy.last_good_masks)
+            for layer in self._layers:
+                layer.reset_statistics()
+            if self.verbose:
+                print(
+                    f"\nDKDP epoch {epoch + 1}: {policy.monitor} fell to "
+                    f"{value:.4f} (best before pruning {policy.reference:.4f}, "
+                    f"tolerance {policy.tolerance}); restored the previous "
+                    f"masks, next step {policy.step:.3f}.",
+                    flush=True,
+                )
+            return
+        if action == "keep_good":
+            policy.last_good_masks = self._current_masks()
+        if action not in ("prune", "keep_good"):
+            return
+        if self._budget_met():
+            return
+        scores = self._scores()
+        if scores is None:
+            return
+        required = self._sparsity_for_budget(scores)
+        target = policy.next_sparsity(epoch, self._sparsity(), required)
+        if policy.last_good_masks is None:
+            policy.last_good_masks = self._current_masks()
+        self._prune(target, scores)
+
+    def _budget_met(self):
+        return self.threshold.budget.is_met(self._teacher())
+
+    def _adaptive_finish(self, logs):
+        policy = self.threshold
+        if not self._budget_met():
+            scores = self._scores()
+            if scores is not None:
+                self._prune(self._sparsity_for_budget(scores), scores)
+            warnings.warn(
+                "Adaptive: the budget was not met during training, so the "
+                "teacher was pruned to it after the last epoch with no "
+                "training to recover: evaluate it, or train longer "
+                "(Adaptive(finish_by=...)).",
+                stacklevel=2,
+            )
+        fall = policy.final_fall()
+        if fall is not None and fall > policy.tolerance:
+            warnings.warn(
+                f"Adaptive: the budget is met, but {policy.monitor} ended "
+                f"{fall:.4f} below its best before pruning "
+                f"({policy.reference:.4f}), more than the tolerance "
+                f"{policy.tolerance}. Train longer, loosen the budget or "
+                "raise the tolerance.",
+                stacklevel=2,
+            )
+
+    # ------------------------------------------------------------- logging
+    def _add_logs(self, logs):
+        teacher = self._teacher()
+        logs["tau"] = self.tau
+        logs["sparsity"] = self._sparsity()
+        logs["kept_params"] = count_params(teacher)
+        logs["kept_macs"] = count_macs(teacher)
+        if isinstance(self.threshold, Adaptive):
+            logs["budget_usage"] = max(self.threshold.budget.usage(teacher).values())
+
+    def _summaries(self, result):
+        if self._writer is None:
+            return
+        import tensorflow as tf
+
+        step = self._step()
+        with self._writer.as_default(step=step):
+            tf.summary.scalar("dkdp/tau", self.tau)
+            tf.summary.scalar("dkdp/sparsity", result.sparsity)
+            for layer in self._layers:
+                mask = result.masks[layer.name]
+                tf.summary.scalar(
+                    f"dkdp_layer_sparsity/{layer.name}", float((mask == 0).mean())
+                )
+                try:
+                    scores = self.importance.score(layer, self.granularity)
+                    tf.summary.histogram(f"dkdp_importance/{layer.name}", scores)
+                except ValueError:
+                    pass

@@ -1,0 +1,323 @@
+"""DKDPCallback inside fit: schedules, every criterion and granularity,
+the adaptive controller, NaN safety, logs and summaries."""
+
+import warnings
+
+import keras
+import numpy as np
+import pytest
+
+import dkdp_keras as dkdp
+from dkdp_keras import importance, thresholds
+
+CE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def mlp(name="mlp"):
+    return keras.Sequential([
+        keras.Input((8,)),
+        keras.layers.Dense(24, activation="relu"),
+        keras.layers.Dense(16, activation="relu"),
+        keras.layers.Dense(3),
+    ], name=name)
+
+
+def data(n=128, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 8)).astype("float32")
+    y = ((x[:, 0] > 0).astype("int64") + (x[:, 1] > 0)).astype("int64")
+    return x, y
+
+
+def dkdp_model(teacher=None, **kwargs):
+    model = dkdp.DKDPModel(teacher or mlp(), **kwargs)
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss=CE, metrics=["accuracy"])
+    return model
+
+
+def plain_model(**kwargs):
+    model = dkdp.prunable(mlp(), **kwargs)
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss=CE, metrics=["accuracy"])
+    return model
+
+
+def unit_columns_are_whole(layer):
+    units = layer.kernel_mask.numpy().reshape(-1, layer.num_units)
+    return bool(np.all(units.min(axis=0) == units.max(axis=0)))
+
+
+def test_constant_sparsity_on_a_plain_prunable_model():
+    x, y = data()
+    model = plain_model()
+    cb = dkdp.DKDPCallback(threshold=thresholds.ConstantSparsity(0.7), verbose=0)
+    history = model.fit(x, y, epochs=2, batch_size=32, verbose=0, callbacks=[cb])
+    assert dkdp.sparsity(model) == pytest.approx(0.7, abs=0.005)
+    for key in ("tau", "sparsity", "kept_params", "kept_macs"):
+        assert key in history.history
+    assert history.history["sparsity"][-1] == pytest.approx(dkdp.sparsity(model))
+    assert history.history["kept_params"][-1] == dkdp.count_params(model)
+    assert cb.events == 2
+
+
+def test_polynomial_decay_every_n_steps():
+    x, y = data(256)
+    model = plain_model()
+    sched = thresholds.PolynomialDecay(0.0, 0.8, begin_step=4, end_step=24)
+    cb = dkdp.DKDPCallback(threshold=sched, frequency=4, begin=4, end=24, verbose=0)
+    model.fit(x, y, epochs=4, batch_size=32, verbose=0, callbacks=[cb])  # 32 steps
+    steps = [h["step"] for h in cb.history]
+    assert steps == [4, 8, 12, 16, 20, 24]
+    levels = [h["sparsity"] for h in cb.history]
+    assert all(b >= a - 1e-9 for a, b in zip(levels, levels[1:]))
+    assert levels[-1] == pytest.approx(0.8, abs=0.005)
+    assert dkdp.sparsity(model) == pytest.approx(0.8, abs=0.005)
+
+
+CRITERIA = {
+    "magnitude": lambda x, y: importance.Magnitude(),
+    "gradient": lambda x, y: importance.GradientMagnitude(),
+    "taylor": lambda x, y: importance.Taylor(),
+    "activation": lambda x, y: importance.ActivationFrequency(),
+    "activation_abs": lambda x, y: importance.ActivationFrequency("mean_abs"),
+    "learned_mask": lambda x, y: importance.LearnedMask(),
+    "output_contribution": lambda x, y: importance.OutputContribution(x[:32]),
+    "combined": lambda x, y: importance.Combined([("magnitude", 1.0), ("taylor", 1.0)]),
+}
+
+
+@pytest.mark.parametrize("granularity", ["weight", "unit"])
+@pytest.mark.parametrize("name", sorted(CRITERIA))
+def test_every_criterion_and_granularity_in_fit(name, granularity):
+    x, y = data()
+    teacher = dkdp.prunable(mlp(), learnable_mask=(name == "learned_mask"),
+                            gate_l1=1e-3 if name == "learned_mask" else 0.0,
+                            track_statistics=True)
+    model = dkdp_model(teacher)
+    cb = dkdp.DKDPCallback(importance=CRITERIA[name](x, y), granularity=granularity,
+                           threshold=thresholds.ConstantSparsity(0.5), verbose=0)
+    model.fit(x, y, epochs=2, batch_size=32, verbose=0, callbacks=[cb])
+    layers = dkdp.masked_layers(model.teacher)
+    if granularity == "weight":
+        assert dkdp.sparsity(model.teacher) == pytest.approx(0.5, abs=0.005)
+    else:
+        # Whole units go; the output layer's units all stay.
+        assert dkdp.sparsity(model.teacher) == pytest.approx(0.5, abs=0.06)
+        assert all(unit_columns_are_whole(layer) for layer in layers)
+        assert np.all(layers[-1].kernel_mask.numpy() == 1.0)
+        removed = [(layer.kernel_mask.numpy().reshape(-1, layer.num_units).max(0) == 0).sum()
+                   for layer in layers[:-1]]
+        assert sum(removed) > 0
+
+
+def test_gradient_criteria_on_plain_models_need_calibration_data():
+    x, y = data()
+    cb = dkdp.DKDPCallback(importance="taylor", threshold=thresholds.ConstantSparsity(0.5))
+    with pytest.raises(ValueError, match="calibration_data"):
+        plain_model(track_statistics=True).fit(x, y, epochs=1, verbose=0, callbacks=[cb])
+    model = plain_model(track_statistics=True)
+    cb = dkdp.DKDPCallback(importance="taylor", threshold=thresholds.ConstantSparsity(0.5),
+                           calibration_data=(x[:64], y[:64]), verbose=0)
+    model.fit(x, y, epochs=1, batch_size=32, verbose=0, callbacks=[cb])
+    assert dkdp.sparsity(model) == pytest.approx(0.5, abs=0.005)
+
+
+def test_unprunable_model_is_refused():
+    x, y = data()
+    model = mlp()
+    model.compile(optimizer="adam", loss=CE)
+    with pytest.raises(ValueError, match="dkdp_keras.prunable"):
+        model.fit(x, y, epochs=1, verbose=0, callbacks=[dkdp.DKDPCallback()])
+
+
+def test_adaptive_meets_a_parameter_budget_in_the_same_fit():
+    x, y = data(256)
+    model = dkdp_model()
+    dense = dkdp.count_params(model.teacher, nonzero=False)
+    budget = dkdp.Budget(max_params=dense // 10)
+    cb = dkdp.DKDPCallback(threshold=thresholds.Adaptive(budget, tolerance=0.2), verbose=0)
+    history = model.fit(x, y, epochs=6, batch_size=32, verbose=0, callbacks=[cb],
+                        validation_data=(x[:64], y[:64]))
+    assert budget.is_met(model.teacher)
+    assert dkdp.count_params(model.teacher) <= dense // 10
+    assert history.history["budget_usage"][-1] <= 1.0
+    # It got there in steps, not at once.
+    assert len(cb.history) >= 2
+    assert cb.history[0]["sparsity"] < cb.history[-1]["sparsity"]
+
+
+class ScriptedMetric(keras.callbacks.Callback):
+    """Writes a scripted val_accuracy into the epoch logs."""
+
+    def __init__(self, values):
+        super().__init__()
+        self.values = values
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs["val_accuracy"] = self.values[epoch]
+
+
+def test_adaptive_backs_off_when_the_metric_falls():
+    x, y = data()
+    model = plain_model()
+    policy = thresholds.Adaptive(dkdp.Budget(max_params=150), tolerance=0.05,
+                                 initial_step=0.3, backoff=0.5, recovery_events=1,
+                                 finish_by=1.0)
+    values = [0.90, 0.90, 0.50, 0.90, 0.90, 0.90, 0.90, 0.90]
+    cb = dkdp.DKDPCallback(threshold=policy, verbose=0)
+    model.fit(x, y, epochs=8, batch_size=64, verbose=0,
+              callbacks=[ScriptedMetric(values), cb])
+    levels = [h["sparsity"] for h in cb.history]
+    # epoch 0: reference 0.90, prune; epoch 1: fine, prune more;
+    # epoch 2: 0.50 < 0.85 -> back to the masks after epoch 0's event.
+    assert policy.backoffs == 1
+    assert policy.step == pytest.approx(0.15)
+    assert levels[1] > levels[0]
+    assert policy.budget.is_met(model)
+
+
+def test_adaptive_restores_the_masks_of_the_last_good_step():
+    x, y = data()
+    model = plain_model()
+    policy = thresholds.Adaptive(dkdp.Budget(max_params=100), tolerance=0.05,
+                                 initial_step=0.2, finish_by=1.0, recovery_events=0)
+    seen = {}
+
+    class Spy(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            seen[epoch] = {l.name: l.kernel_mask.numpy().copy() for l in dkdp.masked_layers(model)}
+
+    values = [0.9, 0.9, 0.2, 0.9, 0.9, 0.9]
+    cb = dkdp.DKDPCallback(threshold=policy, verbose=0)
+    model.fit(x, y, epochs=6, batch_size=64, verbose=0,
+              callbacks=[ScriptedMetric(values), cb, Spy()])
+    assert policy.backoffs == 1
+    for name, mask in seen[2].items():
+        np.testing.assert_array_equal(mask, seen[0][name])
+
+
+def test_adaptive_warns_when_the_metric_ends_below_tolerance():
+    x, y = data()
+    model = plain_model()
+    policy = thresholds.Adaptive(dkdp.Budget(max_params=300), tolerance=0.01, finish_by=0.5)
+    values = [0.9, 0.9, 0.9, 0.7]
+    with pytest.warns(UserWarning, match=r"ended 0.2000 below its best"):
+        model.fit(x, y, epochs=4, batch_size=64, verbose=0,
+                  callbacks=[ScriptedMetric(values), dkdp.DKDPCallback(threshold=policy, verbose=0)])
+    assert policy.budget.is_met(model)
+
+
+def test_adaptive_needs_its_metric():
+    x, y = data()
+    cb = dkdp.DKDPCallback(threshold=thresholds.Adaptive(dkdp.Budget(max_params=300)))
+    with pytest.raises(ValueError, match="pass validation_data"):
+        plain_model().fit(x, y, epochs=1, verbose=0, callbacks=[cb])
+    with pytest.raises(ValueError, match="max_params=2 is below the 3 parameters"):
+        plain_model().fit(x, y, epochs=1, verbose=0, callbacks=[
+            dkdp.DKDPCallback(threshold=thresholds.Adaptive(dkdp.Budget(max_params=2)))])
+
+
+@pytest.mark.parametrize("where,message", [
+    ("weight", "loss became nan.*masks are as they were"),
+    # A NaN input is swallowed by ReLU, so the loss stays finite while the
+    # first kernel fills with NaN: caught before the first pruning event.
+    ("input", "kernel of layer .* holds NaN or Inf.*masks are as they were"),
+])
+def test_divergence_stops_training_before_any_pruning(where, message):
+    x, y = data()
+    w = np.ones(len(x), "float32")
+    (w if where == "weight" else x[:, 0])[5] = np.nan
+    model = plain_model()
+    cb = dkdp.DKDPCallback(threshold=thresholds.ConstantSparsity(0.5), frequency=2, verbose=0)
+    with pytest.raises(FloatingPointError, match=message):
+        model.fit(x, y, sample_weight=w, epochs=1, batch_size=32, shuffle=False,
+                  verbose=0, callbacks=[cb])
+    assert cb.events == 0
+    assert all(np.all(l.kernel_mask.numpy() == 1.0) for l in dkdp.masked_layers(model))
+
+
+def test_nan_scores_skip_the_event_with_a_warning():
+    x, y = data()
+    model = plain_model()
+
+    def broken(layer, granularity):
+        return keras.ops.full(layer.kernel.shape, np.nan)
+
+    cb = dkdp.DKDPCallback(importance=broken, threshold=thresholds.ConstantSparsity(0.5), verbose=0)
+    with pytest.warns(UserWarning, match="NaN or Inf; this pruning event is skipped"):
+        model.fit(x, y, epochs=1, verbose=0, callbacks=[cb])
+    assert dkdp.sparsity(model) == 0.0
+
+
+def test_student_refresh_every_event():
+    x, y = data()
+    model = dkdp_model()
+    students = []
+
+    class Watch(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            students.append(model.student)
+
+    cb = dkdp.DKDPCallback(threshold=thresholds.ConstantSparsity(0.5), student_refresh=1, verbose=0)
+    model.fit(x, y, epochs=2, verbose=0, callbacks=[cb, Watch()])
+    assert students[0] is not students[1]
+    shrink = dkdp.DKDPCallback(threshold=thresholds.ConstantSparsity(0.8),
+                               student_refresh=dkdp.StudentRefresh(shrink=2.0), verbose=0)
+    before = model.student
+    model.fit(x, y, epochs=2, verbose=0, callbacks=[shrink])
+    assert model.student is not before
+
+
+def test_tensorboard_and_importance_summary(tmp_path):
+    x, y = data()
+    model = dkdp_model()
+    cb = dkdp.DKDPCallback(granularity="unit", threshold=thresholds.ConstantSparsity(0.5),
+                           log_dir=tmp_path / "tb", verbose=0)
+    model.fit(x, y, epochs=1, verbose=0, callbacks=[cb])
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    summary = dkdp.report.importance_summary(model, "magnitude", out_dir=tmp_path / "png")
+    rows = {r["layer"]: r for r in summary.rows}
+    for layer in dkdp.masked_layers(model.teacher):
+        mask = layer.kernel_mask.numpy()
+        assert rows[layer.name]["kept_weights"] == int(mask.sum())
+        assert rows[layer.name]["kept_units"] == int((mask.reshape(-1, layer.num_units).max(0) > 0).sum())
+    assert "| layer | type |" in summary.markdown
+    for path in summary.plots:
+        assert path.stat().st_size > 5000 and path.read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ValueError, match="no masked layer"):
+        dkdp.report.importance_summary(mlp())
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,text",
+    [
+        (dict(granularity="layer"), ValueError, "granularity must be one of"),
+        (dict(threshold=0.5), TypeError, "threshold must be a dkdp_keras.thresholds policy"),
+        (dict(frequency=0), ValueError, "frequency must be in"),
+        (dict(frequency="batch"), TypeError, "frequency must be an integer"),
+        (dict(begin=10, end=5), ValueError, "end must be in"),
+        (dict(normalize="max"), ValueError, "normalize must be one of"),
+        (dict(importance="fisher"), ValueError, "Unknown importance criterion"),
+        (dict(student_refresh="often"), TypeError, "student_refresh must be None"),
+        (dict(floors=0.1), TypeError, "floors must be"),
+    ],
+)
+def test_bad_arguments(kwargs, error, text):
+    with pytest.raises(error, match=text):
+        dkdp.DKDPCallback(**kwargs)
+    with pytest.raises(ValueError, match="every= or shrink="):
+        dkdp.StudentRefresh()
+
+
+def test_only_the_statistics_the_criterion_reads_are_collected():
+    x, y = data()
+    model = dkdp_model()
+    cb = dkdp.DKDPCallback(threshold=thresholds.ConstantSparsity(0.3), verbose=0)
+    model.fit(x, y, epochs=1, batch_size=32, verbose=0, callbacks=[cb])
+    first = dkdp.masked_layers(model.teacher)[0]
+    assert float(first.gradient_steps.numpy()) == 0 and float(first.activation_steps.numpy()) == 0
+    cb = dkdp.DKDPCallback(importance="taylor", threshold=thresholds.ConstantSparsity(0.3),
+                           frequency=100, verbose=0)
+    model.fit(x, y, epochs=1, batch_size=32, verbose=0, callbacks=[cb])
+    assert float(first.gradient_steps.numpy()) == 4 and float(first.activation_steps.numpy()) == 0
+    with pytest.raises(ValueError, match="Unknown statistics"):
+        model.request_statistics({"hessian"})
