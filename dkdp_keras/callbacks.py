@@ -231,6 +231,17 @@ class DKDPCallback(keras.callbacks.Callback):
             self._writer = tf.summary.create_file_writer(str(self.log_dir))
 
     def on_train_batch_end(self, batch, logs=None):
+        # Only step-scheduled pruning acts here; reading the loss every step
+        # would force a device sync per step, so divergence is caught at
+        # each pruning event (weights) and each epoch end (loss) instead.
+        if self.frequency == "epoch" or isinstance(self.threshold, Adaptive):
+            return
+        step = self._step()
+        if step % self.frequency == 0 and self._in_window(step):
+            self._check_loss(logs)
+            self._prune(self.threshold.sparsity_at(step))
+
+    def _check_loss(self, logs):
         if logs and "loss" in logs:
             value = float(ops.convert_to_numpy(logs["loss"]))
             if not math.isfinite(value):
@@ -241,17 +252,13 @@ class DKDPCallback(keras.callbacks.Callback):
                     "learning rate, check the data for NaN/Inf, or clip "
                     "gradients (optimizer clipnorm=1.0)."
                 )
-        if self.frequency == "epoch" or isinstance(self.threshold, Adaptive):
-            return
-        step = self._step()
-        if step % self.frequency == 0 and self._in_window(step):
-            self._prune(self.threshold.sparsity_at(step))
 
     def _in_window(self, step):
         return step >= self.begin and (self.end is None or step <= self.end)
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs if logs is not None else {}
+        self._check_loss(logs)
         step = self._step()
         if isinstance(self.threshold, Adaptive):
             if self._in_window(step):
