@@ -10,7 +10,7 @@ from keras import ops
 from dkdp_keras import _validation
 from dkdp_keras import importance as importance_lib
 from dkdp_keras.budget import count_macs, count_params
-from dkdp_keras.graph import output_unit_layers
+from dkdp_keras.graph import batchnorm_after, output_unit_layers
 from dkdp_keras.prunable import masked_layers
 from dkdp_keras.thresholds.mechanism import NORMALIZE, Floors, compute_masks
 from dkdp_keras.thresholds.schedules import (
@@ -211,6 +211,12 @@ class DKDPCallback(keras.callbacks.Callback):
         self._protect = (
             output_unit_layers(teacher) if self.granularity == "unit" else set()
         )
+        self._batchnorms = batchnorm_after(teacher)
+        self._bn_saved = {}
+        self._dead = {
+            layer.name: ops.convert_to_numpy(layer.unit_mask()) == 0
+            for layer in self._layers
+        }
         epochs = self.params.get("epochs") or 1
         steps = self.params.get("steps") or 1
         self._epochs = epochs
@@ -334,9 +340,33 @@ class DKDPCallback(keras.callbacks.Callback):
     def _current_masks(self):
         return {l.name: ops.convert_to_numpy(l.kernel_mask).copy() for l in self._layers}
 
-    def _assign(self, masks):
+    def _assign(self, masks, batchnorm=True):
         for layer in self._layers:
             layer.kernel_mask.assign(masks[layer.name])
+            if batchnorm:
+                self._sync_batchnorm(layer, masks[layer.name])
+
+    def _sync_batchnorm(self, layer, mask):
+        """A removed unit feeds exact zeros to the BatchNormalization after
+        it: in training its batch mean and variance are 0 and it outputs
+        beta. Setting its moving mean and variance to 0 makes inference
+        output the same beta, instead of a constant from before pruning.
+        A unit that comes back (a back-off) gets its saved statistics."""
+        bn = self._batchnorms.get(layer.name)
+        if bn is None:
+            return
+        dead = mask.reshape(-1, layer.num_units).max(axis=0) == 0
+        was_dead = self._dead.get(layer.name, np.zeros_like(dead))
+        saved = self._bn_saved.setdefault(layer.name, {})
+        for key, var in (("mean", bn.moving_mean), ("var", bn.moving_variance)):
+            values = ops.convert_to_numpy(var).copy()
+            store = saved.setdefault(key, np.zeros_like(values))
+            newly_dead, revived = dead & ~was_dead, ~dead & was_dead
+            store[newly_dead] = values[newly_dead]
+            values[revived] = store[revived]
+            values[dead] = 0.0
+            var.assign(values)
+        self._dead[layer.name] = dead
 
     # -------------------------------------------------------------- pruning
     def _prune(self, sparsity, scores=None):
@@ -402,11 +432,11 @@ class DKDPCallback(keras.callbacks.Callback):
     def _measure_with(self, masks):
         """Budget usage of the teacher if it had `masks` (restored after)."""
         saved = self._current_masks()
-        self._assign(masks)
+        self._assign(masks, batchnorm=False)
         try:
             return self.threshold.budget.usage(self._teacher())
         finally:
-            self._assign(saved)
+            self._assign(saved, batchnorm=False)
 
     def _sparsity_for_budget(self, scores):
         """The smallest target sparsity whose masks meet the budget

@@ -42,14 +42,7 @@ def output_unit_layers(model):
     (activations, dropout, normalisation) to the Dense/Conv layer that
     produces those units. Removing one of its units would remove an output.
     """
-    producer = {}
-    for layer in model.layers:
-        try:
-            out = layer.output
-        except (AttributeError, ValueError):
-            continue  # used at several places or not connected
-        for tensor in out if isinstance(out, (list, tuple)) else [out]:
-            producer[id(tensor)] = layer
+    producer = _producers(model)
     names = set()
     for tensor in model.outputs:
         layer = producer.get(id(tensor))
@@ -68,6 +61,38 @@ def output_unit_layers(model):
                 break
             layer = producer.get(id(previous)) if previous is not None else None
     return names
+
+
+def _producers(model):
+    producer = {}
+    for layer in model.layers:
+        try:
+            out = layer.output
+        except (AttributeError, ValueError):
+            continue
+        for tensor in out if isinstance(out, (list, tuple)) else [out]:
+            producer[id(tensor)] = layer
+    return producer
+
+
+def batchnorm_after(model):
+    """Map masked layer name -> the BatchNormalization layer that reads its
+    output directly (Conv -> BN -> activation), for every such pair."""
+    producer = _producers(model)
+    pairs = {}
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            pairs.update(batchnorm_after(layer))
+            continue
+        if not isinstance(layer, keras.layers.BatchNormalization):
+            continue
+        try:
+            source = producer.get(id(_single(layer.input)))
+        except (AttributeError, ValueError):
+            continue
+        if source is not None and is_masked(source):
+            pairs[source.name] = layer
+    return pairs
 
 
 def width_copy(model, width, name=None):

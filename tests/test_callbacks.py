@@ -321,3 +321,29 @@ def test_only_the_statistics_the_criterion_reads_are_collected():
     assert float(first.gradient_steps.numpy()) == 4 and float(first.activation_steps.numpy()) == 0
     with pytest.raises(ValueError, match="Unknown statistics"):
         model.request_statistics({"hessian"})
+
+
+def test_removed_filters_leave_batchnorm_consistent_in_inference():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 6, 6, 2)).astype("float32")
+    y = rng.integers(0, 3, 64)
+    inputs = keras.Input((6, 6, 2))
+    h = keras.layers.Conv2D(8, 3, use_bias=False, name="conv")(inputs)
+    h = keras.layers.BatchNormalization(name="bn")(h)
+    h = keras.layers.ReLU()(h)
+    outputs = keras.layers.Dense(3)(keras.layers.Flatten()(h))
+    model = dkdp.prunable(keras.Model(inputs, outputs))
+    model.compile(optimizer="adam", loss=CE)
+    # The output layer's units stay, so 0.1 of all weights is 0.37 of conv's.
+    cb = dkdp.DKDPCallback(granularity="unit", threshold=thresholds.ConstantSparsity(0.1), verbose=0)
+    model.fit(x, y, epochs=1, batch_size=16, verbose=0, callbacks=[cb])
+    conv = model.get_layer("conv")
+    dead = conv.unit_mask().numpy() == 0
+    assert dead.sum() == 3
+    bn = model.get_layer("bn")
+    assert np.all(bn.moving_mean.numpy()[dead] == 0) and np.all(bn.moving_variance.numpy()[dead] == 0)
+    probe = keras.Model(model.inputs, bn.output)
+    infer = probe(x[:4], training=False).numpy()[..., dead]
+    train = probe(x[:4], training=True).numpy()[..., dead]
+    np.testing.assert_allclose(infer, train, atol=1e-5)
+    np.testing.assert_allclose(infer, np.broadcast_to(bn.beta.numpy()[dead], infer.shape), atol=1e-5)
