@@ -24,8 +24,7 @@ import numpy as np
 from keras import ops
 
 from dkdp_keras import _validation
-from dkdp_keras.layers import MASKED_TWINS
-from dkdp_keras.prunable import is_masked, iter_layers
+from dkdp_keras.prunable import effective_kernel, is_masked, iter_layers
 
 
 def _layer_weight_arrays(layer):
@@ -67,11 +66,10 @@ def count_macs(model, nonzero=True):
     entries cost nothing."""
     total = 0
     for layer in iter_layers(model):
-        if not (is_masked(layer) or type(layer) in MASKED_TWINS):
+        kernel = effective_kernel(layer)
+        if kernel is None:
             continue
-        kernel = ops.convert_to_numpy(
-            layer.effective_kernel() if is_masked(layer) else layer.kernel
-        )
+        kernel = ops.convert_to_numpy(kernel)
         count = int(np.count_nonzero(kernel)) if nonzero else kernel.size
         total += count * _positions(layer)
     return total

@@ -4,8 +4,7 @@ units, and width-scaled copies of a model."""
 
 import keras
 
-from dkdp_keras.layers import MASKED_TWINS
-from dkdp_keras.prunable import check_graph_model, is_masked
+from dkdp_keras.prunable import check_graph_model, is_kernel_layer, is_masked
 
 #: Layers whose output has the same units (channels) as their input, one to
 #: one: a unit of the layer before them is a unit of their output.
@@ -23,10 +22,6 @@ UNIT_PRESERVING = (
     keras.layers.LayerNormalization,
     keras.layers.Identity,
 )
-
-
-def _is_kernel_layer(layer):
-    return is_masked(layer) or type(layer) in MASKED_TWINS
 
 
 def _single(tensors):
@@ -50,7 +45,7 @@ def output_unit_layers(model):
             if isinstance(layer, keras.Model):
                 names |= output_unit_layers(layer)
                 break
-            if _is_kernel_layer(layer):
+            if is_kernel_layer(layer):
                 names.add(layer.name)
                 break
             if not isinstance(layer, UNIT_PRESERVING):
@@ -114,7 +109,7 @@ def width_copy(model, width, name=None):
             cls, config = layer.base_class, layer.base_config()
         else:
             cls, config = layer.__class__, layer.get_config()
-        if layer.name not in keep and _is_kernel_layer(layer):
+        if layer.name not in keep and is_kernel_layer(layer):
             for key in ("units", "filters"):
                 if key in config:
                     config[key] = max(1, int(round(config[key] * width)))

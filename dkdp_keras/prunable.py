@@ -224,12 +224,17 @@ def strip(model):
     return clone
 
 
+def is_kernel_layer(layer):
+    """True for masked layers and for the plain layers that have a twin."""
+    return is_masked(layer) or type(layer) in MASKED_TWINS
+
+
 def effective_kernel(layer):
     """The kernel a layer computes with: ``kernel * mask`` for masked layers,
     the kernel itself for plain Dense/Conv/DepthwiseConv layers, else None."""
     if is_masked(layer):
         return layer.effective_kernel()
-    if type(layer) in MASKED_TWINS:
+    if is_kernel_layer(layer):
         return layer.kernel
     return None
 

@@ -16,8 +16,8 @@ class Magnitude(Criterion):
     Example:
 
     >>> layer = dkdp_keras.MaskedDense(2); _ = layer(keras.ops.ones((1, 3)))
-    >>> Magnitude().score(layer, "unit").shape
-    TensorShape([2])
+    >>> tuple(Magnitude().score(layer, "unit").shape)
+    (2,)
     """
 
     def _weight_scores(self, layer):
