@@ -9,6 +9,7 @@ from dkdp_keras import datasets, importance, report, thresholds, zoo
 from dkdp_keras._version import __version__
 from dkdp_keras.budget import Budget, count_macs, count_params
 from dkdp_keras.callbacks import DKDPCallback, StudentRefresh
+from dkdp_keras.export import ExportReport, export_tflite
 from dkdp_keras.layers import (
     MaskedConv1D,
     MaskedConv2D,
@@ -24,6 +25,7 @@ __all__ = [
     "Budget",
     "DKDPCallback",
     "DKDPModel",
+    "ExportReport",
     "MaskedConv1D",
     "MaskedConv2D",
     "MaskedConv3D",
@@ -35,6 +37,7 @@ __all__ = [
     "count_macs",
     "count_params",
     "datasets",
+    "export_tflite",
     "importance",
     "masked_layers",
     "prunable",

@@ -1,0 +1,283 @@
+"""Export to TFLite/LiteRT, checked against Keras, sized and timed."""
+
+import dataclasses
+import gzip
+import os
+import pathlib
+import tempfile
+import time
+
+import numpy as np
+
+from dkdp_keras import _validation
+from dkdp_keras.prunable import check_graph_model, masked_layers, strip
+
+QUANTIZE = (None, "none", "dynamic", "float16", "int8")
+
+
+@dataclasses.dataclass
+class ExportReport:
+    """What `export_tflite` wrote and measured.
+
+    Attributes:
+        path: the `.tflite` file.
+        quantize: "none", "dynamic", "float16" or "int8".
+        prepared: what was done to the model first ("stripped": masks and
+            gates baked into plain layers; "as is").
+        bytes: file size. gzip_bytes: size after gzip -9 (what zeros buy).
+        max_abs_diff: largest |TFLite − Keras| over the check outputs
+            (dequantized for int8 outputs).
+        top1_agreement: fraction of check inputs whose arg-max agrees.
+        latency_ms: median batch-1 invocation time, one thread.
+        accuracy: TFLite top-1 accuracy when labels were given, else None.
+        check_examples: how many inputs the check ran on.
+    """
+
+    path: str
+    quantize: str
+    prepared: str
+    bytes: int
+    gzip_bytes: int
+    max_abs_diff: float
+    top1_agreement: float
+    latency_ms: float
+    accuracy: float = None
+    check_examples: int = 0
+
+    def as_dict(self):
+        return dataclasses.asdict(self)
+
+
+def _check_path(path):
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a file path, got {path!r}.")
+    path = pathlib.Path(path)
+    if path.suffix != ".tflite":
+        raise ValueError(
+            f"path must end in .tflite, got {str(path)!r} (for example "
+            f"{str(path.with_suffix('.tflite'))!r})."
+        )
+    parent = path.parent if str(path.parent) else pathlib.Path(".")
+    if not parent.is_dir():
+        raise FileNotFoundError(
+            f"The directory {str(parent)!r} of {str(path)!r} does not exist: "
+            "create it first."
+        )
+    if not os.access(parent, os.W_OK):
+        raise PermissionError(f"The directory {str(parent)!r} is not writable.")
+    return path
+
+
+def _as_arrays(data, name):
+    """(x, y or None) from an array, an (x, y) pair or a tf.data dataset."""
+    if data is None:
+        return None, None
+    if isinstance(data, (tuple, list)) and len(data) == 2:
+        return np.asarray(data[0]), np.asarray(data[1])
+    if hasattr(data, "as_numpy_iterator"):  # a batched tf.data dataset
+        xs, ys = [], []
+        for item in data.as_numpy_iterator():
+            x, y = (item[0], item[1]) if isinstance(item, tuple) else (item, None)
+            xs.append(x)
+            if y is not None:
+                ys.append(y)
+            if sum(len(b) for b in xs) >= 256:
+                break
+        return np.concatenate(xs), (np.concatenate(ys) if ys else None)
+    try:
+        return np.asarray(data), None
+    except Exception:
+        raise TypeError(
+            f"{name} must be an array, an (x, y) pair or a tf.data dataset, "
+            f"got {type(data).__name__}."
+        ) from None
+
+
+def _convert(model, quantize, representative, sparsity, int8_io):
+    import tensorflow as tf
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model.export(tmp, format="tf_saved_model", verbose=False)
+        converter = tf.lite.TFLiteConverter.from_saved_model(tmp)
+        optimizations = []
+        if quantize in ("dynamic", "float16", "int8"):
+            optimizations.append(tf.lite.Optimize.DEFAULT)
+        if sparsity:
+            optimizations.append(tf.lite.Optimize.EXPERIMENTAL_SPARSITY)
+        converter.optimizations = optimizations
+        if quantize == "float16":
+            converter.target_spec.supported_types = [tf.float16]
+        if quantize == "int8":
+            samples = representative.astype("float32")
+
+            def gen():
+                for i in range(min(len(samples), 200)):
+                    yield [samples[i : i + 1]]
+
+            converter.representative_dataset = gen
+            converter.target_spec.supported_ops = [
+                tf.lite.OpsSet.TFLITE_BUILTINS_INT8
+            ]
+            if int8_io:
+                converter.inference_input_type = tf.int8
+                converter.inference_output_type = tf.int8
+        return converter.convert()
+
+
+def _interpreter(path):
+    from ai_edge_litert.interpreter import Interpreter
+
+    return Interpreter(model_path=str(path), num_threads=1)
+
+
+def _run(path, x):
+    """TFLite outputs for `x`, one example at a time (batch 1), float."""
+    interp = _interpreter(path)
+    interp.allocate_tensors()
+    inp = interp.get_input_details()[0]
+    out = interp.get_output_details()[0]
+    in_scale, in_zero = inp["quantization"]
+    out_scale, out_zero = out["quantization"]
+    results = []
+    for i in range(len(x)):
+        sample = x[i : i + 1].astype("float32")
+        if inp["dtype"] in (np.int8, np.uint8):
+            sample = np.round(sample / in_scale + in_zero).astype(inp["dtype"])
+        interp.set_tensor(inp["index"], sample)
+        interp.invoke()
+        value = interp.get_tensor(out["index"]).astype("float32")
+        if out["dtype"] in (np.int8, np.uint8):
+            value = (value - out_zero) * out_scale
+        results.append(value)
+    return np.concatenate(results)
+
+
+def measure_tflite_latency_ms(path, runs=100, warmup=10, batch=1):
+    """Median wall time of one invocation (one thread) of a `.tflite` file on
+    zeros of the input's shape with the given batch size, in ms."""
+    interp = _interpreter(path)
+    inp = interp.get_input_details()[0]
+    shape = [batch] + list(inp["shape"][1:])
+    interp.resize_tensor_input(inp["index"], shape)
+    interp.allocate_tensors()
+    interp.set_tensor(inp["index"], np.zeros(shape, dtype=inp["dtype"]))
+    for _ in range(warmup):
+        interp.invoke()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        interp.invoke()
+        times.append(time.perf_counter() - start)
+    return 1000.0 * float(np.median(times))
+
+
+def export_tflite(model, path, quantize=None, representative_data=None,
+                  sparsity=False, check_data=None, int8_io=False,
+                  max_abs_diff=1e-4, min_top1_agreement=0.99,
+                  latency_runs=100):
+    """Convert a Keras model to a `.tflite` file and check it in LiteRT.
+
+    Masked models are stripped first (masks and gates baked into plain
+    layers). The model goes through Keras 3's own SavedModel export and
+    `tf.lite.TFLiteConverter.from_saved_model`; the file is then run in the
+    LiteRT interpreter (`ai_edge_litert`) at batch 1 on the check data and
+    compared with the Keras model. A failed check raises `ValueError`
+    naming the figures; nothing is left at `path` then.
+
+    Args:
+        model: a Keras Sequential/Functional model (or a DKDPModel: the
+            model it serves is exported).
+        path: the output file, ending in `.tflite`; its directory must exist.
+        quantize: None or "none" (float32), "dynamic" (dynamic-range int8
+            weights), "float16" (float16 weights) or "int8" (full integer,
+            needs `representative_data`).
+        representative_data: inputs for int8 calibration (an array, an
+            (x, y) pair or a batched tf.data dataset; up to 200 examples
+            are used).
+        sparsity: turn on the converter's sparse weight encoding
+            (for unstructured pruning).
+        check_data: inputs (or an (x, y) pair, to also report accuracy) to
+            compare TFLite with Keras on; default: 64 examples of the
+            representative data, else 64 uniform random inputs.
+        int8_io: with "int8", int8 model inputs and outputs as well.
+        max_abs_diff: the float32 check: largest allowed |TFLite − Keras|.
+        min_top1_agreement: the quantized check: smallest allowed fraction
+            of check inputs with the same arg-max.
+        latency_runs: batch-1 invocations timed (after 10 warm-up ones).
+
+    Returns:
+        An `ExportReport`.
+    """
+    path = _check_path(path)
+    _validation.choice("quantize", quantize, QUANTIZE)
+    quantize = "none" if quantize in (None, "none") else quantize
+    if not isinstance(int8_io, bool) or (int8_io and quantize != "int8"):
+        raise ValueError("int8_io=True needs quantize='int8'.")
+    rep_x, _ = _as_arrays(representative_data, "representative_data")
+    if quantize == "int8" and rep_x is None:
+        raise ValueError(
+            "quantize='int8' needs representative_data: a few hundred typical "
+            "inputs (for example x_train[:200]) to calibrate the ranges."
+        )
+    _validation.number("max_abs_diff", max_abs_diff, low=0.0)
+    _validation.number("min_top1_agreement", min_top1_agreement, low=0.0)
+    _validation.number("latency_runs", latency_runs, low=1, integer=True)
+    if hasattr(model, "teacher") and hasattr(model, "student"):
+        model = model.student if model.serve == "student" else model.teacher
+    check_graph_model(model)
+    prepared = "as is"
+    if masked_layers(model):
+        model = strip(model)
+        prepared = "stripped"
+
+    check_x, check_y = _as_arrays(check_data, "check_data")
+    if check_x is None:
+        if rep_x is not None:
+            check_x = rep_x[:64]
+        else:
+            shape = (64,) + tuple(model.inputs[0].shape)[1:]
+            check_x = np.random.default_rng(0).random(shape).astype("float32")
+    expected_shape = tuple(model.inputs[0].shape)[1:]
+    if tuple(check_x.shape[1:]) != expected_shape:
+        raise ValueError(
+            f"check_data has examples of shape {tuple(check_x.shape[1:])}, the "
+            f"model takes {expected_shape}."
+        )
+
+    flatbuffer = _convert(model, quantize, rep_x, sparsity, int8_io)
+    path.write_bytes(flatbuffer)
+    try:
+        keras_out = np.asarray(model.predict(check_x, verbose=0), "float32")
+        lite_out = _run(path, check_x)
+        diff = float(np.max(np.abs(lite_out - keras_out)))
+        agree = float(np.mean(lite_out.argmax(-1) == keras_out.argmax(-1)))
+        if quantize == "none" and diff > max_abs_diff:
+            raise ValueError(
+                f"The float32 TFLite model differs from Keras by up to {diff:.3g} "
+                f"(allowed {max_abs_diff:g}) on {len(check_x)} inputs."
+            )
+        if quantize != "none" and agree < min_top1_agreement:
+            raise ValueError(
+                f"The {quantize} TFLite model agrees with Keras on the top-1 "
+                f"class for {agree:.1%} of {len(check_x)} inputs (required "
+                f"{min_top1_agreement:.1%}); max abs diff {diff:.3g}."
+            )
+    except Exception:
+        path.unlink(missing_ok=True)
+        raise
+    accuracy = None
+    if check_y is not None:
+        labels = check_y.argmax(-1) if check_y.ndim > 1 else check_y.reshape(-1)
+        accuracy = float(np.mean(lite_out.argmax(-1) == labels))
+    return ExportReport(
+        path=str(path),
+        quantize=quantize,
+        prepared=prepared,
+        bytes=len(flatbuffer),
+        gzip_bytes=len(gzip.compress(flatbuffer, 9)),
+        max_abs_diff=diff,
+        top1_agreement=agree,
+        latency_ms=measure_tflite_latency_ms(path, runs=latency_runs),
+        accuracy=accuracy,
+        check_examples=len(check_x),
+    )

@@ -1,0 +1,99 @@
+"""TFLite/LiteRT export: parity with Keras, quantisation, sizes, errors."""
+
+import keras
+import numpy as np
+import pytest
+
+import dkdp_keras as dkdp
+from tests.conftest import small_cnn
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A small CNN trained on a separable task, so that top-1 decisions have
+    margins that survive quantisation."""
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    x = rng.random((512, 8, 8, 2)).astype("float32")
+    y = (x[:, :4].mean(axis=(1, 2, 3)) > x[:, 4:].mean(axis=(1, 2, 3))).astype("int64")
+    y = y + 2 * (x[..., 0].mean(axis=(1, 2)) > x[..., 1].mean(axis=(1, 2)))
+    model = dkdp.prunable(small_cnn(), learnable_mask=True)
+    model.compile(optimizer=keras.optimizers.Adam(1e-2),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=["accuracy"])
+    model.fit(x, y % 3, epochs=8, batch_size=32, verbose=0)
+    for layer in dkdp.masked_layers(model)[:-1]:
+        mask = (rng.random(layer.kernel.shape) > 0.5).astype("float32")
+        layer.kernel_mask.assign(mask)
+    return model, x, y % 3
+
+
+def test_float32_file_matches_keras(trained, tmp_path):
+    model, x, y = trained
+    report = dkdp.export_tflite(model, tmp_path / "m.tflite", check_data=(x[:100], y[:100]))
+    assert report.prepared == "stripped" and report.quantize == "none"
+    assert report.max_abs_diff <= 1e-4 and report.top1_agreement == 1.0
+    assert report.bytes == (tmp_path / "m.tflite").stat().st_size
+    assert 0 < report.gzip_bytes < report.bytes  # half the weights are zeros
+    assert report.latency_ms > 0 and report.check_examples == 100
+    keras_acc = np.mean(model.predict(x[:100], verbose=0).argmax(-1) == y[:100])
+    assert report.accuracy == pytest.approx(keras_acc)
+
+
+@pytest.mark.parametrize("quantize", ["dynamic", "float16", "int8"])
+def test_quantized_files_agree_and_are_smaller(trained, tmp_path, quantize):
+    model, x, y = trained
+    dense = dkdp.export_tflite(model, tmp_path / "f32.tflite", check_data=x[:64])
+    report = dkdp.export_tflite(model, tmp_path / f"{quantize}.tflite", quantize=quantize,
+                                representative_data=x[:200], check_data=x[200:400])
+    assert report.top1_agreement >= 0.99
+    assert report.bytes < dense.bytes
+
+
+def test_full_int8_inputs_and_outputs(trained, tmp_path):
+    model, x, _ = trained
+    report = dkdp.export_tflite(model, tmp_path / "i8.tflite", quantize="int8", int8_io=True,
+                                representative_data=x[:200], check_data=x[200:400])
+    from ai_edge_litert.interpreter import Interpreter
+
+    interp = Interpreter(model_path=report.path)
+    assert interp.get_input_details()[0]["dtype"] == np.int8
+    assert interp.get_output_details()[0]["dtype"] == np.int8
+    assert report.top1_agreement >= 0.99
+
+
+def test_dkdp_model_exports_its_student(tmp_path):
+    model = dkdp.DKDPModel(small_cnn())
+    report = dkdp.export_tflite(model, tmp_path / "s.tflite")
+    assert report.prepared == "as is" and report.max_abs_diff <= 1e-4
+
+
+def test_a_failed_check_raises_with_the_figures_and_leaves_no_file(trained, tmp_path):
+    model, x, _ = trained
+    with pytest.raises(ValueError, match=r"agrees with Keras on the top-1 class for .* \(required 101.0%\)"):
+        dkdp.export_tflite(model, tmp_path / "q.tflite", quantize="dynamic",
+                           check_data=x[:32], min_top1_agreement=1.01)
+    assert not (tmp_path / "q.tflite").exists()
+    with pytest.raises(ValueError, match=r"float32 TFLite model differs from Keras by up to"):
+        dkdp.export_tflite(model, tmp_path / "f.tflite", check_data=x[:32], max_abs_diff=0.0)
+    assert not (tmp_path / "f.tflite").exists()
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,text",
+    [
+        (dict(path="model.h5"), ValueError, r"must end in .tflite.*'model.tflite'"),
+        (dict(path="/nonexistent/dir/m.tflite"), FileNotFoundError, "does not exist"),
+        (dict(quantize="int4"), ValueError, "quantize must be one of"),
+        (dict(quantize="int8"), ValueError, "needs representative_data"),
+        (dict(int8_io=True), ValueError, "int8_io=True needs quantize='int8'"),
+        (dict(check_data=np.zeros((2, 5, 5, 2), "float32")), ValueError,
+         r"check_data has examples of shape \(5, 5, 2\), the model takes \(8, 8, 2\)"),
+    ],
+)
+def test_bad_input_fails_before_conversion(tmp_path, kwargs, error, text):
+    kwargs.setdefault("path", tmp_path / "m.tflite")
+    with pytest.raises(error, match=text):
+        dkdp.export_tflite(small_cnn(), **kwargs)
+    with pytest.raises(TypeError, match="must be a keras.Model"):
+        dkdp.export_tflite("model.keras", tmp_path / "m.tflite")
