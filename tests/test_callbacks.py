@@ -347,3 +347,19 @@ def test_removed_filters_leave_batchnorm_consistent_in_inference():
     train = probe(x[:4], training=True).numpy()[..., dead]
     np.testing.assert_allclose(infer, train, atol=1e-5)
     np.testing.assert_allclose(infer, np.broadcast_to(bn.beta.numpy()[dead], infer.shape), atol=1e-5)
+
+
+def test_layer_importance_shifts_the_budget_between_layers():
+    x, y = data()
+    results = {}
+    for flag in (False, True):
+        keras.utils.set_random_seed(0)
+        model = plain_model()
+        model.layers[0].kernel.assign(model.layers[0].kernel.numpy() * 10.0)  # a heavy layer
+        cb = dkdp.DKDPCallback(threshold=thresholds.ConstantSparsity(0.6), normalize="mean",
+                               layer_importance=flag, verbose=0)
+        model.fit(x, y, epochs=1, batch_size=64, verbose=0, callbacks=[cb])
+        results[flag] = [1 - l.kernel_mask.numpy().mean() for l in dkdp.masked_layers(model)]
+    assert max(abs(a - b) for a, b in zip(results[True], results[False])) > 0.1
+    # The layer whose weights matter most (by magnitude) loses less with it.
+    assert results[True][0] < results[False][0]
