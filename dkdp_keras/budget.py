@@ -24,11 +24,14 @@ import numpy as np
 from keras import ops
 
 from dkdp_keras import _validation
+from dkdp_keras.layers import MaskedBatchNormalization
 from dkdp_keras.prunable import effective_kernel, is_masked, iter_layers
 
 
 def _layer_weight_arrays(layer):
     """The arrays that are the layer's parameters (effective values)."""
+    if isinstance(layer, MaskedBatchNormalization):
+        return layer.stripped_weights()
     if is_masked(layer):
         arrays = [ops.convert_to_numpy(layer.effective_kernel())]
         if layer.bias is not None:

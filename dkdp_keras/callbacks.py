@@ -347,11 +347,14 @@ class DKDPCallback(keras.callbacks.Callback):
                 self._sync_batchnorm(layer, masks[layer.name])
 
     def _sync_batchnorm(self, layer, mask):
-        """A removed unit feeds exact zeros to the BatchNormalization after
-        it: in training its batch mean and variance are 0 and it outputs
-        beta. Setting its moving mean and variance to 0 makes inference
-        output the same beta, instead of a constant from before pruning.
-        A unit that comes back (a back-off) gets its saved statistics."""
+        """Keep the BatchNormalization after a layer in step with its units.
+
+        A removed unit feeds exact zeros to it: a MaskedBatchNormalization's
+        channel mask then zeroes its output as well. For a plain one, in
+        training the batch mean and variance are 0 and it outputs beta;
+        setting its moving mean and variance to 0 makes inference output
+        the same beta, instead of a constant from before pruning. A unit
+        that comes back (a back-off) gets its saved statistics."""
         bn = self._batchnorms.get(layer.name)
         if bn is None:
             return
@@ -367,6 +370,8 @@ class DKDPCallback(keras.callbacks.Callback):
             values[dead] = 0.0
             var.assign(values)
         self._dead[layer.name] = dead
+        if hasattr(bn, "channel_mask"):
+            bn.channel_mask.assign((~dead).astype("float32"))
 
     # -------------------------------------------------------------- pruning
     def _prune(self, sparsity, scores=None):

@@ -4,7 +4,12 @@ units, and width-scaled copies of a model."""
 
 import keras
 
-from dkdp_keras.prunable import check_graph_model, is_kernel_layer, is_masked
+from dkdp_keras.prunable import (
+    check_graph_model,
+    is_kernel_layer,
+    is_masked,
+    is_strippable,
+)
 
 #: Layers whose output has the same units (channels) as their input, one to
 #: one: a unit of the layer before them is a unit of their output.
@@ -70,14 +75,15 @@ def _producers(model):
     return producer
 
 
-def batchnorm_after(model):
-    """Map masked layer name -> the BatchNormalization layer that reads its
-    output directly (Conv -> BN -> activation), for every such pair."""
+def batchnorm_after(model, source_filter=is_masked):
+    """Map layer name -> the BatchNormalization layer that reads its output
+    directly (Conv -> BN -> activation), for every layer that passes
+    `source_filter` (default: masked layers)."""
     producer = _producers(model)
     pairs = {}
     for layer in model.layers:
         if isinstance(layer, keras.Model):
-            pairs.update(batchnorm_after(layer))
+            pairs.update(batchnorm_after(layer, source_filter))
             continue
         if not isinstance(layer, keras.layers.BatchNormalization):
             continue
@@ -85,7 +91,7 @@ def batchnorm_after(model):
             source = producer.get(id(_single(layer.input)))
         except (AttributeError, ValueError):
             continue
-        if source is not None and is_masked(source):
+        if source is not None and source_filter(source):
             pairs[source.name] = layer
     return pairs
 
@@ -105,7 +111,7 @@ def width_copy(model, width, name=None):
     keep = output_unit_layers(model)
 
     def clone_function(layer):
-        if is_masked(layer):
+        if is_strippable(layer):
             cls, config = layer.base_class, layer.base_config()
         else:
             cls, config = layer.__class__, layer.get_config()

@@ -6,7 +6,11 @@ import keras
 import numpy as np
 from keras import ops
 
-from dkdp_keras.layers import MASKED_TWINS, MaskedKernelMixin
+from dkdp_keras.layers import (
+    MASKED_TWINS,
+    MaskedBatchNormalization,
+    MaskedKernelMixin,
+)
 
 #: Layers with weights that need no mask: normalisation and the like. A layer
 #: with weights outside this list and outside MASKED_TWINS is reported.
@@ -63,8 +67,13 @@ def masked_layers(model):
 
 
 def is_masked(layer):
-    """True if `layer` is one of the library's masked layers."""
+    """True if `layer` is one of the library's masked kernel layers."""
     return isinstance(layer, MaskedKernelMixin)
+
+
+def is_strippable(layer):
+    """True for every library layer that `strip` turns back into Keras'."""
+    return isinstance(layer, (MaskedKernelMixin, MaskedBatchNormalization))
 
 
 def _twin_of(layer):
@@ -144,6 +153,17 @@ def prunable(
             f"layer -> bool, got {layers!r}."
         )
 
+    from dkdp_keras.graph import batchnorm_after
+
+    # BatchNormalization layers reading a layer that will be masked get a
+    # channel mask, so that removed units are exact zeros after them too.
+    masked_bn = {
+        bn.name
+        for bn in batchnorm_after(
+            model, lambda l: is_masked(l) or (_twin_of(l) is not None and selected(l))
+        ).values()
+        if type(bn) is keras.layers.BatchNormalization
+    }
     skipped = []
     extra = dict(
         learnable_mask=learnable_mask,
@@ -153,8 +173,10 @@ def prunable(
 
     def clone_function(layer):
         twin = _twin_of(layer)
-        if is_masked(layer):
+        if is_strippable(layer):
             return type(layer).from_config(layer.get_config())
+        if layer.name in masked_bn:
+            return MaskedBatchNormalization.from_config(layer.get_config())
         if twin is not None and selected(layer):
             return twin.from_config({**layer.get_config(), **extra})
         if (
@@ -185,7 +207,14 @@ def prunable(
 
 
 def _copy_by_name(old, new):
-    """Copy weights between two layers of the same class and config."""
+    """Copy weights between two layers of the same class and config (a
+    MaskedBatchNormalization has its channel mask beyond BN's weights)."""
+    if isinstance(new, MaskedBatchNormalization) and not isinstance(
+        old, MaskedBatchNormalization
+    ):
+        for source, target in zip(old.weights, new.weights):
+            target.assign(source)
+        return
     if len(old.weights) != len(new.weights):
         raise ValueError(
             f"Cannot copy weights of layer '{old.name}': the copy has "
@@ -211,13 +240,13 @@ def strip(model):
     check_graph_model(model)
 
     def clone_function(layer):
-        if is_masked(layer):
+        if is_strippable(layer):
             return layer.base_class.from_config(layer.base_config())
         return layer.__class__.from_config(layer.get_config())
 
     clone, pairs = _clone(model, clone_function)
     for old, new in pairs:
-        if is_masked(old):
+        if is_strippable(old):
             new.set_weights(old.stripped_weights())
         else:
             _copy_by_name(old, new)
@@ -263,3 +292,14 @@ def sparsity(model):
             "DepthwiseConv layer)."
         )
     return zeros / total
+
+
+def sync_batchnorm(model):
+    """Set the channel mask of every MaskedBatchNormalization that reads a
+    masked layer to that layer's unit mask (call after changing masks)."""
+    from dkdp_keras.graph import batchnorm_after
+
+    for name, bn in batchnorm_after(model).items():
+        if isinstance(bn, MaskedBatchNormalization):
+            source = next(l for l in iter_layers(model) if l.name == name)
+            bn.channel_mask.assign(source.unit_mask())

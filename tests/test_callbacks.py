@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import dkdp_keras as dkdp
+import dkdp_keras.layers  # noqa: F401
 from dkdp_keras import importance, thresholds
 
 CE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -323,7 +324,7 @@ def test_only_the_statistics_the_criterion_reads_are_collected():
         model.request_statistics({"hessian"})
 
 
-def test_removed_filters_leave_batchnorm_consistent_in_inference():
+def test_removed_filters_are_exact_zeros_after_batchnorm():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(64, 6, 6, 2)).astype("float32")
     y = rng.integers(0, 3, 64)
@@ -342,11 +343,15 @@ def test_removed_filters_leave_batchnorm_consistent_in_inference():
     assert dead.sum() == 3
     bn = model.get_layer("bn")
     assert np.all(bn.moving_mean.numpy()[dead] == 0) and np.all(bn.moving_variance.numpy()[dead] == 0)
-    probe = keras.Model(model.inputs, bn.output)
+    assert isinstance(bn, dkdp.layers.MaskedBatchNormalization)
+    np.testing.assert_array_equal(bn.channel_mask.numpy(), (~dead).astype("float32"))
+    probe = keras.Model(model.inputs[0], bn.output)
     infer = probe(x[:4], training=False).numpy()[..., dead]
     train = probe(x[:4], training=True).numpy()[..., dead]
-    np.testing.assert_allclose(infer, train, atol=1e-5)
-    np.testing.assert_allclose(infer, np.broadcast_to(bn.beta.numpy()[dead], infer.shape), atol=1e-5)
+    # Removed filters are exact zeros after normalisation, in both modes.
+    assert np.all(infer == 0.0) and np.all(train == 0.0)
+    stripped = dkdp.strip(model)
+    np.testing.assert_allclose(stripped(x[:4]).numpy(), model(x[:4]).numpy(), atol=1e-5)
 
 
 def test_layer_importance_shifts_the_budget_between_layers():

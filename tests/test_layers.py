@@ -171,3 +171,25 @@ def test_gradient_statistics_need_tracking():
     layer(np.zeros((1, 3), "float32"))
     with pytest.raises(ValueError, match="track_statistics=True"):
         layer.update_gradient_statistics(np.zeros((3, 2), "float32"))
+
+
+def test_masked_batchnorm_zeroes_removed_channels_and_round_trips(tmp_path, rng):
+    from dkdp_keras.layers import MaskedBatchNormalization
+
+    inputs = keras.Input((4, 4, 3))
+    outputs = MaskedBatchNormalization(name="bn")(inputs)
+    model = keras.Model(inputs, outputs)
+    bn = model.get_layer("bn")
+    bn.beta.assign([1.0, 2.0, 3.0])
+    bn.channel_mask.assign([1.0, 0.0, 1.0])
+    x = rng.normal(size=(2, 4, 4, 3)).astype("float32")
+    for training in (False, True):
+        out = model(x, training=training).numpy()
+        assert np.all(out[..., 1] == 0.0) and np.all(out[..., 0] != 0.0)
+    path = tmp_path / "bn.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    np.testing.assert_array_equal(loaded.get_layer("bn").channel_mask.numpy(), [1.0, 0.0, 1.0])
+    stripped = dkdp.strip(model)
+    assert type(stripped.get_layer("bn")) is keras.layers.BatchNormalization
+    np.testing.assert_allclose(stripped(x).numpy(), model(x).numpy(), atol=1e-6)

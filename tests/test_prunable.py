@@ -20,7 +20,7 @@ def test_prunable_swaps_layers_and_keeps_outputs(cnn, rng):
     masked = dkdp.prunable(cnn)
     names = [type(layer).__name__ for layer in masked.layers]
     assert names == [
-        "InputLayer", "MaskedConv2D", "BatchNormalization", "ReLU",
+        "InputLayer", "MaskedConv2D", "MaskedBatchNormalization", "ReLU",
         "MaskedDepthwiseConv2D", "Flatten", "MaskedDense", "MaskedDense",
     ]
     np.testing.assert_array_equal(masked(x).numpy(), cnn(x).numpy())

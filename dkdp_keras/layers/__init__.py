@@ -1,6 +1,7 @@
 """Masked layers: Keras layers whose kernels carry a pruning mask."""
 
 from dkdp_keras.layers.base import MaskedKernelMixin
+from dkdp_keras.layers.batch_normalization import MaskedBatchNormalization
 from dkdp_keras.layers.conv import MaskedConv1D, MaskedConv2D, MaskedConv3D
 from dkdp_keras.layers.dense import MaskedDense
 from dkdp_keras.layers.depthwise_conv import (
@@ -23,6 +24,7 @@ MASKED_TWINS = {
 
 __all__ = [
     "MASKED_TWINS",
+    "MaskedBatchNormalization",
     "MaskedKernelMixin",
     "MaskedConv1D",
     "MaskedConv2D",

@@ -1,0 +1,61 @@
+"""MaskedBatchNormalization: BatchNormalization whose channels can be removed."""
+
+import keras
+from keras import ops
+
+
+@keras.saving.register_keras_serializable(package="dkdp_keras")
+class MaskedBatchNormalization(keras.layers.BatchNormalization):
+    """A `keras.layers.BatchNormalization` whose output is multiplied by a
+    non-trainable per-channel `channel_mask` (1 = kept, 0 = removed).
+
+    `prunable` puts it where a BatchNormalization reads a masked layer, and
+    the mask follows that layer's units (`sync_batchnorm`): a removed filter
+    then gives exact zeros after normalisation too, in training and in
+    inference, instead of the trainable constant beta, and gamma and beta of
+    removed channels get no gradient. That is what lets `compact` remove the
+    channel for real. `strip` folds the mask into gamma and beta.
+
+    Args: as `keras.layers.BatchNormalization`.
+
+    Example:
+
+    >>> bn = MaskedBatchNormalization()
+    >>> y = bn(keras.ops.ones((2, 4, 4, 3)))
+    >>> tuple(bn.channel_mask.shape)
+    (3,)
+    """
+
+    base_class = keras.layers.BatchNormalization
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        channels = int(input_shape[self.axis])
+        self.channel_mask = self.add_weight(
+            name="channel_mask", shape=(channels,), initializer="ones",
+            trainable=False,
+        )
+
+    def call(self, inputs, training=None, mask=None):
+        outputs = super().call(inputs, training=training, mask=mask)
+        shape = [1] * len(outputs.shape)
+        shape[self.axis] = int(self.channel_mask.shape[0])
+        return ops.multiply(
+            outputs, ops.cast(ops.reshape(self.channel_mask, shape), outputs.dtype)
+        )
+
+    def stripped_weights(self):
+        """[gamma, beta, moving_mean, moving_variance] of the plain layer,
+        with the channel mask folded into gamma and beta."""
+        m = ops.convert_to_numpy(self.channel_mask)
+        weights = []
+        if self.scale:
+            weights.append(ops.convert_to_numpy(self.gamma) * m)
+        if self.center:
+            weights.append(ops.convert_to_numpy(self.beta) * m)
+        weights.append(ops.convert_to_numpy(self.moving_mean))
+        weights.append(ops.convert_to_numpy(self.moving_variance))
+        return weights
+
+    def base_config(self):
+        return self.get_config()
