@@ -9,6 +9,7 @@ from dkdp_keras import datasets, importance, report, thresholds, zoo
 from dkdp_keras._version import __version__
 from dkdp_keras.budget import Budget, count_macs, count_params
 from dkdp_keras.callbacks import DKDPCallback, StudentRefresh
+from dkdp_keras.compaction import compact
 from dkdp_keras.export import ExportReport, export_tflite
 from dkdp_keras.layers import (
     MaskedConv1D,
@@ -19,7 +20,13 @@ from dkdp_keras.layers import (
     MaskedDepthwiseConv2D,
 )
 from dkdp_keras.model import DKDPModel
-from dkdp_keras.prunable import masked_layers, prunable, sparsity, strip
+from dkdp_keras.prunable import (
+    masked_layers,
+    prunable,
+    sparsity,
+    strip,
+    sync_batchnorm,
+)
 
 __all__ = [
     "Budget",
@@ -34,6 +41,7 @@ __all__ = [
     "MaskedDepthwiseConv2D",
     "StudentRefresh",
     "__version__",
+    "compact",
     "count_macs",
     "count_params",
     "datasets",
@@ -44,6 +52,7 @@ __all__ = [
     "report",
     "sparsity",
     "strip",
+    "sync_batchnorm",
     "thresholds",
     "zoo",
 ]

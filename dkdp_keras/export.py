@@ -10,7 +10,8 @@ import time
 import numpy as np
 
 from dkdp_keras import _validation
-from dkdp_keras.prunable import check_graph_model, masked_layers, strip
+from dkdp_keras.compaction import compact
+from dkdp_keras.prunable import check_graph_model, masked_layers
 
 QUANTIZE = (None, "none", "dynamic", "float16", "int8")
 
@@ -22,8 +23,9 @@ class ExportReport:
     Attributes:
         path: the `.tflite` file.
         quantize: "none", "dynamic", "float16" or "int8".
-        prepared: what was done to the model first ("stripped": masks and
-            gates baked into plain layers; "as is").
+        prepared: what was done to the model first ("compacted": removed
+            units gone, masks and gates baked into plain layers, by
+            `dkdp_keras.compact`; "as is").
         bytes: file size. gzip_bytes: size after gzip -9 (what zeros buy).
         max_abs_diff: largest |TFLite − Keras| over the check outputs
             (dequantized for int8 outputs).
@@ -177,8 +179,8 @@ def export_tflite(model, path, quantize=None, representative_data=None,
                   latency_runs=100):
     """Convert a Keras model to a `.tflite` file and check it in LiteRT.
 
-    Masked models are stripped first (masks and gates baked into plain
-    layers). The model goes through Keras 3's own SavedModel export and
+    Masked models are compacted first (`dkdp_keras.compact`: removed units
+    gone, masks and gates baked into plain layers). The model goes through Keras 3's own SavedModel export and
     `tf.lite.TFLiteConverter.from_saved_model`; the file is then run in the
     LiteRT interpreter (`ai_edge_litert`) at batch 1 on the check data and
     compared with the Keras model. A failed check raises `ValueError`
@@ -227,8 +229,8 @@ def export_tflite(model, path, quantize=None, representative_data=None,
     check_graph_model(model)
     prepared = "as is"
     if masked_layers(model):
-        model = strip(model)
-        prepared = "stripped"
+        model = compact(model)
+        prepared = "compacted"
 
     check_x, check_y = _as_arrays(check_data, "check_data")
     if check_x is None:

@@ -13,6 +13,7 @@ from dkdp_keras.distillation import (
     make_metrics,
     same_signature,
 )
+from dkdp_keras.compaction import compact
 from dkdp_keras.graph import width_copy
 from dkdp_keras.prunable import check_graph_model, masked_layers, prunable
 
@@ -202,7 +203,8 @@ class DKDPModel(keras.Model):
         Args:
             strategy: "width" (a fresh width-`student_width` copy of the
                 teacher), "compact_teacher" (the structurally compacted
-                teacher, inheriting its weights) or a callable
+                teacher, a plain model inheriting its weights, so the
+                student starts where the pruned teacher is) or a callable
                 `teacher -> student`.
 
         The student optimizer is rebuilt for the new variables (same
@@ -211,13 +213,7 @@ class DKDPModel(keras.Model):
         """
         if isinstance(strategy, str):
             _validation.choice("strategy", strategy, REFRESH)
-            if strategy == "compact_teacher":
-                raise NotImplementedError(
-                    "refresh_student('compact_teacher') needs structural "
-                    "compaction (dkdp_keras.compact), which is not in this "
-                    "version yet; use 'width' or a callable."
-                )
-            new = "auto"
+            new = "auto" if strategy == "width" else compact
         elif callable(strategy):
             new = strategy
         else:
@@ -272,22 +268,13 @@ class DKDPModel(keras.Model):
             self.make_train_function(force=True)
 
     def compact_teacher(self):
-        """The pruned teacher as a plain, physically smaller Keras model."""
-        raise NotImplementedError(
-            "compact_teacher() needs structural compaction "
-            "(dkdp_keras.compact), which is not in this version yet; "
-            "dkdp_keras.strip(model.teacher) gives the teacher with its "
-            "masks baked in."
-        )
+        """The pruned teacher as a plain, physically smaller Keras model
+        (`dkdp_keras.compact`): removed units are gone, masks baked in."""
+        return compact(self.teacher)
 
     def compact_student(self):
         """The student as a plain, physically smaller Keras model."""
-        raise NotImplementedError(
-            "compact_student() needs structural compaction "
-            "(dkdp_keras.compact), which is not in this version yet; "
-            "dkdp_keras.strip(model.student) gives the student with its "
-            "masks baked in."
-        )
+        return compact(self.student)
 
     # -------------------------------------------------------------- compile
     def compile(self, teacher_optimizer=None, student_optimizer=None,

@@ -31,7 +31,7 @@ def trained():
 def test_float32_file_matches_keras(trained, tmp_path):
     model, x, y = trained
     report = dkdp.export_tflite(model, tmp_path / "m.tflite", check_data=(x[:100], y[:100]))
-    assert report.prepared == "stripped" and report.quantize == "none"
+    assert report.prepared == "compacted" and report.quantize == "none"
     assert report.max_abs_diff <= 1e-4 and report.top1_agreement == 1.0
     assert report.bytes == (tmp_path / "m.tflite").stat().st_size
     assert 0 < report.gzip_bytes < report.bytes  # half the weights are zeros

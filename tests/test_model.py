@@ -287,8 +287,16 @@ def test_refresh_student():
     assert model.student.name == "tiny"
     assert model.student_optimizer.built
     model.fit(x, y, epochs=1, verbose=0)
-    with pytest.raises(NotImplementedError, match="compaction"):
-        model.refresh_student("compact_teacher")
+    for layer in dkdp.masked_layers(model.teacher)[:-1]:
+        mask = np.ones(layer.kernel.shape, "float32")
+        mask[..., : layer.num_units // 2] = 0.0  # half the units removed
+        layer.kernel_mask.assign(mask)
+    model.refresh_student("compact_teacher")
+    assert dkdp.masked_layers(model.student) == []
+    assert model.student.layers[0].units == 8  # 16 hidden units, half removed
+    np.testing.assert_allclose(model.student(x), model.teacher(x), atol=1e-5)
+    np.testing.assert_allclose(model.compact_teacher()(x), model.teacher(x), atol=1e-5)
+    model.fit(x, y, epochs=1, verbose=0)
     with pytest.raises(ValueError, match="strategy must be one of"):
         model.refresh_student("deeper")
 

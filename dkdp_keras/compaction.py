@@ -1,0 +1,281 @@
+"""Structural compaction: remove pruned units for real.
+
+`compact(model)` returns a plain Keras model in which every unit whose
+output is exactly zero for every input is gone, together with what only
+carried it: its kernel column and bias, its BatchNormalization channel, its
+positions after Flatten, and the matching input rows of the next Dense or
+Conv layer. The outputs are unchanged (up to float rounding).
+
+How it decides, channel by channel, from the layer graph (public
+`layer.input`/`layer.output` only):
+
+1. A Dense/Conv unit is zero when its mask column is empty (a removed unit's
+   bias is masked too) or, in a plain layer, its kernel column and bias are
+   zero, and its activation maps 0 to 0. Units of the layers that produce the
+   model's outputs never go.
+2. Channel-preserving layers (activations, Dropout, pooling, global pooling,
+   BatchNormalization) keep a channel zero when they map 0 to 0, which is
+   checked numerically per channel (a MaskedBatchNormalization does for a
+   removed channel; a plain one with beta != 0 does not, and keeps it).
+   Flatten spreads a channel over its positions (channels_last).
+3. A channel goes when it is zero all along its chain, from the producing
+   layer to the layers that consume it. A chain that reaches a layer this
+   version cannot see through (Add, Multiply, Concatenate, DepthwiseConv,
+   Reshape, LayerNormalization, nested models, channels_first layers, ...)
+   or a model output keeps all its channels; such layers are named in one
+   warning when they stopped a removal.
+"""
+
+import warnings
+
+import keras
+import numpy as np
+from keras import ops
+
+from dkdp_keras.graph import _single, output_unit_layers
+from dkdp_keras.prunable import (
+    _clone,
+    check_graph_model,
+    is_kernel_layer,
+    is_masked,
+    is_strippable,
+)
+
+_CHANNEL_PRESERVING = (
+    keras.layers.Activation,
+    keras.layers.ReLU,
+    keras.layers.LeakyReLU,
+    keras.layers.ELU,
+    keras.layers.Dropout,
+    keras.layers.SpatialDropout1D,
+    keras.layers.SpatialDropout2D,
+    keras.layers.SpatialDropout3D,
+    keras.layers.GaussianNoise,
+    keras.layers.GaussianDropout,
+    keras.layers.Identity,
+    keras.layers.BatchNormalization,
+    keras.layers.MaxPooling1D,
+    keras.layers.MaxPooling2D,
+    keras.layers.MaxPooling3D,
+    keras.layers.AveragePooling1D,
+    keras.layers.AveragePooling2D,
+    keras.layers.AveragePooling3D,
+    keras.layers.GlobalAveragePooling1D,
+    keras.layers.GlobalAveragePooling2D,
+    keras.layers.GlobalAveragePooling3D,
+    keras.layers.GlobalMaxPooling1D,
+    keras.layers.GlobalMaxPooling2D,
+    keras.layers.GlobalMaxPooling3D,
+)
+_DEPTHWISE = (keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D)
+
+
+def _channels_last(layer):
+    return getattr(layer, "data_format", "channels_last") != "channels_first"
+
+
+def _kind(layer):
+    if isinstance(layer, keras.layers.InputLayer):
+        return "input"
+    if isinstance(layer, keras.Model) or not _channels_last(layer):
+        return "barrier"
+    if isinstance(layer, _DEPTHWISE):
+        return "barrier"
+    if is_kernel_layer(layer):
+        return "kernel"
+    if isinstance(layer, keras.layers.BatchNormalization):
+        axis = layer.axis if isinstance(layer.axis, int) else None
+        return "preserve" if axis in (-1, len(layer.input.shape) - 1) else "barrier"
+    if isinstance(layer, _CHANNEL_PRESERVING):
+        return "preserve"
+    if isinstance(layer, keras.layers.Flatten):
+        return "flatten" if _channels_last(layer) else "barrier"
+    return "barrier"
+
+
+def _kernel_weights(layer):
+    """[kernel, bias?] with masks and gates baked in."""
+    if is_masked(layer):
+        return layer.stripped_weights()
+    return [ops.convert_to_numpy(w) for w in layer.weights]
+
+
+def _zero_units(layer, protected):
+    weights = _kernel_weights(layer)
+    kernel = weights[0].reshape(-1, weights[0].shape[-1])
+    zero = np.all(kernel == 0, axis=0)
+    if len(weights) > 1:
+        zero &= weights[1] == 0
+    activation = layer.activation or keras.activations.linear
+    if float(ops.convert_to_numpy(activation(ops.zeros((1,))))[0]) != 0.0:
+        zero[:] = False
+    if layer.name in protected:
+        zero[:] = False
+    return zero
+
+
+def _maps_zero_to_zero(layer, in_shape):
+    shape = (1,) + tuple(1 if d is None else d for d in in_shape[1:])
+    out = ops.convert_to_numpy(layer(ops.zeros(shape), training=False))
+    channels = out.shape[-1]
+    return np.all(out.reshape(-1, channels) == 0, axis=0)
+
+
+def compact(model):
+    """A physically smaller plain Keras model with the same outputs.
+
+    Args:
+        model: a built Sequential or Functional model, masked (from
+            `prunable`) or plain (pruned units are then all-zero columns).
+
+    Returns:
+        A new Keras model with no dkdp_keras layer, masks and gates baked
+        in, removed units gone.
+
+    Example:
+
+    ```python
+    small = dkdp_keras.compact(dkdp_keras_model.teacher)
+    small.count_params()  # fewer than the masked teacher's
+    ```
+    """
+    check_graph_model(model)
+    for layer in model.layers:
+        try:
+            layer.input, layer.output
+        except (AttributeError, ValueError):
+            warnings.warn(
+                f"compact: layer '{layer.name}' is used at several places; "
+                "this version compacts only graphs where each layer is used "
+                "once. Returning the stripped model (masks baked in).",
+                stacklevel=2,
+            )
+            from dkdp_keras.prunable import strip
+
+            return strip(model)
+    protected = output_unit_layers(model)
+    root = {}  # id(tensor) -> id of the chain root tensor
+    space = {}  # id(tensor) -> ("channel", None) or ("flat", positions)
+    zero = {}  # id(chain root) -> bool array: channel zero everywhere so far
+    pinned = {}  # id(chain root) -> layer names that keep the chain whole
+    owner = {}  # id(chain root) -> kernel layer producing it, if any
+    kinds = {}
+
+    def start_chain(tensor, values, layer=None):
+        key = id(tensor)
+        root[key], space[key] = key, ("channel", None)
+        zero[key] = values
+        pinned[key] = []
+        owner[key] = layer
+
+    for tensor in model.inputs:
+        start_chain(tensor, np.zeros(tensor.shape[-1], bool))
+
+    for layer in model.layers:
+        kind = kinds[layer.name] = _kind(layer)
+        if kind == "input":
+            continue
+        inputs = layer.input if isinstance(layer.input, (list, tuple)) else [layer.input]
+        outputs = layer.output if isinstance(layer.output, (list, tuple)) else [layer.output]
+        if kind == "barrier" or len(inputs) != 1:
+            for tensor in inputs:
+                if id(tensor) in root:
+                    pinned[root[id(tensor)]].append(layer.name)
+            for tensor in outputs:
+                start_chain(tensor, np.zeros(tensor.shape[-1], bool))
+            continue
+        source = inputs[0]
+        if kind == "kernel":
+            start_chain(outputs[0], _zero_units(layer, protected), layer)
+            continue
+        key = root[id(source)]
+        if kind == "flatten":
+            positions = int(np.prod(source.shape[1:-1])) if len(source.shape) > 2 else 1
+            if space[id(source)][0] != "channel":
+                pinned[key].append(layer.name)
+                start_chain(outputs[0], np.zeros(outputs[0].shape[-1], bool))
+                continue
+            root[id(outputs[0])] = key
+            space[id(outputs[0])] = ("flat", positions)
+            continue
+        if space[id(source)][0] != "channel":
+            pinned[key].append(layer.name)
+            start_chain(outputs[0], np.zeros(outputs[0].shape[-1], bool))
+            continue
+        zero[key] &= _maps_zero_to_zero(layer, source.shape)
+        root[id(outputs[0])] = key
+        space[id(outputs[0])] = ("channel", None)
+
+    for tensor in model.outputs:
+        if id(tensor) in root:
+            pinned[root[id(tensor)]].append("model output")
+
+    keep = {}
+    blocked = set()
+    for key, values in zero.items():
+        if owner[key] is None:
+            continue
+        if pinned[key]:
+            if values.any():
+                blocked.update(n for n in pinned[key] if n != "model output")
+            continue
+        if values.any():
+            kept = np.flatnonzero(~values)
+            if kept.size == 0:  # keep one channel so the graph stays valid
+                kept = np.array([0])
+            keep[key] = kept
+    if blocked:
+        warnings.warn(
+            "compact: these layers cannot be seen through yet, so removed "
+            "units feeding them were kept: " + ", ".join(sorted(blocked)) + ".",
+            stacklevel=2,
+        )
+
+    def kept_inputs(tensor):
+        """Indices of the input features a layer keeps, or None for all."""
+        key = root.get(id(tensor))
+        if key not in keep:
+            return None
+        kind, positions = space[id(tensor)]
+        channels = keep[key]
+        if kind == "channel":
+            return channels
+        width = int(tensor.shape[-1]) // positions
+        return (np.arange(positions)[:, None] * width + channels[None, :]).reshape(-1)
+
+    def kept_outputs(layer):
+        out = _single(layer.output)
+        return keep.get(root.get(id(out))) if out is not None else None
+
+    def clone_function(layer):
+        cls = layer.base_class if is_strippable(layer) else layer.__class__
+        config = layer.base_config() if is_strippable(layer) else layer.get_config()
+        if kinds.get(layer.name) == "kernel":
+            out_keep = kept_outputs(layer)
+            if out_keep is not None:
+                key = "units" if "units" in config else "filters"
+                config[key] = int(out_keep.size)
+        return cls.from_config(config)
+
+    clone, pairs = _clone(model, clone_function)
+    for old, new in pairs:
+        kind = kinds.get(old.name)
+        if kind == "kernel":
+            weights = _kernel_weights(old)
+            in_keep = kept_inputs(_single(old.input))
+            out_keep = kept_outputs(old)
+            if in_keep is not None:
+                weights[0] = np.take(weights[0], in_keep, axis=-2)
+            if out_keep is not None:
+                weights = [np.take(w, out_keep, axis=-1) for w in weights]
+            new.set_weights(weights)
+        elif new.weights:
+            if is_strippable(old):
+                weights = old.stripped_weights()
+            else:
+                weights = [ops.convert_to_numpy(w) for w in old.weights]
+            channels = kept_inputs(_single(old.input)) if kind == "preserve" else None
+            if channels is not None:
+                weights = [np.take(w, channels, axis=-1) for w in weights]
+            new.set_weights(weights)
+    return clone

@@ -1,0 +1,131 @@
+"""compact(): removed units go for real, outputs stay."""
+
+import warnings
+
+import keras
+import numpy as np
+import pytest
+
+import dkdp_keras as dkdp
+from dkdp_keras import importance
+from dkdp_keras.compaction import compact
+from dkdp_keras.prunable import sync_batchnorm
+from dkdp_keras.thresholds import compute_masks, apply_masks
+
+
+def unit_prune(model, sparsity, rng=None):
+    """Remove units at random (rng) or by magnitude, as the callback would."""
+    layers = dkdp.masked_layers(model)
+    if rng is None:
+        scores = [importance.Magnitude().score(l, "unit") for l in layers]
+    else:
+        scores = [rng.random(l.num_units) for l in layers]
+    protect = dkdp.graph.output_unit_layers(model)
+    result = compute_masks(layers, scores, sparsity, granularity="unit",
+                           normalize="mean", protect_units=protect)
+    apply_masks(layers, result.masks)
+    sync_batchnorm(model)
+    return model
+
+
+def assert_same(a, b, x, atol=1e-5):
+    np.testing.assert_allclose(a(x, training=False).numpy(), b(x, training=False).numpy(),
+                               rtol=0, atol=atol)
+
+
+def test_reference_cnn_shrinks_and_keeps_its_outputs(rng):
+    model = unit_prune(dkdp.prunable(dkdp.zoo.reference_cnn()), 0.7)
+    # Non-trivial BatchNorm statistics and biases.
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            n = layer.gamma.shape[0]
+            layer.moving_mean.assign(rng.normal(size=n).astype("float32"))
+            layer.moving_variance.assign(rng.random(n).astype("float32") + 0.5)
+            layer.beta.assign(rng.normal(size=n).astype("float32"))
+    small = compact(model)
+    x = rng.random((8, 28, 28, 1)).astype("float32")
+    assert_same(small, model, x)
+    assert not dkdp.masked_layers(small)
+    kept = {l.name: int(l.unit_mask().numpy().sum()) for l in dkdp.masked_layers(model)}
+    sizes = {l.name: (l.units if hasattr(l, "units") else l.filters)
+             for l in small.layers if hasattr(l, "kernel")}
+    assert sizes == kept
+    assert small.count_params() < 0.4 * dkdp.zoo.reference_cnn().count_params()
+    assert small.output.shape[-1] == 10
+
+
+def test_dense_chain_and_plain_models(rng):
+    model = unit_prune(dkdp.prunable(dkdp.zoo.lenet_300_100()), 0.8)
+    x = rng.random((4, 28, 28, 1)).astype("float32")
+    small = compact(model)
+    assert_same(small, model, x)
+    assert [l.units for l in small.layers if hasattr(l, "units")][:2] == [
+        int(l.unit_mask().numpy().sum()) for l in dkdp.masked_layers(model)[:2]]
+    # A stripped (plain) model with zero columns compacts the same way.
+    again = compact(dkdp.strip(model))
+    assert again.count_params() == small.count_params()
+    assert_same(again, model, x)
+
+
+def _random_model(rng, seed):
+    kind = seed % 3
+    inputs = keras.Input((12, 12, 3) if kind else (20,))
+    x = inputs
+    if kind:
+        for _ in range(rng.integers(1, 4)):
+            x = keras.layers.Conv2D(int(rng.integers(3, 9)), 3, padding=rng.choice(["same", "valid"]),
+                                    use_bias=bool(rng.integers(0, 2)),
+                                    activation=rng.choice([None, "relu", "tanh"]))(x)
+            if rng.random() < 0.6:
+                x = keras.layers.BatchNormalization()(x)
+                x = keras.layers.ReLU()(x)
+            if rng.random() < 0.4 and x.shape[1] >= 4:
+                x = keras.layers.MaxPooling2D(2)(x)
+        x = keras.layers.Flatten()(x) if kind == 1 else keras.layers.GlobalAveragePooling2D()(x)
+    for _ in range(rng.integers(1, 3)):
+        x = keras.layers.Dense(int(rng.integers(4, 17)), activation=rng.choice(["relu", None, "elu"]))(x)
+        if rng.random() < 0.3:
+            x = keras.layers.Dropout(0.2)(x)
+    outputs = keras.layers.Dense(5)(x)
+    return keras.Model(inputs, outputs)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_random_architectures_keep_their_outputs(seed):
+    rng = np.random.default_rng(seed)
+    keras.utils.set_random_seed(seed)
+    model = dkdp.prunable(_random_model(rng, seed))
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            n = layer.gamma.shape[0]
+            layer.beta.assign(rng.normal(size=n).astype("float32"))
+            layer.moving_mean.assign(rng.normal(size=n).astype("float32"))
+    for layer in dkdp.masked_layers(model):
+        layer.bias.assign(rng.normal(size=layer.num_units).astype("float32")) if layer.bias is not None else None
+    unit_prune(model, float(rng.uniform(0.2, 0.7)), rng)
+    small = compact(model)
+    x = rng.normal(size=(6,) + tuple(model.inputs[0].shape[1:])).astype("float32")
+    assert_same(small, model, x)
+    assert small.count_params() < dkdp.count_params(model, nonzero=False)
+    assert small.output.shape == model.output.shape
+
+
+def test_layers_it_cannot_see_through_are_named_and_left_whole(rng):
+    inputs = keras.Input((8, 8, 4))
+    a = keras.layers.Conv2D(4, 3, padding="same", name="a")(inputs)
+    b = keras.layers.Conv2D(4, 3, padding="same", name="b")(a)
+    x = keras.layers.Add(name="residual")([a, b])
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    outputs = keras.layers.Dense(3)(x)
+    model = dkdp.prunable(keras.Model(inputs, outputs))
+    layer_a = model.get_layer("a")
+    mask = np.ones(layer_a.kernel.shape, "float32")
+    mask[..., 0] = 0.0
+    layer_a.kernel_mask.assign(mask)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        small = compact(model)
+    messages = [str(w.message) for w in caught if "compact" in str(w.message)]
+    assert len(messages) == 1 and "residual" in messages[0]
+    assert small.get_layer("a").filters == 4
+    assert_same(small, model, rng.normal(size=(2, 8, 8, 4)).astype("float32"))
