@@ -18,12 +18,16 @@ How it decides, channel by channel, from the layer graph (public
    checked numerically per channel (a MaskedBatchNormalization does for a
    removed channel; a plain one with beta != 0 does not, and keeps it).
    Flatten spreads a channel over its positions (channels_last).
-3. A channel goes when it is zero all along its chain, from the producing
-   layer to the layers that consume it. A chain that reaches a layer this
-   version cannot see through (Add, Multiply, Concatenate, DepthwiseConv,
-   Reshape, LayerNormalization, nested models, channels_first layers, ...)
-   or a model output keeps all its channels; such layers are named in one
-   warning when they stopped a removal.
+3. Tensors joined by Add/Subtract/Multiply/Average/Maximum/Minimum (a
+   residual block) form one group: a channel goes only if it is zero in every
+   member. A DepthwiseConv with depth multiplier 1 carries channels through.
+4. A channel goes when it is zero all along its chain or group, from the
+   producing layers to the layers that consume it. A chain that reaches a
+   layer this version cannot see through (Concatenate, Reshape,
+   LayerNormalization, depthwise with a multiplier > 1, nested models,
+   channels_first layers, ...) or a model output or input keeps all its
+   channels; such layers are named in one warning when they stopped a
+   removal.
 """
 
 import warnings
@@ -68,6 +72,16 @@ _CHANNEL_PRESERVING = (
     keras.layers.GlobalMaxPooling3D,
 )
 _DEPTHWISE = (keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D)
+#: Element-wise merges: zero in every input gives zero out, so their inputs'
+#: channels form one coupled group (a residual block's channels).
+_MERGING = (
+    keras.layers.Add,
+    keras.layers.Subtract,
+    keras.layers.Multiply,
+    keras.layers.Average,
+    keras.layers.Maximum,
+    keras.layers.Minimum,
+)
 
 
 def _channels_last(layer):
@@ -80,7 +94,9 @@ def _kind(layer):
     if isinstance(layer, keras.Model) or not _channels_last(layer):
         return "barrier"
     if isinstance(layer, _DEPTHWISE):
-        return "barrier"
+        # With one output channel per input channel, a depthwise layer
+        # carries channels through like an activation does.
+        return "preserve" if layer.depth_multiplier == 1 else "barrier"
     if is_kernel_layer(layer):
         return "kernel"
     if isinstance(layer, keras.layers.BatchNormalization):
@@ -90,6 +106,8 @@ def _kind(layer):
         return "preserve"
     if isinstance(layer, keras.layers.Flatten):
         return "flatten" if _channels_last(layer) else "barrier"
+    if isinstance(layer, _MERGING):
+        return "merge"
     return "barrier"
 
 
@@ -154,22 +172,43 @@ def compact(model):
 
             return strip(model)
     protected = output_unit_layers(model)
-    root = {}  # id(tensor) -> id of the chain root tensor
+    root = {}  # id(tensor) -> key of the chain it belongs to
     space = {}  # id(tensor) -> ("channel", None) or ("flat", positions)
-    zero = {}  # id(chain root) -> bool array: channel zero everywhere so far
-    pinned = {}  # id(chain root) -> layer names that keep the chain whole
-    owner = {}  # id(chain root) -> kernel layer producing it, if any
+    parent = {}  # chain key -> chain key it was merged into (union-find)
+    zero = {}  # group key -> bool array: channel zero everywhere so far
+    pinned = {}  # group key -> layer names that keep the group whole
+    owners = {}  # group key -> kernel layers whose units are the channels
     kinds = {}
 
-    def start_chain(tensor, values, layer=None):
+    def find(key):
+        while parent[key] != key:
+            key = parent[key]
+        return key
+
+    def group(tensor):
+        return find(root[id(tensor)])
+
+    def start_chain(tensor, values, layer=None, why=None):
         key = id(tensor)
-        root[key], space[key] = key, ("channel", None)
+        root[key], space[key], parent[key] = key, ("channel", None), key
         zero[key] = values
-        pinned[key] = []
-        owner[key] = layer
+        # A chain that no kernel layer produces (a model input, a barrier's
+        # output) cannot lose channels.
+        pinned[key] = [] if layer is not None else [why or "fixed"]
+        owners[key] = [layer] if layer is not None else []
+
+    def join(keys):
+        keys = list(dict.fromkeys(find(k) for k in keys))
+        first = keys[0]
+        for other in keys[1:]:
+            parent[other] = first
+            zero[first] = zero[first] & zero[other]
+            pinned[first] += pinned[other]
+            owners[first] += owners[other]
+        return first
 
     for tensor in model.inputs:
-        start_chain(tensor, np.zeros(tensor.shape[-1], bool))
+        start_chain(tensor, np.zeros(tensor.shape[-1], bool), why="model input")
 
     for layer in model.layers:
         kind = kinds[layer.name] = _kind(layer)
@@ -177,10 +216,15 @@ def compact(model):
             continue
         inputs = layer.input if isinstance(layer.input, (list, tuple)) else [layer.input]
         outputs = layer.output if isinstance(layer.output, (list, tuple)) else [layer.output]
-        if kind == "barrier" or len(inputs) != 1:
+        flat_input = any(space.get(id(t), ("channel",))[0] != "channel" for t in inputs)
+        if kind == "merge" and not flat_input and all(id(t) in root for t in inputs):
+            key = join([root[id(t)] for t in inputs])
+            root[id(outputs[0])], space[id(outputs[0])] = key, ("channel", None)
+            continue
+        if kind in ("barrier", "merge") or len(inputs) != 1:
             for tensor in inputs:
                 if id(tensor) in root:
-                    pinned[root[id(tensor)]].append(layer.name)
+                    pinned[group(tensor)].append(layer.name)
             for tensor in outputs:
                 start_chain(tensor, np.zeros(tensor.shape[-1], bool))
             continue
@@ -188,36 +232,35 @@ def compact(model):
         if kind == "kernel":
             start_chain(outputs[0], _zero_units(layer, protected), layer)
             continue
-        key = root[id(source)]
-        if kind == "flatten":
-            positions = int(np.prod(source.shape[1:-1])) if len(source.shape) > 2 else 1
-            if space[id(source)][0] != "channel":
-                pinned[key].append(layer.name)
-                start_chain(outputs[0], np.zeros(outputs[0].shape[-1], bool))
-                continue
-            root[id(outputs[0])] = key
-            space[id(outputs[0])] = ("flat", positions)
-            continue
-        if space[id(source)][0] != "channel":
+        key = group(source)
+        if flat_input:
             pinned[key].append(layer.name)
             start_chain(outputs[0], np.zeros(outputs[0].shape[-1], bool))
             continue
-        zero[key] &= _maps_zero_to_zero(layer, source.shape)
+        if kind == "flatten":
+            positions = int(np.prod(source.shape[1:-1])) if len(source.shape) > 2 else 1
+            root[id(outputs[0])] = key
+            space[id(outputs[0])] = ("flat", positions)
+            continue
+        zero[key] = zero[key] & _maps_zero_to_zero(layer, source.shape)
         root[id(outputs[0])] = key
         space[id(outputs[0])] = ("channel", None)
 
     for tensor in model.outputs:
         if id(tensor) in root:
-            pinned[root[id(tensor)]].append("model output")
+            pinned[group(tensor)].append("model output")
 
     keep = {}
     blocked = set()
     for key, values in zero.items():
-        if owner[key] is None:
+        if find(key) != key or not owners[key]:
             continue
         if pinned[key]:
             if values.any():
-                blocked.update(n for n in pinned[key] if n != "model output")
+                blocked.update(
+                    n for n in pinned[key]
+                    if n not in ("model output", "model input", "fixed")
+                )
             continue
         if values.any():
             kept = np.flatnonzero(~values)
@@ -233,7 +276,9 @@ def compact(model):
 
     def kept_inputs(tensor):
         """Indices of the input features a layer keeps, or None for all."""
-        key = root.get(id(tensor))
+        if id(tensor) not in root:
+            return None
+        key = group(tensor)
         if key not in keep:
             return None
         kind, positions = space[id(tensor)]
@@ -245,7 +290,9 @@ def compact(model):
 
     def kept_outputs(layer):
         out = _single(layer.output)
-        return keep.get(root.get(id(out))) if out is not None else None
+        if out is None or id(out) not in root:
+            return None
+        return keep.get(group(out))
 
     def clone_function(layer):
         cls = layer.base_class if is_strippable(layer) else layer.__class__
@@ -275,7 +322,11 @@ def compact(model):
             else:
                 weights = [ops.convert_to_numpy(w) for w in old.weights]
             channels = kept_inputs(_single(old.input)) if kind == "preserve" else None
-            if channels is not None:
+            if channels is not None and isinstance(old, _DEPTHWISE):
+                # kernel (..., channels, 1) and bias (channels,)
+                weights = [np.take(w, channels, axis=-2 if w.ndim > 1 else -1)
+                           for w in weights]
+            elif channels is not None:
                 weights = [np.take(w, channels, axis=-1) for w in weights]
             new.set_weights(weights)
     return clone

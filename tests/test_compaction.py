@@ -73,12 +73,17 @@ def _random_model(rng, seed):
     x = inputs
     if kind:
         for _ in range(rng.integers(1, 4)):
-            x = keras.layers.Conv2D(int(rng.integers(3, 9)), 3, padding=rng.choice(["same", "valid"]),
+            x = keras.layers.Conv2D(int(rng.integers(3, 9)), 3, padding=rng.choice(["same", "valid"]) if x.shape[1] >= 5 else "same",
                                     use_bias=bool(rng.integers(0, 2)),
                                     activation=rng.choice([None, "relu", "tanh"]))(x)
             if rng.random() < 0.6:
                 x = keras.layers.BatchNormalization()(x)
                 x = keras.layers.ReLU()(x)
+            if rng.random() < 0.4:  # a residual block: coupled channels
+                y = keras.layers.Conv2D(x.shape[-1], 3, padding="same", activation="relu")(x)
+                x = keras.layers.Add()([x, y])
+            if rng.random() < 0.3:
+                x = keras.layers.DepthwiseConv2D(3, padding="same")(x)
             if rng.random() < 0.4 and x.shape[1] >= 4:
                 x = keras.layers.MaxPooling2D(2)(x)
         x = keras.layers.Flatten()(x) if kind == 1 else keras.layers.GlobalAveragePooling2D()(x)
@@ -90,7 +95,7 @@ def _random_model(rng, seed):
     return keras.Model(inputs, outputs)
 
 
-@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("seed", range(16))
 def test_random_architectures_keep_their_outputs(seed):
     rng = np.random.default_rng(seed)
     keras.utils.set_random_seed(seed)
@@ -110,22 +115,65 @@ def test_random_architectures_keep_their_outputs(seed):
     assert small.output.shape == model.output.shape
 
 
-def test_layers_it_cannot_see_through_are_named_and_left_whole(rng):
+def _residual(merge):
     inputs = keras.Input((8, 8, 4))
     a = keras.layers.Conv2D(4, 3, padding="same", name="a")(inputs)
     b = keras.layers.Conv2D(4, 3, padding="same", name="b")(a)
-    x = keras.layers.Add(name="residual")([a, b])
+    x = merge(name="join")([a, b])
     x = keras.layers.GlobalAveragePooling2D()(x)
     outputs = keras.layers.Dense(3)(x)
-    model = dkdp.prunable(keras.Model(inputs, outputs))
-    layer_a = model.get_layer("a")
-    mask = np.ones(layer_a.kernel.shape, "float32")
-    mask[..., 0] = 0.0
-    layer_a.kernel_mask.assign(mask)
+    return dkdp.prunable(keras.Model(inputs, outputs))
+
+
+def _remove_unit(layer, unit):
+    mask = layer.kernel_mask.numpy()
+    units = mask.reshape(-1, layer.num_units)
+    units[:, unit] = 0.0
+    layer.kernel_mask.assign(units.reshape(mask.shape))
+
+
+def test_residual_channels_go_only_when_removed_in_every_member(rng):
+    x = rng.normal(size=(2, 8, 8, 4)).astype("float32")
+    model = _residual(keras.layers.Add)
+    _remove_unit(model.get_layer("a"), 0)
+    small = compact(model)
+    assert (small.get_layer("a").filters, small.get_layer("b").filters) == (4, 4)
+    assert_same(small, model, x)
+    _remove_unit(model.get_layer("b"), 0)
+    _remove_unit(model.get_layer("b"), 2)
+    small = compact(model)
+    assert (small.get_layer("a").filters, small.get_layer("b").filters) == (3, 3)
+    assert_same(small, model, x)
+
+
+def test_layers_it_cannot_see_through_are_named_and_left_whole(rng):
+    model = _residual(keras.layers.Concatenate)
+    _remove_unit(model.get_layer("a"), 0)
+    _remove_unit(model.get_layer("b"), 0)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         small = compact(model)
     messages = [str(w.message) for w in caught if "compact" in str(w.message)]
-    assert len(messages) == 1 and "residual" in messages[0]
+    assert len(messages) == 1 and "join" in messages[0]
     assert small.get_layer("a").filters == 4
     assert_same(small, model, rng.normal(size=(2, 8, 8, 4)).astype("float32"))
+
+
+def test_depthwise_carries_channels_through(rng):
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(6, 1, name="expand")(inputs)
+    x = keras.layers.BatchNormalization()(x)
+    x = keras.layers.ReLU()(x)
+    x = keras.layers.DepthwiseConv2D(3, padding="same", name="dw")(x)
+    x = keras.layers.Conv2D(5, 1, name="project")(x)
+    outputs = keras.layers.Dense(2)(keras.layers.GlobalAveragePooling2D()(x))
+    model = dkdp.prunable(keras.Model(inputs, outputs))
+    for unit in (1, 4):
+        _remove_unit(model.get_layer("expand"), unit)
+        _remove_unit(model.get_layer("dw"), unit)
+    sync_batchnorm(model)
+    small = compact(model)
+    assert small.get_layer("expand").filters == 4
+    assert small.get_layer("dw").kernel.shape[-2] == 4
+    assert small.get_layer("project").kernel.shape[-2] == 4
+    assert_same(small, model, rng.normal(size=(2, 8, 8, 3)).astype("float32"))
