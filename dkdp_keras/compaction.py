@@ -20,10 +20,11 @@ How it decides, channel by channel, from the layer graph (public
    Flatten spreads a channel over its positions (channels_last).
 3. Tensors joined by Add/Subtract/Multiply/Average/Maximum/Minimum (a
    residual block) form one group: a channel goes only if it is zero in every
-   member. A DepthwiseConv with depth multiplier 1 carries channels through.
+   member. Concatenate (on the channel axis) lays its inputs' channels side
+   by side. A DepthwiseConv with depth multiplier 1 carries channels through.
 4. A channel goes when it is zero all along its chain or group, from the
    producing layers to the layers that consume it. A chain that reaches a
-   layer this version cannot see through (Concatenate, Reshape,
+   layer this version cannot see through (Reshape,
    LayerNormalization, depthwise with a multiplier > 1, nested models,
    channels_first layers, ...) or a model output or input keeps all its
    channels; such layers are named in one warning when they stopped a
@@ -108,6 +109,9 @@ def _kind(layer):
         return "flatten" if _channels_last(layer) else "barrier"
     if isinstance(layer, _MERGING):
         return "merge"
+    if isinstance(layer, keras.layers.Concatenate):
+        axis = layer.axis
+        return "concat" if axis in (-1, len(layer.output.shape) - 1) else "barrier"
     return "barrier"
 
 
@@ -172,9 +176,11 @@ def compact(model):
 
             return strip(model)
     protected = output_unit_layers(model)
-    root = {}  # id(tensor) -> key of the chain it belongs to
-    space = {}  # id(tensor) -> ("channel", None) or ("flat", positions)
-    parent = {}  # chain key -> chain key it was merged into (union-find)
+    # Every tensor's last axis is a list of segments, each a run of channels
+    # of one group (union-find over chains); Concatenate joins segment lists.
+    segments = {}  # id(tensor) -> [group key, ...] in channel order
+    flat = {}  # id(tensor) -> positions, for Flatten outputs
+    parent = {}  # group key -> group key it was merged into
     zero = {}  # group key -> bool array: channel zero everywhere so far
     pinned = {}  # group key -> layer names that keep the group whole
     owners = {}  # group key -> kernel layers whose units are the channels
@@ -185,12 +191,12 @@ def compact(model):
             key = parent[key]
         return key
 
-    def group(tensor):
-        return find(root[id(tensor)])
+    def groups(tensor):
+        return [find(k) for k in segments[id(tensor)]]
 
     def start_chain(tensor, values, layer=None, why=None):
         key = id(tensor)
-        root[key], space[key], parent[key] = key, ("channel", None), key
+        segments[key], parent[key] = [key], key
         zero[key] = values
         # A chain that no kernel layer produces (a model input, a barrier's
         # output) cannot lose channels.
@@ -207,6 +213,10 @@ def compact(model):
             owners[first] += owners[other]
         return first
 
+    def pin(tensor, name):
+        for key in groups(tensor):
+            pinned[key].append(name)
+
     for tensor in model.inputs:
         start_chain(tensor, np.zeros(tensor.shape[-1], bool), why="model input")
 
@@ -216,39 +226,52 @@ def compact(model):
             continue
         inputs = layer.input if isinstance(layer.input, (list, tuple)) else [layer.input]
         outputs = layer.output if isinstance(layer.output, (list, tuple)) else [layer.output]
-        flat_input = any(space.get(id(t), ("channel",))[0] != "channel" for t in inputs)
-        if kind == "merge" and not flat_input and all(id(t) in root for t in inputs):
-            key = join([root[id(t)] for t in inputs])
-            root[id(outputs[0])], space[id(outputs[0])] = key, ("channel", None)
+        known = all(id(t) in segments for t in inputs)
+        channel_inputs = known and not any(id(t) in flat for t in inputs)
+        out = outputs[0]
+        if kind == "merge" and channel_inputs:
+            structures = [[len(zero[k]) for k in groups(t)] for t in inputs]
+            if all(st == structures[0] for st in structures):
+                segments[id(out)] = [
+                    join(list(keys)) for keys in zip(*(groups(t) for t in inputs))
+                ]
+                continue
+        if kind == "concat" and channel_inputs:
+            segments[id(out)] = [k for t in inputs for k in groups(t)]
             continue
-        if kind in ("barrier", "merge") or len(inputs) != 1:
+        if kind in ("barrier", "merge", "concat") or len(inputs) != 1:
             for tensor in inputs:
-                if id(tensor) in root:
-                    pinned[group(tensor)].append(layer.name)
+                if id(tensor) in segments:
+                    pin(tensor, layer.name)
             for tensor in outputs:
                 start_chain(tensor, np.zeros(tensor.shape[-1], bool))
             continue
         source = inputs[0]
         if kind == "kernel":
-            start_chain(outputs[0], _zero_units(layer, protected), layer)
+            start_chain(out, _zero_units(layer, protected), layer)
             continue
-        key = group(source)
-        if flat_input:
-            pinned[key].append(layer.name)
-            start_chain(outputs[0], np.zeros(outputs[0].shape[-1], bool))
+        if not channel_inputs:
+            if known:
+                pin(source, layer.name)
+            start_chain(out, np.zeros(out.shape[-1], bool))
             continue
         if kind == "flatten":
-            positions = int(np.prod(source.shape[1:-1])) if len(source.shape) > 2 else 1
-            root[id(outputs[0])] = key
-            space[id(outputs[0])] = ("flat", positions)
+            segments[id(out)] = groups(source)
+            flat[id(out)] = (
+                int(np.prod(source.shape[1:-1])) if len(source.shape) > 2 else 1
+            )
             continue
-        zero[key] = zero[key] & _maps_zero_to_zero(layer, source.shape)
-        root[id(outputs[0])] = key
-        space[id(outputs[0])] = ("channel", None)
+        passes = _maps_zero_to_zero(layer, source.shape)
+        start = 0
+        for key in groups(source):
+            size = len(zero[key])
+            zero[key] = zero[key] & passes[start : start + size]
+            start += size
+        segments[id(out)] = groups(source)
 
     for tensor in model.outputs:
-        if id(tensor) in root:
-            pinned[group(tensor)].append("model output")
+        if id(tensor) in segments:
+            pin(tensor, "model output")
 
     keep = {}
     blocked = set()
@@ -276,23 +299,27 @@ def compact(model):
 
     def kept_inputs(tensor):
         """Indices of the input features a layer keeps, or None for all."""
-        if id(tensor) not in root:
+        if id(tensor) not in segments:
             return None
-        key = group(tensor)
-        if key not in keep:
+        keys = groups(tensor)
+        if not any(k in keep for k in keys):
             return None
-        kind, positions = space[id(tensor)]
-        channels = keep[key]
-        if kind == "channel":
+        channels, offset = [], 0
+        for key in keys:
+            size = len(zero[key])
+            channels.append(offset + keep.get(key, np.arange(size)))
+            offset += size
+        channels = np.concatenate(channels)
+        if id(tensor) not in flat:
             return channels
-        width = int(tensor.shape[-1]) // positions
-        return (np.arange(positions)[:, None] * width + channels[None, :]).reshape(-1)
+        positions = flat[id(tensor)]
+        return (np.arange(positions)[:, None] * offset + channels[None, :]).reshape(-1)
 
     def kept_outputs(layer):
         out = _single(layer.output)
-        if out is None or id(out) not in root:
+        if out is None or id(out) not in segments:
             return None
-        return keep.get(group(out))
+        return keep.get(groups(out)[0])
 
     def clone_function(layer):
         cls = layer.base_class if is_strippable(layer) else layer.__class__

@@ -84,6 +84,9 @@ def _random_model(rng, seed):
                 x = keras.layers.Add()([x, y])
             if rng.random() < 0.3:
                 x = keras.layers.DepthwiseConv2D(3, padding="same")(x)
+            if rng.random() < 0.3:  # a branch concatenated back
+                y = keras.layers.Conv2D(int(rng.integers(2, 6)), 1, activation="relu")(x)
+                x = keras.layers.Concatenate()([x, y])
             if rng.random() < 0.4 and x.shape[1] >= 4:
                 x = keras.layers.MaxPooling2D(2)(x)
         x = keras.layers.Flatten()(x) if kind == 1 else keras.layers.GlobalAveragePooling2D()(x)
@@ -146,15 +149,31 @@ def test_residual_channels_go_only_when_removed_in_every_member(rng):
     assert_same(small, model, x)
 
 
-def test_layers_it_cannot_see_through_are_named_and_left_whole(rng):
+def test_concatenate_lays_channels_side_by_side(rng):
     model = _residual(keras.layers.Concatenate)
     _remove_unit(model.get_layer("a"), 0)
-    _remove_unit(model.get_layer("b"), 0)
+    _remove_unit(model.get_layer("b"), 3)
+    small = compact(model)
+    # a's unit 0 is a zero input of b and a zero part of the concatenation:
+    # it goes from both; b's unit 3 goes too.
+    assert (small.get_layer("a").filters, small.get_layer("b").filters) == (3, 3)
+    assert small.get_layer("b").kernel.shape[-2] == 3
+    assert small.layers[-1].kernel.shape[0] == 6
+    assert_same(small, model, rng.normal(size=(2, 8, 8, 4)).astype("float32"))
+
+
+def test_layers_it_cannot_see_through_are_named_and_left_whole(rng):
+    inputs = keras.Input((8, 8, 4))
+    x = keras.layers.Conv2D(4, 3, padding="same", name="a")(inputs)
+    x = keras.layers.LayerNormalization(name="ln")(x)
+    outputs = keras.layers.Dense(3)(keras.layers.GlobalAveragePooling2D()(x))
+    model = dkdp.prunable(keras.Model(inputs, outputs))
+    _remove_unit(model.get_layer("a"), 0)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         small = compact(model)
     messages = [str(w.message) for w in caught if "compact" in str(w.message)]
-    assert len(messages) == 1 and "join" in messages[0]
+    assert len(messages) == 1 and "ln" in messages[0]
     assert small.get_layer("a").filters == 4
     assert_same(small, model, rng.normal(size=(2, 8, 8, 4)).astype("float32"))
 
