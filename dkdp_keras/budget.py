@@ -19,7 +19,6 @@ Counting rules (masked or plain Sequential/Functional models):
 
 import time
 
-import keras
 import numpy as np
 from keras import ops
 

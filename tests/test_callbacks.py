@@ -1,7 +1,6 @@
 """DKDPCallback inside fit: schedules, every criterion and granularity,
 the adaptive controller, NaN safety, logs and summaries."""
 
-import warnings
 
 import keras
 import numpy as np
