@@ -97,3 +97,18 @@ def test_bad_input_fails_before_conversion(tmp_path, kwargs, error, text):
         dkdp.export_tflite(small_cnn(), **kwargs)
     with pytest.raises(TypeError, match="must be a keras.Model"):
         dkdp.export_tflite("model.keras", tmp_path / "m.tflite")
+
+
+def test_sparse_encoding_shrinks_an_unstructured_model(tmp_path):
+    keras.utils.set_random_seed(0)
+    model = dkdp.prunable(dkdp.zoo.lenet_300_100())
+    layers = dkdp.masked_layers(model)
+    scores = [dkdp.importance.Magnitude().score(l, "weight") for l in layers]
+    result = dkdp.thresholds.compute_masks(layers, scores, 0.9, normalize="none")
+    dkdp.thresholds.apply_masks(layers, result.masks)
+    x = np.random.default_rng(0).random((16, 28, 28, 1)).astype("float32")
+    plain = dkdp.export_tflite(model, tmp_path / "plain.tflite", check_data=x, latency_runs=5)
+    sparse = dkdp.export_tflite(model, tmp_path / "sparse.tflite", sparsity=True,
+                                check_data=x, latency_runs=5)
+    assert sparse.bytes < 0.5 * plain.bytes
+    assert sparse.max_abs_diff <= 1e-4
