@@ -33,7 +33,7 @@ def test_readme_commands_match_ci():
     assert ci in readme
 
 
-def test_cli_stub(capsys):
+def test_cli_help_and_version(capsys):
     assert cli.main([]) == 0
     assert "usage: dkdp" in capsys.readouterr().out
     assert cli.main(["--version"]) == 0
