@@ -66,6 +66,7 @@ def main():
             dkdp.Budget(max_params=args.max_params), tolerance=0.005))
     model.fit(pipeline(x, y), steps_per_epoch=steps, epochs=args.epochs,
               validation_data=(xv, yv), verbose=2, callbacks=[callback])
+    model.save(os.path.join(out, "dkdp_model.keras"))
     small = model.compact_teacher()
     small.compile(loss=loss, metrics=["accuracy"])
     result["dkdp_teacher_test_acc"] = model.evaluate(xt, yt, verbose=0, return_dict=True)["teacher_accuracy"]
@@ -73,12 +74,16 @@ def main():
     result["dkdp_compact_params"] = small.count_params()
     f32 = dkdp.export_tflite(small, os.path.join(out, "dkdp.tflite"),
                              check_data=(xt, yt), latency_runs=10)
+    # The library's 99% top-1 gate is lifted here so that the figure is
+    # reported whatever it is.
     i8 = dkdp.export_tflite(small, os.path.join(out, "dkdp_int8.tflite"),
                             quantize="int8", representative_data=x[:500],
-                            check_data=(xt, yt), latency_runs=10)
+                            check_data=(xt, yt), latency_runs=10,
+                            min_top1_agreement=0.0)
     result.update({
         "dkdp_tflite_bytes": f32.bytes, "dkdp_tflite_acc": f32.accuracy,
         "dkdp_int8_bytes": i8.bytes, "dkdp_int8_acc": i8.accuracy,
+        "dkdp_int8_top1_agreement": i8.top1_agreement, "out_dir": out,
     })
     # Latency of all files in the same stretch of this process, protocol
     # style: median of 500 batch-1 invocations after 50 warm-up, one thread.

@@ -113,7 +113,7 @@ def _convert(model, quantize, representative, sparsity, int8_io):
             samples = representative.astype("float32")
 
             def gen():
-                for i in range(min(len(samples), 200)):
+                for i in range(min(len(samples), 500)):
                     yield [samples[i : i + 1]]
 
             converter.representative_dataset = gen
@@ -194,7 +194,7 @@ def export_tflite(model, path, quantize=None, representative_data=None,
             weights), "float16" (float16 weights) or "int8" (full integer,
             needs `representative_data`).
         representative_data: inputs for int8 calibration (an array, an
-            (x, y) pair or a batched tf.data dataset; up to 200 examples
+            (x, y) pair or a batched tf.data dataset; up to 500 examples
             are used).
         sparsity: turn on the converter's sparse weight encoding
             (for unstructured pruning).
