@@ -43,8 +43,7 @@ def test_impossible_budget_and_no_traceback(tmp_path):
 @needs_fashion
 def test_quick_run_writes_the_report(tmp_path):
     out = tmp_path / "run"
-    assert cli.main(["run", "--quick", "--model", "lenet_300_100", "--epochs", "2",
-                     "--out", str(out)]) == 0
+    assert cli.main(["run", "--quick", "--model", "lenet_300_100", "--out", str(out)]) == 0
     for name in ("report.md", "metrics.json", "training.png", "layer_sparsity.png",
                  "importance_histograms.png", "teacher.tflite", "student.tflite",
                  "teacher.export.json", "dkdp_model.keras", "teacher_compact.keras",
@@ -53,7 +52,7 @@ def test_quick_run_writes_the_report(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     teacher = metrics["models"][0]
     assert teacher["params"] <= metrics["dense_params"] // 10 + 1000
-    assert teacher["tflite_acc"] > 0.6
+    assert teacher["tflite_acc"] > 0.75 and teacher["agreement"] > 0.95
     assert "| pruned teacher (compacted) |" in (out / "report.md").read_text()
     assert cli.main(["inspect", str(out / "dkdp_model.keras")]) == 0
     assert cli.main(["export", str(out / "teacher_compact.keras"), "--out",
