@@ -24,7 +24,7 @@ from keras import ops
 
 from dkdp_keras import _validation
 from dkdp_keras.layers import MaskedBatchNormalization
-from dkdp_keras.prunable import effective_kernel, is_masked, iter_layers
+from dkdp_keras.prunable import effective_kernels, is_masked, iter_layers
 
 
 def _layer_weight_arrays(layer):
@@ -67,11 +67,7 @@ def count_macs(model, nonzero=True):
     """Multiply-accumulates per example; with `nonzero=True`, pruned kernel
     entries cost nothing."""
     total = 0
-    for layer in iter_layers(model):
-        kernel = effective_kernel(layer)
-        if kernel is None:
-            continue
-        kernel = ops.convert_to_numpy(kernel)
+    for layer, kernel in effective_kernels(model):
         count = int(np.count_nonzero(kernel)) if nonzero else kernel.size
         total += count * _positions(layer)
     return total

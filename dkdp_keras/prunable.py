@@ -268,6 +268,15 @@ def effective_kernel(layer):
     return None
 
 
+def effective_kernels(model):
+    """`(layer, kernel as numpy)` for every prunable kernel of `model`, the
+    masks applied (see `effective_kernel`)."""
+    for layer in iter_layers(model):
+        kernel = effective_kernel(layer)
+        if kernel is not None:
+            yield layer, ops.convert_to_numpy(kernel)
+
+
 def sparsity(model):
     """Fraction of zero entries over all prunable kernels of `model`.
 
@@ -279,11 +288,7 @@ def sparsity(model):
     """
     zeros = 0
     total = 0
-    for layer in iter_layers(model):
-        kernel = effective_kernel(layer)
-        if kernel is None:
-            continue
-        values = ops.convert_to_numpy(kernel)
+    for _, values in effective_kernels(model):
         zeros += int(np.count_nonzero(values == 0))
         total += values.size
     if total == 0:
