@@ -1,6 +1,7 @@
 """Resource constraints C and the measures a model is held against.
 
-Counting rules (masked or plain Sequential/Functional models):
+Counting rules (masked or plain Sequential/Functional models; a `Budget`
+measures a masked model after compacting it, as it will be deployed):
 
 - parameters: every weight of the model as Keras counts it (BatchNorm moving
   statistics included), except masks, gates and statistics; with
@@ -87,6 +88,19 @@ def measure_latency_ms(model, runs=50, warmup=5):
     return 1000.0 * float(np.median(times))
 
 
+def _deployed(model):
+    """`model` compacted when it has masked layers, else `model` itself."""
+    if not any(is_masked(layer) for layer in iter_layers(model)):
+        return model
+    import warnings
+
+    from dkdp_keras.compaction import compact
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return compact(model)
+
+
 class Budget:
     """A resource constraint C = (max parameters, bytes, MACs, latency).
 
@@ -146,16 +160,22 @@ class Budget:
         return {k: v for k, v in named.items() if v is not None}
 
     def measure(self, model):
-        """The model's measures that this budget limits, as a dict."""
+        """The model's measures that this budget limits, as a dict.
+
+        A masked model is measured as it will be deployed: compacted
+        (`dkdp_keras.compact`), so that the inputs a removed unit fed in the
+        next layer count as removed too, then counted over non-zeros.
+        """
         limits = self.limits()
         out = {}
+        deployed = _deployed(model)
         if "params" in limits or "bytes" in limits:
-            params = count_params(model, nonzero=True)
+            params = count_params(deployed, nonzero=True)
             out["params"] = params
             if "bytes" in limits:
                 out["bytes"] = params * self.bytes_per_param
         if "macs" in limits or "latency_ms" in limits:
-            macs = count_macs(model, nonzero=True)
+            macs = count_macs(deployed, nonzero=True)
             if "macs" in limits:
                 out["macs"] = macs
             if "latency_ms" in limits:

@@ -11,7 +11,7 @@ from dkdp_keras import _validation
 from dkdp_keras import importance as importance_lib
 from dkdp_keras.budget import count_macs, count_params
 from dkdp_keras.graph import batchnorm_after, output_unit_layers
-from dkdp_keras.prunable import masked_layers
+from dkdp_keras.prunable import masked_layers, sync_batchnorm
 from dkdp_keras.thresholds.mechanism import NORMALIZE, Floors, compute_masks
 from dkdp_keras.thresholds.schedules import (
     Adaptive,
@@ -437,11 +437,14 @@ class DKDPCallback(keras.callbacks.Callback):
     def _measure_with(self, masks):
         """Budget usage of the teacher if it had `masks` (restored after)."""
         saved = self._current_masks()
+        teacher = self._teacher()
         self._assign(masks, batchnorm=False)
+        sync_batchnorm(teacher)  # channel masks follow, so compaction sees it
         try:
-            return self.threshold.budget.usage(self._teacher())
+            return self.threshold.budget.usage(teacher)
         finally:
             self._assign(saved, batchnorm=False)
+            sync_batchnorm(teacher)
 
     def _sparsity_for_budget(self, scores):
         """The smallest target sparsity whose masks meet the budget

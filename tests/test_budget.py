@@ -67,3 +67,16 @@ def test_impossible_budget_is_refused():
     with pytest.raises(ValueError, match="max_params=100 is below the 388 parameters"):
         dkdp.Budget(max_params=100).check_feasible(model)
     dkdp.Budget(max_params=80_000).check_feasible(model)
+
+
+def test_budget_measures_the_deployed_structure():
+    model = dkdp.prunable(dkdp.zoo.lenet_300_100())
+    first = dkdp.masked_layers(model)[0]
+    mask = np.ones(first.kernel.shape, "float32")
+    mask[:, :150] = 0.0  # 150 hidden units gone: their rows in the next layer too
+    first.kernel_mask.assign(mask)
+    measured = dkdp.Budget(max_params=1e9, max_macs=1e9).measure(model)
+    small = dkdp.compact(model)
+    assert measured["params"] == dkdp.count_params(small)
+    assert measured["params"] <= dkdp.count_params(model) - 150 * 100
+    assert measured["macs"] == dkdp.count_macs(small)
