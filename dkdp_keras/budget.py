@@ -88,7 +88,7 @@ def measure_latency_ms(model, runs=50, warmup=5):
     return 1000.0 * float(np.median(times))
 
 
-def _deployed(model):
+def deployed(model):
     """`model` compacted when it has masked layers, else `model` itself."""
     if not any(is_masked(layer) for layer in iter_layers(model)):
         return model
@@ -168,14 +168,14 @@ class Budget:
         """
         limits = self.limits()
         out = {}
-        deployed = _deployed(model)
+        small = deployed(model)
         if "params" in limits or "bytes" in limits:
-            params = count_params(deployed, nonzero=True)
+            params = count_params(small, nonzero=True)
             out["params"] = params
             if "bytes" in limits:
                 out["bytes"] = params * self.bytes_per_param
         if "macs" in limits or "latency_ms" in limits:
-            macs = count_macs(deployed, nonzero=True)
+            macs = count_macs(small, nonzero=True)
             if "macs" in limits:
                 out["macs"] = macs
             if "latency_ms" in limits:

@@ -9,7 +9,7 @@ from keras import ops
 
 from dkdp_keras import _validation
 from dkdp_keras import importance as importance_lib
-from dkdp_keras.budget import count_macs, count_params
+from dkdp_keras.budget import count_macs, count_params, deployed
 from dkdp_keras.graph import batchnorm_after, output_unit_layers
 from dkdp_keras.prunable import masked_layers, sync_batchnorm
 from dkdp_keras.thresholds.mechanism import NORMALIZE, Floors, compute_masks
@@ -65,8 +65,9 @@ class DKDPCallback(keras.callbacks.Callback):
     model made with `dkdp_keras.prunable`.
 
     Adds to the epoch logs (progress bar, History, and CSVLogger when it is
-    listed after this callback): `tau`, `sparsity`, `kept_params`,
-    `kept_macs` and, with a budget, `budget_usage` (the largest
+    listed after this callback): `tau`, `sparsity` (of the masks),
+    `kept_params` and `kept_macs` (non-zeros of the teacher as deployed,
+    i.e. compacted) and, with a budget, `budget_usage` (the largest
     measure/limit ratio; <= 1 means within budget).
 
     Args:
@@ -227,7 +228,7 @@ class DKDPCallback(keras.callbacks.Callback):
                 max(self.begin + 1, int(0.7 * self._total_steps)),
             )
         self._dense_params = count_params(teacher, nonzero=False)
-        self._refresh_params = count_params(teacher)
+        self._refresh_params = count_params(deployed(teacher))
         if isinstance(self.threshold, Adaptive):
             self.threshold.budget.check_feasible(teacher)
             self.threshold.start(teacher, epochs)
@@ -398,7 +399,7 @@ class DKDPCallback(keras.callbacks.Callback):
             "step": self._step(),
             "tau": self.tau,
             "sparsity": result.sparsity,
-            "kept_params": count_params(teacher),
+            "kept_params": count_params(deployed(teacher)),
         }
         self.history.append(record)
         if self.verbose:
@@ -538,10 +539,11 @@ class DKDPCallback(keras.callbacks.Callback):
     # ------------------------------------------------------------- logging
     def _add_logs(self, logs):
         teacher = self._teacher()
+        small = deployed(teacher)  # as exported: removed units gone
         logs["tau"] = self.tau
         logs["sparsity"] = self._sparsity()
-        logs["kept_params"] = count_params(teacher)
-        logs["kept_macs"] = count_macs(teacher)
+        logs["kept_params"] = count_params(small)
+        logs["kept_macs"] = count_macs(small)
         if isinstance(self.threshold, Adaptive):
             logs["budget_usage"] = max(self.threshold.budget.usage(teacher).values())
 

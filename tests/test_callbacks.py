@@ -55,7 +55,7 @@ def test_constant_sparsity_on_a_plain_prunable_model():
     for key in ("tau", "sparsity", "kept_params", "kept_macs"):
         assert key in history.history
     assert history.history["sparsity"][-1] == pytest.approx(dkdp.sparsity(model))
-    assert history.history["kept_params"][-1] == dkdp.count_params(model)
+    assert history.history["kept_params"][-1] == dkdp.count_params(dkdp.compact(model))
     assert cb.events == 2
 
 
