@@ -480,7 +480,7 @@ class DKDPCallback(keras.callbacks.Callback):
     def _adaptive_event(self, epoch, logs):
         policy = self.threshold
         value = self._monitor_value(logs)
-        action = policy.observe(epoch, value, self._budget_met())
+        action = policy.observe(epoch, value)
         if action == "backoff":
             self._assign(policy.last_good_masks)
             for layer in self._layers:
@@ -496,7 +496,7 @@ class DKDPCallback(keras.callbacks.Callback):
             return
         if action == "keep_good":
             policy.last_good_masks = self._current_masks()
-        if action not in ("prune", "keep_good"):
+        if action != "keep_good":
             return
         if self._budget_met():
             return

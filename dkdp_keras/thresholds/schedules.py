@@ -238,7 +238,7 @@ class Adaptive(SparsityPolicy):
             value - self.reference
         )
 
-    def observe(self, epoch, value, budget_met):
+    def observe(self, epoch, value):
         """Take the epoch's monitored value; return what to do:
         "warmup", "recovering", "backoff" or "keep_good" (the current masks
         are good: prune further unless the budget is met)."""
