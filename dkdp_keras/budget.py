@@ -21,30 +21,21 @@ measures a masked model after compacting it, as it will be deployed):
 import time
 
 import numpy as np
-from keras import ops
 
 from dkdp_keras import _validation
-from dkdp_keras.layers import MaskedBatchNormalization
-from dkdp_keras.prunable import effective_kernels, is_masked, iter_layers
-
-
-def _layer_weight_arrays(layer):
-    """The arrays that are the layer's parameters (effective values)."""
-    if isinstance(layer, MaskedBatchNormalization):
-        return layer.stripped_weights()
-    if is_masked(layer):
-        arrays = [ops.convert_to_numpy(layer.effective_kernel())]
-        if layer.bias is not None:
-            arrays.append(ops.convert_to_numpy(layer.bias * layer.unit_mask()))
-        return arrays
-    return [ops.convert_to_numpy(w) for w in layer.weights]
+from dkdp_keras.prunable import (
+    effective_kernels,
+    is_masked,
+    iter_layers,
+    plain_weights,
+)
 
 
 def count_params_of_layer(layer, nonzero=False):
     """Parameters of one layer; with `nonzero=True`, only non-zero ones."""
     return sum(
         int(np.count_nonzero(values)) if nonzero else values.size
-        for values in _layer_weight_arrays(layer)
+        for values in plain_weights(layer)
     )
 
 

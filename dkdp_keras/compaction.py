@@ -42,8 +42,8 @@ from dkdp_keras.prunable import (
     _clone,
     check_graph_model,
     is_kernel_layer,
-    is_masked,
     is_strippable,
+    plain_weights,
 )
 
 _CHANNEL_PRESERVING = (
@@ -115,15 +115,8 @@ def _kind(layer):
     return "barrier"
 
 
-def _kernel_weights(layer):
-    """[kernel, bias?] with masks and gates baked in."""
-    if is_masked(layer):
-        return layer.stripped_weights()
-    return [ops.convert_to_numpy(w) for w in layer.weights]
-
-
 def _zero_units(layer, protected):
-    weights = _kernel_weights(layer)
+    weights = plain_weights(layer)
     kernel = weights[0].reshape(-1, weights[0].shape[-1])
     zero = np.all(kernel == 0, axis=0)
     if len(weights) > 1:
@@ -335,7 +328,7 @@ def compact(model):
     for old, new in pairs:
         kind = kinds.get(old.name)
         if kind == "kernel":
-            weights = _kernel_weights(old)
+            weights = plain_weights(old)
             in_keep = kept_inputs(_single(old.input))
             out_keep = kept_outputs(old)
             if in_keep is not None:
@@ -344,10 +337,7 @@ def compact(model):
                 weights = [np.take(w, out_keep, axis=-1) for w in weights]
             new.set_weights(weights)
         elif new.weights:
-            if is_strippable(old):
-                weights = old.stripped_weights()
-            else:
-                weights = [ops.convert_to_numpy(w) for w in old.weights]
+            weights = plain_weights(old)
             channels = kept_inputs(_single(old.input)) if kind == "preserve" else None
             if channels is not None and isinstance(old, _DEPTHWISE):
                 # kernel (..., channels, 1) and bias (channels,)

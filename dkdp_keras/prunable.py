@@ -268,6 +268,14 @@ def effective_kernel(layer):
     return None
 
 
+def plain_weights(layer):
+    """The weights of the plain Keras layer `layer` stands for, as numpy:
+    masks and gates baked in for library layers, as they are otherwise."""
+    if is_strippable(layer):
+        return layer.stripped_weights()
+    return [ops.convert_to_numpy(w) for w in layer.weights]
+
+
 def effective_kernels(model):
     """`(layer, kernel as numpy)` for every prunable kernel of `model`, the
     masks applied (see `effective_kernel`)."""
