@@ -1,0 +1,359 @@
+"""The benchmark of ../shared/benchmark/PROTOCOL.md: DKDP against dense
+training, TFMOT magnitude pruning and keras.distillation students.
+
+    python benchmarks/run.py               # the full protocol (about 1.5 h here)
+    python benchmarks/run.py --quick       # a few minutes: same pipeline, tiny
+    dkdp bench [--quick]                   # the same, from a source checkout
+
+Every system trains in a process of its own (`train_keras3.py`,
+`train_tfmot.py`; TFMOT's tf_keras never meets Keras 3), on one copy of the
+protocol's data written to WORK/data.npz. Each exported model leaves a
+`.tflite` and a `.json` in WORK/<model>/; a model already there is not
+trained again, so an interrupted run continues with the same command. Then
+this process measures every `.tflite` file in the LiteRT interpreter (test
+accuracy on all test images, bytes, gzip -9 bytes, batch-1 and batch-64
+latency, one thread: median of 500 after 50 warm-up), in one stretch so
+that ratios against `dense` hold, and writes:
+
+- RESULTS/<date>.jsonl: one JSON object per exported model;
+- RESULTS/<date>-<model>-pareto.png: test accuracy against TFLite bytes and
+  against batch-1 latency;
+- benchmarks/RESULTS.md (with --report): the tables, the checks of the
+  benchmark issue, the command and the machine.
+"""
+
+import argparse
+import datetime
+import gzip
+import json
+import os
+import pathlib
+import platform
+import subprocess
+import sys
+import time
+
+HERE = pathlib.Path(__file__).resolve().parent
+SYSTEMS = ("dense", "kd", "tfmot", "dkdp")
+MODELS = ("reference_cnn", "lenet_300_100")
+FULL = {"epochs": 15, "targets": [0.5, 0.8, 0.9, 0.95], "structured": [0.9, 0.95],
+        "runs": 500, "warmup": 50}
+QUICK = {"epochs": 2, "targets": [0.9], "structured": [0.9], "runs": 20, "warmup": 5,
+         "train": 2000, "val": 500, "test": 500}
+
+
+def write_data(work, quick):
+    """The protocol's split, once, as uint8 images: every system reads it."""
+    path = work / "data.npz"
+    if path.exists():
+        return path
+    import numpy as np
+
+    from dkdp_keras import datasets
+
+    (x, y), (xt, yt) = datasets.load("fashion_mnist", as_numpy=True)
+    (x, y), (xv, yv) = datasets.validation_split(x, y, size=5000)
+    if quick:
+        x, y = x[: QUICK["train"]], y[: QUICK["train"]]
+        xv, yv = xv[: QUICK["val"]], yv[: QUICK["val"]]
+        xt, yt = xt[: QUICK["test"]], yt[: QUICK["test"]]
+    as_u8 = lambda a: np.round(a * 255).astype("uint8")  # noqa: E731
+    np.savez(path, x_train=as_u8(x), y_train=y, x_val=as_u8(xv), y_val=yv,
+             x_test=as_u8(xt), y_test=yt)
+    return path
+
+
+def commands(system, model, work, settings):
+    """The training command(s) of one system on one model."""
+    py = [sys.executable]
+    epochs = ["--epochs", str(settings["epochs"])]
+    if system == "tfmot":
+        targets = [str(t) for t in settings["targets"]]
+        return [py + [str(HERE / "train_tfmot.py"), str(work), "--model", model,
+                      "--targets", *targets] + epochs
+                + (["--begin-epoch", "0", "--end-epoch", "1"] if settings.get("quick") else [])]
+    cmd = py + [str(HERE / "train_keras3.py"), str(work), system, "--model", model] + epochs
+    if system == "dkdp":
+        cmd += ["--targets", *map(str, settings["targets"])]
+        structured = settings["structured"] if model == "reference_cnn" else []
+        cmd += ["--structured", *map(str, structured)]
+    return [cmd]
+
+
+def train(systems, models, work, settings, log):
+    failures = []
+    for system in systems:
+        for model in models:
+            for cmd in commands(system, model, work, settings):
+                env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+                if system == "tfmot":
+                    env["TF_USE_LEGACY_KERAS"] = "1"
+                print(f"\n== {system} on {model}: {' '.join(cmd[1:])}", flush=True)
+                log_path = work / "logs" / f"{system}-{model}.log"
+                log_path.parent.mkdir(exist_ok=True)
+                start = time.perf_counter()
+                with open(log_path, "a") as log_file:
+                    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
+                                            stderr=subprocess.STDOUT, text=True)
+                    for line in proc.stdout:
+                        log_file.write(line)
+                        if log or not line.startswith(("WARNING", "I0000", "E0000")):
+                            print(line, end="", flush=True)
+                    proc.wait()
+                print(f"== {system} on {model}: exit {proc.returncode} after "
+                      f"{time.perf_counter() - start:.0f} s (log: {log_path})", flush=True)
+                if proc.returncode != 0:
+                    failures.append(f"{system} on {model} (exit {proc.returncode}, "
+                                    f"see {log_path})")
+    return failures
+
+
+def measure(work, models, settings):
+    """Measure every exported `.tflite` in this one process."""
+    import numpy as np
+
+    from dkdp_keras.export import _run, measure_tflite_latency_ms
+
+    data = np.load(work / "data.npz")
+    xt, yt = data["x_test"].astype("float32") / 255.0, data["y_test"]
+    import dkdp_keras as dkdp
+
+    rows = []
+    for model in models:
+        # Files converted from tf_keras (TFMOT) carry no Keras 3 model: they
+        # execute the reference architecture densely, zeros included.
+        dense_macs = dkdp.count_macs(getattr(dkdp.zoo, model)(), nonzero=False)
+        for meta in sorted((work / model).glob("*.json")):
+            record = json.loads(meta.read_text())
+            record.setdefault("macs", dense_macs)
+            path = work / model / record["file"]
+            blob = path.read_bytes()
+            logits = _run(path, xt)
+            record.update({
+                "tflite_test_acc": float(np.mean(np.argmax(logits, -1) == yt)),
+                "tflite_bytes": len(blob),
+                "tflite_gzip_bytes": len(gzip.compress(blob, compresslevel=9)),
+                "lat_b1_ms": measure_tflite_latency_ms(
+                    path, runs=settings["runs"], warmup=settings["warmup"], batch=1),
+                "lat_b64_ms": measure_tflite_latency_ms(
+                    path, runs=settings["runs"] // 5, warmup=settings["warmup"] // 5 or 1,
+                    batch=64),
+            })
+            print(f"measured {model} {record['file']}: acc {record['tflite_test_acc']:.4f}, "
+                  f"{record['tflite_bytes']:,} B, b1 {record['lat_b1_ms']:.3f} ms", flush=True)
+            rows.append(record)
+    for model in models:
+        dense = [r for r in rows if r["model"] == model and r["system"] == "dense"]
+        for r in rows:
+            if r["model"] == model and dense:
+                d = dense[0]
+                r["acc_vs_dense_pp"] = 100 * (r["test_acc"] - d["test_acc"])
+                r["lat_b1_x_dense"] = r["lat_b1_ms"] / d["lat_b1_ms"]
+                r["bytes_x_dense"] = r["tflite_bytes"] / d["tflite_bytes"]
+                r["train_x_dense"] = r["train_s"] / d["train_s"]
+    return rows
+
+
+def pareto_plot(rows, model, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {"dense": "black", "tfmot": "tab:orange", "kd": "tab:blue", "dkdp": "tab:red"}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, label in ((axes[0], "tflite_bytes", "TFLite file bytes (log)"),
+                           (axes[1], "lat_b1_ms", "batch-1 latency, ms (log)")):
+        for system, color in colors.items():
+            pts = [r for r in rows if r["model"] == model and r["system"] == system]
+            if not pts:
+                continue
+            ax.scatter([r[key] for r in pts], [100 * r["tflite_test_acc"] for r in pts],
+                       color=color, label=system, s=30)
+            for r in pts:
+                ax.annotate(r["variant"], (r[key], 100 * r["tflite_test_acc"]),
+                            fontsize=6, xytext=(3, 2), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_xlabel(label)
+        ax.set_ylabel("TFLite test accuracy, %")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{model}: accuracy against size and latency (Fashion-MNIST test set)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def table(rows, model):
+    head = ("| system | variant | target | test acc | TFLite acc | Δ vs dense (pp) | params "
+            "| non-zero params | MACs | TFLite bytes | gzip bytes | b1 latency × dense "
+            "| b64 latency × dense | train s × dense |\n"
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+    order = {s: i for i, s in enumerate(SYSTEMS)}
+    dense = [r for r in rows if r["model"] == model and r["system"] == "dense"]
+    lines = []
+    for r in sorted((r for r in rows if r["model"] == model),
+                    key=lambda r: (order[r["system"]], r["target"], r["variant"])):
+        b64 = r["lat_b64_ms"] / dense[0]["lat_b64_ms"] if dense else float("nan")
+        lines.append(
+            f"| {r['system']} | {r['variant']} | {r['target']:.2f} | {r['test_acc']:.2%} "
+            f"| {r['tflite_test_acc']:.2%} | {r.get('acc_vs_dense_pp', float('nan')):+.2f} "
+            f"| {r['params']:,} | {r['nonzero_params']:,} | {r['macs']:,} "
+            f"| {r['tflite_bytes']:,} | {r['tflite_gzip_bytes']:,} "
+            f"| {r.get('lat_b1_x_dense', float('nan')):.2f} | {b64:.2f} "
+            f"| {r.get('train_x_dense', float('nan')):.2f} |")
+    return head + "\n".join(lines) + "\n"
+
+
+def checks(rows):
+    """The benchmark issue's targets, each with its figure: (text, met)."""
+    out = []
+
+    def pick(model, system):
+        return [r for r in rows if r["model"] == model and r["system"] == system]
+
+    for model in MODELS:
+        dense = pick(model, "dense")
+        if not dense:
+            continue
+        d = dense[0]
+        dk = [r for r in pick(model, "dkdp") if r["quantize"] == "none"]
+        if model == "reference_cnn":
+            best = [r for r in dk if r["nonzero_params"] <= 0.10 * d["nonzero_params"]]
+            top = max(best, key=lambda r: r["test_acc"], default=None)
+            if top:
+                drop = 100 * (d["test_acc"] - top["test_acc"])
+                out.append((f"{model}: ≤10% of dense's non-zero parameters at ≤0.5 pp below "
+                            f"dense: best {top['variant']} {top['nonzero_params']:,} params, "
+                            f"{drop:+.2f} pp below", drop <= 0.5))
+            fast = [r for r in dk if r["lat_b1_x_dense"] <= 0.2]
+            top = max(fast, key=lambda r: r["test_acc"], default=None)
+            if top:
+                drop = 100 * (d["test_acc"] - top["test_acc"])
+                out.append((f"{model}: compacted float32 at ≤0.2× dense batch-1 latency and "
+                            f"≤1 pp below dense: {top['variant']} at "
+                            f"{top['lat_b1_x_dense']:.2f}×, {drop:+.2f} pp below", drop <= 1.0))
+            else:
+                out.append((f"{model}: no DKDP float32 model at ≤0.2× dense latency", False))
+            small = [r for r in pick(model, "dkdp") if r["quantize"] == "int8"
+                     and r["tflite_bytes"] <= d["tflite_bytes"] / 50]
+            top = max(small, key=lambda r: r["tflite_test_acc"], default=None)
+            if top:
+                drop = 100 * (d["test_acc"] - top["tflite_test_acc"])
+                out.append((f"{model}: full-int8 file ≤1/50 of dense ({d['tflite_bytes'] / 50:,.0f} B)"
+                            f" at ≤1 pp below dense: {top['tflite_bytes']:,} B, "
+                            f"{drop:+.2f} pp below", drop <= 1.0))
+            else:
+                out.append((f"{model}: no DKDP int8 file at ≤1/50 of dense", False))
+            kd = pick(model, "kd")
+            for k in kd:
+                rivals = [r for r in dk if r["lat_b1_ms"] <= k["lat_b1_ms"]]
+                top = max(rivals, key=lambda r: r["tflite_test_acc"], default=None)
+                ok = top is not None and top["tflite_test_acc"] >= k["tflite_test_acc"]
+                out.append((f"{model}: a DKDP model at ≤ the latency of kd {k['variant']} "
+                            f"({k['lat_b1_ms']:.3f} ms, {k['tflite_test_acc']:.2%}) with more "
+                            f"accuracy: " + (f"{top['variant']} {top['lat_b1_ms']:.3f} ms, "
+                                             f"{top['tflite_test_acc']:.2%}" if top else "none"),
+                            ok))
+        for t in pick(model, "tfmot"):
+            rivals = [r for r in dk if r["nonzero_params"] <= t["nonzero_params"]]
+            top = max(rivals, key=lambda r: r["test_acc"], default=None)
+            ok = top is not None and top["test_acc"] >= t["test_acc"]
+            out.append((f"{model}: at TFMOT {t['target']:g} ({t['nonzero_params']:,} non-zero, "
+                        f"{t['test_acc']:.2%}), DKDP with no more non-zero parameters: "
+                        + (f"{top['variant']} {top['nonzero_params']:,}, {top['test_acc']:.2%}"
+                           if top else "none"), ok))
+        if model == "lenet_300_100":
+            t9 = [t for t in pick(model, "tfmot") if t["target"] == 0.9]
+            rivals = [r for r in dk if r["nonzero_params"] * 12 <= d["nonzero_params"]]
+            top = max(rivals, key=lambda r: r["test_acc"], default=None)
+            if t9 and top:
+                out.append((f"{model}: ≥12× fewer non-zero parameters than dense with at least "
+                            f"TFMOT-0.9's accuracy ({t9[0]['test_acc']:.2%}): {top['variant']} "
+                            f"{d['nonzero_params'] / top['nonzero_params']:.1f}×, "
+                            f"{top['test_acc']:.2%}", top["test_acc"] >= t9[0]["test_acc"]))
+        if dk:
+            worst = max(dk, key=lambda r: r["train_x_dense"])
+            out.append((f"{model}: DKDP training wall time ≤1.35× dense: at most "
+                        f"{worst['train_x_dense']:.2f}× ({worst['variant']})",
+                        worst["train_x_dense"] <= 1.35))
+    return out
+
+
+def machine():
+    import tensorflow as tf
+
+    cpus = os.cpu_count()
+    return (f"{platform.processor() or platform.machine()}, {cpus} cores, Python "
+            f"{platform.python_version()}, TensorFlow {tf.__version__}")
+
+
+def write_report(rows, failures, results, date, argv, elapsed, path):
+    lines = [
+        "# Benchmark results",
+        "",
+        f"Measured {date} under `../shared/benchmark/PROTOCOL.md` with "
+        f"`python benchmarks/{' '.join(argv)}` ({elapsed / 60:.0f} min) on {machine()}. "
+        "Fashion-MNIST, 55,000 training / 5,000 validation / 10,000 test images; Adam 1e-3, "
+        "batch 128, 15 epochs, seed 0 for every system. Latency: LiteRT interpreter, one "
+        "thread, median of 500 invocations (batch 64: 100) after warm-up, every file measured "
+        "in the same process; ratios are against `dense` of the same run. "
+        f"Raw figures: `benchmarks/results/{date}.jsonl`.",
+        "",
+    ]
+    if failures:
+        lines += ["**Failed:** " + "; ".join(failures), ""]
+    lines += ["## What DKDP must show", ""]
+    for text, ok in checks(rows):
+        lines.append(f"- {'met' if ok else '**not met**'}: {text}")
+    for model in MODELS:
+        if not any(r["model"] == model for r in rows):
+            continue
+        lines += ["", f"## {model}", "", table(rows, model),
+                  f"![{model}]({os.path.relpath(results / f'{date}-{model}-pareto.png', path.parent)})",
+                  ""]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny data, 2 epochs, one target: a smoke test of the pipeline")
+    parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--work", default=None,
+                        help="where models and logs go (default benchmarks/work/<date>[-quick])")
+    parser.add_argument("--results", default=str(HERE / "results"))
+    parser.add_argument("--report", action="store_true",
+                        help="also rewrite benchmarks/RESULTS.md")
+    parser.add_argument("--measure-only", action="store_true")
+    parser.add_argument("--verbose", action="store_true", help="show TensorFlow's log lines")
+    args = parser.parse_args(argv)
+    date = datetime.date.today().isoformat() + ("-quick" if args.quick else "")
+    work = pathlib.Path(args.work or HERE / "work" / date)
+    work.mkdir(parents=True, exist_ok=True)
+    results = pathlib.Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
+    settings = dict(QUICK if args.quick else FULL, quick=args.quick)
+    start = time.perf_counter()
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    write_data(work, args.quick)
+    failures = [] if args.measure_only else train(args.systems, args.models, work, settings,
+                                                  args.verbose)
+    rows = measure(work, args.models, settings)
+    with open(results / f"{date}.jsonl", "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    for model in args.models:
+        pareto_plot(rows, model, results / f"{date}-{model}-pareto.png")
+    report = HERE / "RESULTS.md" if args.report else results / f"{date}.md"
+    cmdline = ["run.py"] + (argv if argv is not None else sys.argv[1:])
+    write_report(rows, failures, results, date, cmdline, time.perf_counter() - start, report)
+    print(f"\nWrote {results / (date + '.jsonl')}, plots and {report}")
+    for text, ok in checks(rows):
+        print(f"{'met    ' if ok else 'NOT MET'}  {text}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,204 @@
+"""The Keras 3 systems of the protocol: `dense`, `kd` (keras.distillation)
+and `dkdp` (this project with its defaults).
+
+Run by `benchmarks/run.py`, one process per system. Reads the protocol's
+data from the run's `data.npz`, writes into WORK_DIR/<model>/ one `.tflite`,
+one `.json` (Keras-side figures: test accuracy, parameters, MACs, training
+seconds) and the `.keras` model per exported model. A model whose `.json`
+exists is skipped, so an interrupted run continues where it stopped.
+
+    python benchmarks/train_keras3.py WORK_DIR dense --model reference_cnn
+    python benchmarks/train_keras3.py WORK_DIR kd --model reference_cnn
+    python benchmarks/train_keras3.py WORK_DIR dkdp --model reference_cnn \
+        --targets 0.5 0.8 0.9 0.95
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import dkdp_keras as dkdp  # noqa: E402
+
+LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+class Run:
+    """The protocol's data and training settings for one model."""
+
+    def __init__(self, work, model, epochs, batch):
+        self.work = pathlib.Path(work)
+        data = np.load(self.work / "data.npz")
+        scale = lambda a: a.astype("float32") / 255.0  # noqa: E731
+        self.x, self.y = scale(data["x_train"]), data["y_train"]
+        self.xv, self.yv = scale(data["x_val"]), data["y_val"]
+        self.xt, self.yt = scale(data["x_test"]), data["y_test"]
+        self.model, self.epochs, self.batch = model, epochs, batch
+        self.steps = int(np.ceil(len(self.x) / batch))
+        self.dir = self.work / model
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def build(self, width=1.0):
+        return getattr(dkdp.zoo, self.model)(width=width)
+
+    def pipeline(self):
+        ds = tf.data.Dataset.from_tensor_slices((self.x, self.y))
+        ds = ds.shuffle(len(self.x), seed=0, reshuffle_each_iteration=True)
+        return ds.batch(self.batch).repeat().prefetch(tf.data.AUTOTUNE)
+
+    def fit(self, model, callbacks=()):
+        """Train with the protocol's pipeline; wall seconds of `fit`."""
+        start = time.perf_counter()
+        model.fit(self.pipeline(), steps_per_epoch=self.steps, epochs=self.epochs,
+                  validation_data=(self.xv, self.yv), callbacks=list(callbacks),
+                  verbose=2)
+        return time.perf_counter() - start
+
+    def done(self, stem):
+        if (self.dir / f"{stem}.json").exists():
+            print(f"{self.model} {stem}: done already, skipped", flush=True)
+            return True
+        return False
+
+    def export(self, stem, model, record, quantize=None):
+        """Write the .tflite (checked against Keras by export_tflite), the
+        .keras and the .json record of one exported model."""
+        plain = dkdp.budget.deployed(model)
+        plain.compile(loss=LOSS, metrics=["accuracy"])
+        kwargs = {}
+        if quantize == "int8":
+            kwargs = dict(representative_data=self.x[:500], min_top1_agreement=0.0)
+        report = dkdp.export_tflite(plain, self.dir / f"{stem}.tflite", quantize=quantize,
+                                    check_data=self.xt[:256], latency_runs=1, **kwargs)
+        if quantize is None:
+            plain.save(self.dir / f"{stem}.keras")
+        record = {
+            "model": self.model, **record,
+            "test_acc": float(plain.evaluate(self.xt, self.yt, verbose=0, batch_size=256)[1]),
+            "params": int(dkdp.count_params(plain, nonzero=False)),
+            "nonzero_params": int(dkdp.count_params(plain, nonzero=True)),
+            "macs": int(dkdp.count_macs(plain, nonzero=False)),
+            "file": f"{stem}.tflite", "quantize": quantize or "none",
+            "export_check": {"max_abs_diff": report.max_abs_diff,
+                             "top1_agreement": report.top1_agreement},
+        }
+        (self.dir / f"{stem}.json").write_text(json.dumps(record, indent=1))
+        print(json.dumps(record), flush=True)
+        return record
+
+
+def compile_(model):
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=LOSS, metrics=["accuracy"],
+                  jit_compile=False)
+
+
+def system_dense(run, args):
+    if run.done("dense"):
+        return
+    keras.utils.set_random_seed(0)
+    model = run.build()
+    compile_(model)
+    train_s = run.fit(model)
+    run.export("dense", model, {"system": "dense", "target": 0.0, "variant": "dense",
+                                "train_s": train_s})
+
+
+def system_kd(run, args):
+    """keras.distillation.Distiller students of width 0.5 and 0.25 from the
+    trained dense teacher (LogitsDistillation, temperature 4). The loss is
+    passed as a KLDivergence instance: Keras 3.15's default string
+    "kl_divergence" computes the divergence on raw logits."""
+    teacher_path = run.dir / "dense.keras"
+    if not teacher_path.exists():
+        raise SystemExit(f"kd needs the dense teacher at {teacher_path}: run `dense` first")
+    teacher = keras.saving.load_model(teacher_path)
+    for width in args.widths:
+        stem = f"kd-w{width:g}"
+        if run.done(stem) and (width != min(args.widths) or run.done(f"{stem}-dynamic")):
+            continue
+        keras.utils.set_random_seed(0)
+        student = run.build(width)
+        distiller = keras.distillation.Distiller(
+            teacher=teacher, student=student,
+            distillation_losses=keras.distillation.LogitsDistillation(
+                temperature=4.0, loss=keras.losses.KLDivergence()),
+            student_loss_weight=0.5)
+        distiller.compile(optimizer=keras.optimizers.Adam(1e-3), loss=LOSS,
+                          metrics=["accuracy"], jit_compile=False)
+        train_s = run.fit(distiller)
+        base = {"system": "kd", "target": 1 - student.count_params() / teacher.count_params(),
+                "train_s": train_s}
+        run.export(stem, student, {**base, "variant": f"width {width:g}"})
+        if width == min(args.widths):
+            run.export(f"{stem}-dynamic", student,
+                       {**base, "variant": f"width {width:g}, dynamic-range int8"},
+                       quantize="dynamic")
+
+
+def dkdp_callback(granularity, budget, importance):
+    """The defaults of `dkdp run`: an adaptive threshold held to the budget."""
+    return dkdp.DKDPCallback(
+        importance=importance, granularity=granularity,
+        threshold=dkdp.thresholds.Adaptive(budget, tolerance=0.005))
+
+
+def system_dkdp(run, args):
+    """DKDP with the library's defaults: unstructured (weight) at each
+    target, holding the same non-zero parameter count as the target; and
+    structured (unit) under the parameter budgets, compacted, exported as
+    float32 and full int8, with the student of the run."""
+    dense_params = run.build().count_params()
+    jobs = [("weight", t) for t in args.targets] + [("unit", t) for t in args.structured]
+    for granularity, target in jobs:
+        kind = "unstructured" if granularity == "weight" else "structured"
+        stem = f"dkdp-{kind}-{target:g}"
+        if run.done(stem):
+            continue
+        keras.utils.set_random_seed(0)
+        budget = dkdp.Budget(max_params=int((1 - target) * dense_params))
+        model = dkdp.DKDPModel(run.build())
+        compile_(model)
+        importance = args.importance if granularity == "unit" else args.weight_importance
+        callback = dkdp_callback(granularity, budget, importance)
+        train_s = run.fit(model, [callback])
+        model.save(run.dir / f"{stem}-dkdpmodel.keras")
+        base = {"system": "dkdp", "target": target, "train_s": train_s,
+                "budget_params": budget.max_params,
+                "val_teacher_accuracy": [round(float(v), 5) for v in
+                                         model.history.history["val_teacher_accuracy"]],
+                "sparsity": [round(float(v), 5) for v in model.history.history["sparsity"]]}
+        small = model.compact_teacher()
+        if granularity == "unit":
+            run.export(f"{stem}-int8", small,
+                       {**base, "variant": f"{kind} {importance}, full int8"}, quantize="int8")
+            run.export(f"{stem}-student", model.student,
+                       {**base, "variant": f"student of the {kind} run"})
+        run.export(stem, small, {**base, "variant": f"{kind} {importance if granularity == 'unit' else args.weight_importance}"})
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("work")
+    parser.add_argument("system", choices=("dense", "kd", "dkdp"))
+    parser.add_argument("--model", required=True, choices=("reference_cnn", "lenet_300_100"))
+    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--widths", type=float, nargs="+", default=[0.5, 0.25])
+    parser.add_argument("--targets", type=float, nargs="*", default=[0.5, 0.8, 0.9, 0.95])
+    parser.add_argument("--structured", type=float, nargs="*", default=[0.9, 0.95])
+    parser.add_argument("--importance", default="taylor")
+    parser.add_argument("--weight-importance", default="taylor")
+    args = parser.parse_args()
+    run = Run(args.work, args.model, args.epochs, args.batch)
+    {"dense": system_dense, "kd": system_kd, "dkdp": system_dkdp}[args.system](run, args)
+
+
+if __name__ == "__main__":
+    main()
