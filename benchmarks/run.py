@@ -36,9 +36,9 @@ import time
 HERE = pathlib.Path(__file__).resolve().parent
 SYSTEMS = ("dense", "kd", "tfmot", "dkdp")
 MODELS = ("reference_cnn", "lenet_300_100")
-FULL = {"epochs": 15, "targets": [0.5, 0.8, 0.9, 0.95], "structured": [0.9, 0.95],
+FULL = {"epochs": 15, "targets": [0.5, 0.8, 0.9, 0.95], "structured": ["macs:0.15", "int8:58000"],
         "runs": 500, "warmup": 50}
-QUICK = {"epochs": 2, "targets": [0.9], "structured": [0.9], "runs": 20, "warmup": 5,
+QUICK = {"epochs": 2, "targets": [0.9], "structured": ["params:0.1"], "runs": 20, "warmup": 5,
          "train": 2000, "val": 500, "test": 500}
 
 

@@ -142,45 +142,65 @@ def system_kd(run, args):
                        quantize="dynamic")
 
 
-def dkdp_callback(granularity, budget, importance):
+def dkdp_callback(granularity, budget, importance, args):
     """The defaults of `dkdp run`: an adaptive threshold held to the budget."""
     return dkdp.DKDPCallback(
         importance=importance, granularity=granularity,
-        threshold=dkdp.thresholds.Adaptive(budget, tolerance=0.005))
+        threshold=dkdp.thresholds.Adaptive(budget, tolerance=0.005,
+                                           **({"finish_by": args.finish_by}
+                                              if args.finish_by else {})))
+
+
+def structured_budget(spec, model):
+    """"params:0.1" (fraction of dense parameters), "macs:0.15" (fraction of
+    dense MACs) or "int8:58000" (bytes of int8 weights)."""
+    kind, value = spec.split(":")
+    value = float(value)
+    if kind == "params":
+        return dkdp.Budget(max_params=int(value * model.count_params())), f"{value:g} params"
+    if kind == "macs":
+        macs = dkdp.count_macs(model, nonzero=False)
+        return dkdp.Budget(max_macs=int(value * macs)), f"{value:g} MACs"
+    if kind == "int8":
+        return dkdp.Budget(max_bytes=int(value), bytes_per_param=1), f"{value / 1000:g} kB int8"
+    raise SystemExit(f"unknown structured budget {spec!r}: params:F, macs:F or int8:BYTES")
 
 
 def system_dkdp(run, args):
     """DKDP with the library's defaults: unstructured (weight) at each
     target, holding the same non-zero parameter count as the target; and
-    structured (unit) under the parameter budgets, compacted, exported as
+    structured (unit) under the given budgets, compacted, exported as
     float32 and full int8, with the student of the run."""
     dense_params = run.build().count_params()
-    jobs = [("weight", t) for t in args.targets] + [("unit", t) for t in args.structured]
-    for granularity, target in jobs:
+    jobs = [("weight", f"params:{1 - t:g}", t) for t in args.targets]
+    jobs += [("unit", spec, None) for spec in args.structured]
+    for granularity, spec, target in jobs:
         kind = "unstructured" if granularity == "weight" else "structured"
-        stem = f"dkdp-{kind}-{target:g}"
+        budget, label = structured_budget(spec, run.build())
+        stem = f"dkdp-{kind}-{spec.replace(':', '-')}"
         if run.done(stem):
             continue
         keras.utils.set_random_seed(0)
-        budget = dkdp.Budget(max_params=int((1 - target) * dense_params))
-        model = dkdp.DKDPModel(run.build())
+        model = dkdp.DKDPModel(run.build(), student_width=args.student_width)
         compile_(model)
         importance = args.importance if granularity == "unit" else args.weight_importance
-        callback = dkdp_callback(granularity, budget, importance)
+        callback = dkdp_callback(granularity, budget, importance, args)
         train_s = run.fit(model, [callback])
         model.save(run.dir / f"{stem}-dkdpmodel.keras")
-        base = {"system": "dkdp", "target": target, "train_s": train_s,
-                "budget_params": budget.max_params,
-                "val_teacher_accuracy": [round(float(v), 5) for v in
-                                         model.history.history["val_teacher_accuracy"]],
-                "sparsity": [round(float(v), 5) for v in model.history.history["sparsity"]]}
+        history = model.history.history
+        kept = int(dkdp.count_params(dkdp.budget.deployed(model.teacher)))
+        base = {"system": "dkdp", "target": 1 - kept / dense_params, "train_s": train_s,
+                "budget": spec,
+                "val_teacher_accuracy": [round(float(v), 5) for v in history["val_teacher_accuracy"]],
+                "val_student_accuracy": [round(float(v), 5) for v in history["val_student_accuracy"]],
+                "sparsity": [round(float(v), 5) for v in history["sparsity"]]}
         small = model.compact_teacher()
         if granularity == "unit":
             run.export(f"{stem}-int8", small,
-                       {**base, "variant": f"{kind} {importance}, full int8"}, quantize="int8")
+                       {**base, "variant": f"{kind} {label}, full int8"}, quantize="int8")
             run.export(f"{stem}-student", model.student,
-                       {**base, "variant": f"student of the {kind} run"})
-        run.export(stem, small, {**base, "variant": f"{kind} {importance if granularity == 'unit' else args.weight_importance}"})
+                       {**base, "variant": f"student, {kind} {label} run"})
+        run.export(stem, small, {**base, "variant": f"{kind} {label} ({importance})"})
 
 
 def main():
@@ -192,7 +212,10 @@ def main():
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--widths", type=float, nargs="+", default=[0.5, 0.25])
     parser.add_argument("--targets", type=float, nargs="*", default=[0.5, 0.8, 0.9, 0.95])
-    parser.add_argument("--structured", type=float, nargs="*", default=[0.9, 0.95])
+    parser.add_argument("--structured", nargs="*", default=["macs:0.15", "int8:58000"],
+                        help="budgets of structured runs: params:F, macs:F or int8:BYTES")
+    parser.add_argument("--finish-by", type=float, default=None)
+    parser.add_argument("--student-width", type=float, default=0.5)
     parser.add_argument("--importance", default="taylor")
     parser.add_argument("--weight-importance", default="taylor")
     args = parser.parse_args()

@@ -1,0 +1,99 @@
+"""Smoke test of the benchmark runner: `benchmarks/run.py --quick` runs every
+system of the protocol (TFMOT in its own tf_keras process) on tiny data and
+writes figures that hold together."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+FIELDS = ("model", "system", "target", "test_acc", "tflite_test_acc", "params",
+          "nonzero_params", "macs", "tflite_bytes", "tflite_gzip_bytes", "lat_b1_ms",
+          "lat_b64_ms", "train_s")
+
+pytest.importorskip("ai_edge_litert")
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    base = tmp_path_factory.mktemp("bench")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick",
+         "--work", str(base / "work"), "--results", str(base / "results")],
+        capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (jsonl,) = (base / "results").glob("*.jsonl")
+    rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    return base, rows, proc.stdout
+
+
+@pytest.mark.slow
+def test_every_system_and_model_is_measured_with_the_protocol_fields(quick_run):
+    _, rows, _ = quick_run
+    for model in ("reference_cnn", "lenet_300_100"):
+        systems = {r["system"] for r in rows if r["model"] == model}
+        assert systems == {"dense", "kd", "tfmot", "dkdp"}, (model, systems)
+    for r in rows:
+        missing = [f for f in FIELDS if f not in r]
+        assert not missing, (r["file"], missing)
+        assert r["lat_b1_ms"] > 0 and r["lat_b64_ms"] > r["lat_b1_ms"]
+        assert r["tflite_gzip_bytes"] < r["tflite_bytes"]
+
+
+@pytest.mark.slow
+def test_figures_hold_together(quick_run):
+    _, rows, _ = quick_run
+    by = {(r["model"], r["file"]): r for r in rows}
+    test_images = 500
+    for r in rows:
+        if r["quantize"] == "none":
+            # The float32 file computes what the Keras model computes.
+            assert abs(r["tflite_test_acc"] - r["test_acc"]) <= 2 / test_images, r["file"]
+    cnn = "reference_cnn"
+    dense = by[(cnn, "dense.tflite")]
+    assert dense["params"] == dense["nonzero_params"] == 824_746
+    assert dense["macs"] == 4_643_840
+    tfmot = by[(cnn, "tfmot-0.9.tflite")]
+    # TFMOT prunes kernels to 90%; biases and BatchNorm stay.
+    assert tfmot["nonzero_params"] <= 0.1 * 824_096 + 650 + 5
+    assert tfmot["params"] == 824_746
+    unstructured = by[(cnn, "dkdp-unstructured-params-0.1.tflite")]
+    assert unstructured["nonzero_params"] <= 82_474
+    structured = by[(cnn, "dkdp-structured-params-0.1.tflite")]
+    # Compaction removes what was pruned: every parameter left is used.
+    assert structured["params"] <= 82_474
+    assert structured["tflite_bytes"] < dense["tflite_bytes"] / 8
+    int8 = by[(cnn, "dkdp-structured-params-0.1-int8.tflite")]
+    assert int8["tflite_bytes"] < structured["tflite_bytes"] / 3
+    kd = by[(cnn, "kd-w0.25.tflite")]
+    assert kd["params"] == 52_210
+
+
+@pytest.mark.slow
+def test_report_and_plots_are_written(quick_run):
+    base, rows, stdout = quick_run
+    (report,) = (base / "results").glob("*.md")
+    text = report.read_text()
+    assert "## What DKDP must show" in text
+    assert text.count("| dkdp |") == sum(r["system"] == "dkdp" for r in rows)
+    for model in ("reference_cnn", "lenet_300_100"):
+        (plot,) = (base / "results").glob(f"*-{model}-pareto.png")
+        assert plot.stat().st_size > 10_000
+    checks = text.count("\n- met: ") + text.count("\n- **not met**: ")
+    assert checks >= 8, text[:2000]
+    assert stdout.count("NOT MET  ") + stdout.count("met      ") == checks
+
+
+@pytest.mark.slow
+def test_an_interrupted_run_continues_without_training_again(quick_run):
+    base, rows, _ = quick_run
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--systems", "dense",
+         "--models", "lenet_300_100", "--work", str(base / "work"),
+         "--results", str(base / "again")],
+        capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "done already, skipped" in proc.stdout
