@@ -181,7 +181,9 @@ def system_dkdp(run, args):
         if run.done(stem):
             continue
         keras.utils.set_random_seed(0)
-        model = dkdp.DKDPModel(run.build(), student_width=args.student_width)
+        model = dkdp.DKDPModel(run.build(), student_width=args.student_width,
+                               mutual=args.mutual, lambda_kd=args.lambda_kd,
+                               student_hard_loss_weight=args.hard_weight)
         compile_(model)
         importance = args.importance if granularity == "unit" else args.weight_importance
         callback = dkdp_callback(granularity, budget, importance, args)
@@ -216,6 +218,9 @@ def main():
                         help="budgets of structured runs: params:F, macs:F or int8:BYTES")
     parser.add_argument("--finish-by", type=float, default=None)
     parser.add_argument("--student-width", type=float, default=0.5)
+    parser.add_argument("--mutual", action="store_true")
+    parser.add_argument("--lambda-kd", type=float, default=1.0)
+    parser.add_argument("--hard-weight", type=float, default=0.0)
     parser.add_argument("--importance", default="taylor")
     parser.add_argument("--weight-importance", default="taylor")
     args = parser.parse_args()
