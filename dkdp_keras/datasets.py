@@ -13,6 +13,10 @@ Where the data comes from, first found first served:
    ``dataset-fashion-mnist`` package installs Fashion-MNIST there);
 3. tensorflow-datasets, when it has the dataset prepared already or may
    download it (``download=True``).
+
+``"digits"`` is scikit-learn's bundled 8×8 handwritten digits (1,797
+images, no download): a tiny offline set for quick runs and tests, shape
+(8, 8, 1), with the last 20% of the images as the test split.
 """
 
 import gzip
@@ -28,6 +32,7 @@ IDX_FILES = {
     "test_labels": "t10k-labels-idx1-ubyte",
 }
 IDX_DATASETS = ("fashion_mnist", "mnist")
+DIGITS_TEST_FRACTION = 0.2
 SYSTEM_DIR = pathlib.Path("/usr/share/datasets")
 
 
@@ -105,30 +110,53 @@ def _from_npz(path):
         )
 
 
+def _from_digits():
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise ImportError(
+            "The 'digits' dataset comes from scikit-learn: pip install scikit-learn."
+        ) from None
+    digits = load_digits()
+    x = (digits.images / 16.0).astype("float32")[..., None]  # pixel values are 0..16
+    y = digits.target.astype("int64")
+    cut = len(x) - int(round(DIGITS_TEST_FRACTION * len(x)))
+    return (x[:cut], y[:cut]), (x[cut:], y[cut:])
+
+
+def _tfds_numpy(dataset):
+    """(images, labels) of a supervised split, gathered batch by batch (a
+    batch of -1 asks tfds for a size it may not know)."""
+    import tensorflow_datasets as tfds
+
+    images, labels = [], []
+    for x, y in tfds.as_numpy(dataset.batch(4096)):
+        images.append(x)
+        labels.append(y)
+    return _prepare(np.concatenate(images), np.concatenate(labels))
+
+
 def _from_tfds(name, data_dir, download):
     import tensorflow_datasets as tfds
 
     builder = tfds.builder(name, data_dir=data_dir)
-    if not download and not builder.is_prepared():
-        return None
-    splits = tfds.as_numpy(
-        builder.as_dataset(split=["train", "test"], batch_size=-1)
-        if builder.is_prepared()
-        else tfds.load(name, split=["train", "test"], batch_size=-1,
-                       data_dir=data_dir)
+    if not builder.is_prepared():
+        if not download:
+            return None
+        builder.download_and_prepare()
+    return tuple(
+        _tfds_numpy(builder.as_dataset(split=split, as_supervised=True))
+        for split in ("train", "test")
     )
-    out = []
-    for split in splits:
-        out.append(_prepare(split["image"], split["label"]))
-    return tuple(out)
 
 
 def load(name="fashion_mnist", as_numpy=False, data_dir=None, download=False):
     """Load a dataset as ``((x_train, y_train), (x_test, y_test))``.
 
     Args:
-        name: "fashion_mnist", "mnist", another tensorflow-datasets image
-            dataset name, or the path of a `.npz` file.
+        name: "fashion_mnist", "mnist", "digits" (scikit-learn's 8×8
+            digits), another tensorflow-datasets image dataset name, or the
+            path of a `.npz` file.
         as_numpy: True for numpy arrays; False for a pair of unbatched
             `tf.data.Dataset` of `(image, label)`.
         data_dir: a directory with the IDX files (or a tensorflow-datasets
@@ -146,6 +174,8 @@ def load(name="fashion_mnist", as_numpy=False, data_dir=None, download=False):
         if not os.path.isfile(name):
             raise FileNotFoundError(f"No dataset file at {name}.")
         result = _from_npz(name)
+    elif name == "digits":
+        result = _from_digits()
     else:
         directory = _find_idx_dir(name, data_dir) if name in IDX_DATASETS else None
         if directory is not None:
@@ -157,14 +187,16 @@ def load(name="fashion_mnist", as_numpy=False, data_dir=None, download=False):
                 if "not found" in str(error).lower() and "dataset" in str(error).lower():
                     raise ValueError(
                         f"Unknown dataset {name!r}: use 'fashion_mnist', "
-                        "'mnist', a tensorflow-datasets name or a .npz path."
+                        "'mnist', 'digits', a tensorflow-datasets name or a "
+                        ".npz path."
                     ) from None
                 raise
     if result is None:
         raise FileNotFoundError(
             f"Dataset {name!r} is not on this machine: install the Debian "
             "package dataset-fashion-mnist, put the IDX files in "
-            "$DKDP_DATA_DIR, pass a .npz, or allow download=True."
+            "$DKDP_DATA_DIR, pass a .npz, use 'digits', or allow "
+            "download=True."
         )
     if as_numpy:
         return result

@@ -1,4 +1,5 @@
-"""The offline dataset path: Debian's IDX files, DKDP_DATA_DIR, .npz."""
+"""Where datasets come from: Debian's IDX files, DKDP_DATA_DIR, .npz,
+scikit-learn's digits, and tensorflow-datasets (mocked: no network)."""
 
 import gzip
 import pathlib
@@ -70,3 +71,38 @@ def test_npz_and_bad_input(tmp_path):
         f.write(bytes([0, 0, 8, 1]) + (10).to_bytes(4, "big") + b"abc")
     with pytest.raises(ValueError, match="truncated"):
         datasets._read_idx(truncated)
+
+
+def test_digits_from_scikit_learn():
+    from sklearn.datasets import load_digits
+
+    (x, y), (xt, yt) = datasets.load("digits", as_numpy=True)
+    assert x.shape == (1438, 8, 8, 1) and xt.shape == (359, 8, 8, 1)
+    assert x.dtype == np.float32 and y.dtype == np.int64
+    assert x.min() == 0.0 and x.max() == 1.0 and xt.max() == 1.0
+    assert sorted(np.unique(y)) == list(range(10))
+    # A fixed split: the test images are the last 359 (20%) of scikit-learn's 1,797.
+    raw = load_digits()
+    np.testing.assert_array_equal(xt[..., 0] * 16.0, raw.images[-359:])
+    np.testing.assert_array_equal(yt, raw.target[-359:])
+    (x2, _), _ = datasets.load("digits", as_numpy=True)
+    np.testing.assert_array_equal(x, x2)
+
+
+def test_tensorflow_datasets_path_with_mock_data():
+    tfds = pytest.importorskip("tensorflow_datasets")
+    # cifar10 has no offline copy here, so load() goes to tensorflow-datasets;
+    # mock_data makes download_and_prepare a no-op and generates the examples.
+    with tfds.testing.mock_data(num_examples=12, policy=tfds.testing.MockPolicy.USE_CODE):
+        with pytest.raises(FileNotFoundError, match="'cifar10' is not on this machine"):
+            datasets.load("cifar10", as_numpy=True)  # not prepared, no download
+        (x, y), (xt, yt) = datasets.load("cifar10", as_numpy=True, download=True)
+        assert x.shape == (12, 32, 32, 3) and xt.shape == (12, 32, 32, 3)
+        assert x.dtype == np.float32 and y.dtype == np.int64
+        assert 0.0 <= x.min() and x.max() <= 1.0 and x.max() > 0.5  # uint8 / 255
+        assert set(y.tolist()) <= set(range(10))
+        train, _ = datasets.load("cifar10", download=True)
+        image, label = next(iter(train))
+        assert tuple(image.shape) == (32, 32, 3) and 0 <= int(label) < 10
+        with pytest.raises(ValueError, match="Unknown dataset 'no_such_set'"):
+            datasets.load("no_such_set", download=True)
