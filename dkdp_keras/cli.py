@@ -1,22 +1,39 @@
 """The `dkdp` command: compress a model end to end and write a report.
 
     dkdp run [--dataset fashion_mnist] [--model reference_cnn] [--quick] ...
+    dkdp run --resume DIR
     dkdp export MODEL.keras --out FILE.tflite [--quantize int8]
     dkdp inspect MODEL.keras
 
 Bad input exits with status 2 and one line that names the bad value.
+
+`dkdp run` trains a dense baseline (a fresh copy of the teacher, same
+epochs, optimizer and data) unless `--no-dense`, then the DKDP model, then
+exports all of them. Each training is backed up at every epoch end
+(`keras.callbacks.BackupAndRestore` in OUT/backup and OUT/backup_dense), its
+settings are in OUT/settings.json, and its epoch logs in OUT/history*.json,
+so `dkdp run --resume OUT` rebuilds the same models and continues from the
+last completed epoch, with the batches the uninterrupted run would have seen.
 """
 
 import argparse
 import json
 import os
 import pathlib
+import re
+import shutil
 import sys
 import time
 
-DATASETS = ("fashion_mnist", "mnist", "cifar10")
+DATASETS = ("fashion_mnist", "mnist", "cifar10", "digits")
 MODELS = ("reference_cnn", "lenet_300_100")
 QUANTIZE = ("none", "dynamic", "float16", "int8")
+MIN_STEPS = 40
+#: The options of `dkdp run` that OUT/settings.json keeps for --resume.
+SETTINGS = ("dataset", "model", "max_params", "max_bytes", "max_macs",
+            "max_latency_ms", "importance", "granularity", "lambda_kd",
+            "temperature", "epochs", "batch_size", "quantize", "seed", "quick",
+            "no_dense")
 
 
 class UsageError(Exception):
@@ -46,12 +63,22 @@ def _parser():
     run.add_argument("--lambda-kd", type=float, default=1.0)
     run.add_argument("--temperature", type=float, default=4.0)
     run.add_argument("--epochs", type=int, default=15)
-    run.add_argument("--batch-size", type=int, default=128)
+    run.add_argument("--batch-size", type=int, default=None,
+                     help="default: 128, or the power of two that gives an epoch at least "
+                          f"{MIN_STEPS} steps on a smaller training set (digits: 32), "
+                          "so that BatchNormalization's moving statistics settle")
     run.add_argument("--quantize", default="int8", choices=QUANTIZE)
     run.add_argument("--out", default="dkdp_run")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--quick", action="store_true",
                      help="a small run (10,000 images, at most 6 epochs): same pipeline")
+    run.add_argument("--no-dense", action="store_true",
+                     help="skip the dense baseline (a fresh copy of the teacher "
+                          "trained alone with the same settings)")
+    run.add_argument("--resume", default=None, metavar="DIR",
+                     help="continue the interrupted run in DIR with its saved "
+                          "settings (DIR/settings.json)")
+    parser.run_parser = run
 
     export = sub.add_parser("export", help="convert a .keras model to .tflite")
     export.add_argument("model")
@@ -103,7 +130,14 @@ def _teacher(name, input_shape, classes):
     from dkdp_keras import zoo
 
     if name in MODELS:
-        return getattr(zoo, name)(input_shape=input_shape, num_classes=classes)
+        try:
+            return getattr(zoo, name)(input_shape=input_shape, num_classes=classes)
+        except ValueError as error:  # e.g. pooling below 1×1
+            raise UsageError(
+                f"model {name!r} cannot take inputs of shape {tuple(input_shape)}: "
+                f"{_first_line(error)}; use a dataset with larger images or "
+                "another --model"
+            ) from None
     if name.endswith(".keras"):
         model = _load_keras(name)
         if tuple(model.inputs[0].shape[1:]) != tuple(input_shape):
@@ -115,16 +149,40 @@ def _teacher(name, input_shape, classes):
     raise UsageError(f"unknown model {name!r}: use one of {', '.join(MODELS)} or a .keras path")
 
 
-def _pipeline(x, y, batch, seed):
+def _first_line(error):
+    """The informative line of an exception's message, without colour codes."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    useful = [line for line in lines if not line.startswith("Exception encountered")]
+    return (useful or lines or [type(error).__name__])[0]
+
+
+def _pipeline(x, y, batch, seed, start=0, epochs=1):
+    """Shuffled batches for epochs `start` .. `epochs - 1`, one repeated
+    pipeline. Epoch e's order depends only on (seed, e), so a run resumed at
+    epoch `start` sees the batches the uninterrupted run would have seen."""
     import tensorflow as tf
 
-    ds = tf.data.Dataset.from_tensor_slices((x, y))
-    ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
-    return ds.batch(batch).repeat().prefetch(tf.data.AUTOTUNE)
+    data = tf.data.Dataset.from_tensor_slices((x, y))
+    ds = None
+    for epoch in range(start, max(start + 1, epochs)):
+        one = data.shuffle(len(x), seed=seed * 100_003 + epoch).batch(batch)
+        ds = one if ds is None else ds.concatenate(one)
+    return ds.repeat().prefetch(tf.data.AUTOTUNE)
 
 
 IMPORTANCE = ("magnitude", "gradient", "gradient_magnitude", "taylor", "activation",
               "activation_frequency", "learned_mask")
+
+
+def _default_batch_size(examples):
+    """128, or smaller so that an epoch has at least MIN_STEPS steps: with
+    few steps, BatchNormalization's moving statistics (momentum 0.99) stay
+    near their initial values and inference-mode accuracy is near chance."""
+    batch = 128
+    while batch > 8 and examples < batch * MIN_STEPS:
+        batch //= 2
+    return batch
 
 
 def _check_run_args(args):
@@ -149,7 +207,7 @@ def _check_run_args(args):
         )
     if args.epochs < 1:
         raise UsageError(f"--epochs must be at least 1, got {args.epochs}")
-    if args.batch_size < 1:
+    if args.batch_size is not None and args.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
     for name in ("max_params", "max_bytes", "max_macs", "max_latency_ms"):
         value = getattr(args, name)
@@ -159,20 +217,191 @@ def _check_run_args(args):
             setattr(args, name, int(value))
 
 
+def _explicit_run_options(argv):
+    """The `dkdp run` options that `argv` gives (not left to their default)."""
+    run = _parser().run_parser
+    unset = object()
+    names = vars(run.parse_args([]))
+    given = run.parse_args(argv[argv.index("run") + 1:],
+                           namespace=argparse.Namespace(**{n: unset for n in names}))
+    return {name for name, value in vars(given).items() if value is not unset}
+
+
+def _same(name, given, saved):
+    if name in ("dataset", "model") and isinstance(given, str) and isinstance(saved, str):
+        if given.endswith((".npz", ".keras")):
+            return os.path.abspath(given) == os.path.abspath(saved)
+    if isinstance(given, (int, float)) and isinstance(saved, (int, float)) \
+            and not isinstance(given, bool) and not isinstance(saved, bool):
+        return float(given) == float(saved)
+    return given == saved
+
+
+def _resume_settings(args, explicit):
+    """Take the interrupted run's settings from DIR/settings.json; options
+    given with --resume must agree with them."""
+    directory = pathlib.Path(args.resume)
+    path = directory / "settings.json"
+    if not path.is_file():
+        raise UsageError(
+            f"nothing to resume in {args.resume!r}: it has no settings.json "
+            "(dkdp run --out DIR writes one when it starts)"
+        )
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise UsageError(f"cannot read {path}: {error}") from None
+    if (directory / "metrics.json").is_file():
+        raise UsageError(
+            f"the run in {args.resume!r} has finished (see its report.md); "
+            "nothing to resume"
+        )
+    conflicts = []
+    if "out" in explicit and os.path.abspath(args.out) != os.path.abspath(directory):
+        conflicts.append(f"--out {args.out} (the run is in {args.resume})")
+    for name in SETTINGS:
+        if name in explicit and name in saved and not _same(name, getattr(args, name),
+                                                            saved[name]):
+            flag = "--" + name.replace("_", "-")
+            value = "" if isinstance(getattr(args, name), bool) else f" {getattr(args, name)}"
+            conflicts.append(f"{flag}{value} (the run has {saved[name]})")
+    if conflicts:
+        raise UsageError(
+            f"--resume {args.resume} continues with the run's own settings, and "
+            f"{'; '.join(conflicts)} would change them: drop "
+            f"{'it' if len(conflicts) == 1 else 'them'}, or start a new run with "
+            "another --out"
+        )
+    for name in SETTINGS:
+        if name in saved:
+            setattr(args, name, saved[name])
+    args.out = str(directory)
+
+
+def _check_not_interrupted(out):
+    """A new run must not overwrite an interrupted one."""
+    if (out / "settings.json").is_file() and not (out / "metrics.json").is_file():
+        raise UsageError(
+            f"{str(out)!r} holds an interrupted run: continue it with "
+            f"dkdp run --resume {out}, or choose another --out"
+        )
+
+
+def _clear_finished(out):
+    """Remove what an earlier, finished run in `out` left that a new run
+    would otherwise read back (backups, epoch logs, baseline, the finished
+    mark)."""
+    for name in ("backup", "backup_dense"):
+        shutil.rmtree(out / name, ignore_errors=True)
+    for name in ("metrics.json", "dense.keras", "history.json", "history_dense.json"):
+        (out / name).unlink(missing_ok=True)
+
+
+def _saved_settings(args):
+    settings = {name: getattr(args, name) for name in SETTINGS}
+    for name, suffix in (("dataset", ".npz"), ("model", ".keras")):
+        if settings[name].endswith(suffix):
+            settings[name] = os.path.abspath(settings[name])
+    return settings
+
+
+def _completed_epochs(backup_dir):
+    """Epochs a BackupAndRestore directory holds (0 if none)."""
+    try:
+        return int(json.loads(
+            (backup_dir / "training_metadata.json").read_text())["epoch"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
+def _epoch_log(path, fresh):
+    """A callback that keeps each completed epoch's logs and duration in
+    `path` (JSON), across interrupted and resumed fits."""
+    import keras
+
+    class EpochLog(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.entries = []
+            if not fresh and path.is_file():
+                self.entries = json.loads(path.read_text())
+            self._first = True
+
+        def on_epoch_begin(self, epoch, logs=None):
+            if self._first:  # forget epochs the checkpoint does not hold
+                self._first = False
+                self.entries = [e for e in self.entries if e["epoch"] < epoch]
+            self._start = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.entries.append({
+                "epoch": epoch, "seconds": time.perf_counter() - self._start,
+                "logs": {k: float(v) for k, v in (logs or {}).items()}})
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.entries, indent=1))
+            os.replace(tmp, path)
+
+        @property
+        def history(self):
+            keys = [k for k in (self.entries[0]["logs"] if self.entries else {})
+                    if all(k in e["logs"] for e in self.entries)]
+            return {k: [e["logs"][k] for e in self.entries] for k in keys}
+
+        @property
+        def seconds(self):
+            return sum(e["seconds"] for e in self.entries)
+
+    return EpochLog()
+
+
+def _fit(model, tag, data, args, out, extra_callbacks=(), resuming=False):
+    """Train with a checkpoint, a backup and an epoch log; returns the log."""
+    import keras
+
+    (x, y), (xv, yv) = data
+    suffix = "" if tag == "dkdp" else "_" + tag
+    backup_dir = out / ("backup" + suffix)
+    checkpoint = out / f"checkpoint{suffix}.keras"
+    args.checkpoint = checkpoint  # what an interruption leaves, for the message
+    log = _epoch_log(out / f"history{suffix}.json", fresh=not resuming)
+    start = _completed_epochs(backup_dir) if resuming else 0
+    if start:
+        print(f"dkdp run: {tag} training resumes after epoch {start} of {args.epochs}",
+              flush=True)
+    steps = int((len(x) + args.batch_size - 1) // args.batch_size)
+    callbacks = list(extra_callbacks) + [
+        log,
+        keras.callbacks.ModelCheckpoint(str(checkpoint)),
+        # Last, so that it backs up each epoch after the pruning event and
+        # the log of that epoch; kept until the report is written.
+        keras.callbacks.BackupAndRestore(str(backup_dir), delete_checkpoint=False),
+    ]
+    model.fit(_pipeline(x, y, args.batch_size, args.seed, start, args.epochs),
+              steps_per_epoch=steps, epochs=args.epochs, validation_data=(xv, yv),
+              shuffle=False, callbacks=callbacks, verbose=1)
+    return log
+
+
 def cmd_run(args):
+    resuming = args.resume is not None
+    if resuming:
+        _resume_settings(args, getattr(args, "explicit", set()))
     _check_run_args(args)
+    out = pathlib.Path(args.out)
+    if not resuming:
+        _check_not_interrupted(out)
     import keras
 
     import dkdp_keras as dkdp
 
     criterion = dkdp.importance.get(args.importance)
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     if args.quick:
         args.epochs = min(args.epochs, 6)
     keras.utils.set_random_seed(args.seed)
     (x, y), (xv, yv), (xt, yt) = _data(args.dataset, args.quick)
     classes = int(max(y.max(), yt.max()) + 1)
+    if args.batch_size is None:
+        args.batch_size = _default_batch_size(len(x))
     teacher = _teacher(args.model, x.shape[1:], classes)
     dense_params = teacher.count_params()
     limits = dict(max_params=args.max_params, max_bytes=args.max_bytes,
@@ -186,27 +415,50 @@ def cmd_run(args):
         budget.check_feasible(model.teacher)
     except ValueError as error:
         raise UsageError(str(error)) from None
+    out.mkdir(parents=True, exist_ok=True)
+    if not resuming:
+        _clear_finished(out)
+        (out / "settings.json").write_text(json.dumps(_saved_settings(args), indent=2))
+    print(f"dkdp run: {args.model} on {args.dataset}, {len(x):,} training images, "
+          f"{args.epochs} epochs, budget {budget}"
+          + ("" if args.no_dense else ", after a dense baseline"), flush=True)
+    data = ((x, y), (xv, yv))
+
+    dense, dense_log = None, None
+    if not args.no_dense:
+        if resuming and (out / "dense.keras").is_file():
+            print("dkdp run: the dense baseline is trained already (dense.keras)", flush=True)
+            dense = _load_keras(str(out / "dense.keras"))
+        else:
+            keras.utils.set_random_seed(args.seed)  # the teacher's initial weights
+            dense = keras.models.clone_model(teacher)
+            dense.compile(optimizer=keras.optimizers.Adam(1e-3), loss=loss,
+                          metrics=["accuracy"])
+            print("dkdp run: dense baseline", flush=True)
+            _fit(dense, "dense", data, args, out, resuming=resuming)
+            dense.save(out / "dense.keras")
+        dense_log = _epoch_log(out / "history_dense.json", fresh=False)
+
+    keras.utils.set_random_seed(args.seed)
     model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=loss, metrics=["accuracy"])
     callback = dkdp.DKDPCallback(
         importance=criterion, granularity=args.granularity,
         threshold=dkdp.thresholds.Adaptive(budget, tolerance=0.005))
-    checkpoint = keras.callbacks.ModelCheckpoint(str(out / "checkpoint.keras"))
-    steps = int((len(x) + args.batch_size - 1) // args.batch_size)
-    print(f"dkdp run: {args.model} on {args.dataset}, {len(x):,} training images, "
-          f"{args.epochs} epochs, budget {budget}", flush=True)
-    start = time.perf_counter()
-    history = model.fit(_pipeline(x, y, args.batch_size, args.seed), steps_per_epoch=steps,
-                        epochs=args.epochs, validation_data=(xv, yv),
-                        callbacks=[callback, checkpoint], verbose=1)
-    train_s = time.perf_counter() - start
+    print("dkdp run: DKDP (pruned teacher and student)", flush=True)
+    log = _fit(model, "dkdp", data, args, out, extra_callbacks=[callback],
+               resuming=resuming)
+    history = log.history
 
     small = model.compact_teacher()
     model.save(out / "dkdp_model.keras")
     small.save(out / "teacher_compact.keras")
     model.student.save(out / "student.keras")
     rows = []
-    for name, net in (("pruned teacher (compacted)", small), ("student", model.student)):
-        stem = "teacher" if name.startswith("pruned") else "student"
+    models = [("pruned teacher (compacted)", "teacher", small),
+              ("student", "student", model.student)]
+    if dense is not None:
+        models.insert(0, ("dense teacher", "dense", dense))
+    for name, stem, net in models:
         kwargs = {}
         if args.quantize == "int8":
             kwargs["representative_data"] = x[:500]
@@ -218,48 +470,95 @@ def cmd_run(args):
             check_data=(xt, yt), latency_runs=50, min_top1_agreement=0.0,
             max_abs_diff=1e30, **kwargs)
         (out / f"{stem}.export.json").write_text(json.dumps(report.as_dict(), indent=2))
-        rows.append({"model": name, "params": net.count_params(),
+        rows.append({"model": name, "file": f"{stem}.tflite", "params": net.count_params(),
                      "macs": dkdp.count_macs(net, nonzero=False),
                      "tflite_acc": report.accuracy, "tflite_bytes": report.bytes,
                      "agreement": report.top1_agreement,
                      "latency_ms": report.latency_ms})
-    metrics = {"settings": {k: v for k, v in vars(args).items()},
+    train_s = log.seconds + (dense_log.seconds if dense_log is not None else 0.0)
+    metrics = {"settings": _saved_settings(args),
                "dense_params": dense_params, "train_s": train_s,
-               "history": {k: [float(v) for v in vs] for k, vs in history.history.items()},
+               "history": history,
+               "dense_history": dense_log.history if dense_log is not None else None,
+               "tau_events": callback.history,
                "models": rows}
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
     summary = dkdp.report.importance_summary(model, criterion="magnitude", out_dir=out)
-    _history_plot(history.history, out / "training.png")
+    _history_plot(history, out / "training.png",
+                  dense_log.history if dense_log is not None else None)
+    _size_plot(rows, out / "size_accuracy.png", args.quantize)
     table = ("| model | params | MACs | TFLite acc | agrees with Keras | TFLite bytes "
              "| latency ms |\n|---|---:|---:|---:|---:|---:|---:|\n" + "".join(
                  f"| {r['model']} | {r['params']:,} | {r['macs']:,} | {r['tflite_acc']:.2%} "
                  f"| {r['agreement']:.2%} | {r['tflite_bytes']:,} | {r['latency_ms']:.3f} |\n"
                  for r in rows))
-    tau = ", ".join(f"{h['tau']:.3g}@{h['step']}" for h in callback.history)
+    tau = ", ".join(f"{h['tau']:.3g}@{h['step']}" for h in callback.history) or "none"
+    tau_epochs = ", ".join(f"{v:.3g}" for v in history.get("tau", []))
     (out / "report.md").write_text(
         f"# dkdp run\n\n{table}\nDense teacher: {dense_params:,} parameters. "
-        f"Training: {train_s:.0f} s.\n\nSettings: `{json.dumps(metrics['settings'], default=str)}`\n\n"
-        f"τ over pruning events (value@step): {tau}\n\n## Layers\n\n{summary.markdown}\n"
+        f"Training: {train_s:.0f} s. Files: `.tflite` ({args.quantize}), "
+        "accuracy on the test split.\n\n"
+        f"Settings: `{json.dumps(metrics['settings'], default=str)}`\n\n"
+        f"τ over pruning events (value@step): {tau}\n\n"
+        f"τ at each epoch end: {tau_epochs}\n\n"
+        "![accuracy against size](size_accuracy.png)\n\n"
+        f"## Layers\n\n{summary.markdown}\n"
         "![training](training.png)\n![layers](layer_sparsity.png)\n"
         "![importance](importance_histograms.png)\n")
-    print("\n" + table + f"\nWrote {out}/report.md, metrics.json, plots, .keras and .tflite files.")
+    # Last: metrics.json marks the run finished (--resume refuses it then).
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
+    for name in ("backup", "backup_dense"):
+        shutil.rmtree(out / name, ignore_errors=True)
+    print("\n" + table + f"\nWrote {out}/report.md, metrics.json, plots, .keras and "
+          ".tflite files.")
     return 0
 
 
-def _history_plot(history, path):
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _history_plot(history, path, dense_history=None):
+    plt = _pyplot()
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.2))
-    for key in ("val_teacher_accuracy", "val_student_accuracy"):
-        if key in history:
-            a.plot(range(1, len(history[key]) + 1), history[key], label=key)
-    a.set_xlabel("epoch"); a.set_ylabel("accuracy"); a.legend(fontsize=8)  # noqa: E702
+    curves = [(history, "val_teacher_accuracy", "pruned teacher"),
+              (history, "val_student_accuracy", "student"),
+              (dense_history or {}, "val_accuracy", "dense teacher")]
+    for source, key, label in curves:
+        if key in source:
+            a.plot(range(1, len(source[key]) + 1), source[key], label=label)
+    a.set_xlabel("epoch"); a.set_ylabel("validation accuracy"); a.legend(fontsize=8)  # noqa: E702
     if "sparsity" in history:
         b.plot(range(1, len(history["sparsity"]) + 1), history["sparsity"], color="tab:red")
     b.set_xlabel("epoch"); b.set_ylabel("teacher sparsity")  # noqa: E702
+    from matplotlib.ticker import MaxNLocator
+
+    for axis in (a, b):
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _size_plot(rows, path, quantize):
+    """Test accuracy of each .tflite file against its size, one labelled point
+    per model."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for row in rows:
+        kib, acc = row["tflite_bytes"] / 1024, 100 * row["tflite_acc"]
+        ax.scatter([kib], [acc], s=40)
+        ax.annotate(row["model"], (kib, acc), textcoords="offset points",
+                    xytext=(6, 4), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel(f"TFLite file size, KiB ({quantize}, log scale)")
+    ax.set_ylabel("test accuracy, %")
+    ax.margins(x=0.3, y=0.2)
+    ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -316,14 +615,21 @@ def main(argv=None):
               "see benchmarks/ for the measurement scripts.", file=sys.stderr)
         return 2
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if args.command == "run":
+        args.explicit = _explicit_run_options(list(argv))
+        args.checkpoint = None
     try:
         return {"run": cmd_run, "export": cmd_export, "inspect": cmd_inspect}[args.command](args)
     except UsageError as error:
         print(f"dkdp {args.command}: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"\ndkdp {args.command}: interrupted; the last completed epoch is in "
-              "checkpoint.keras in the output directory.", file=sys.stderr)
+        print(f"\ndkdp {args.command}: interrupted.", file=sys.stderr)
+        if args.command == "run" and args.checkpoint is not None:
+            done = (f"the last completed epoch is in {args.checkpoint}"
+                    if args.checkpoint.is_file() else "no epoch was completed")
+            print(f"dkdp run: {done}; continue with: dkdp run --resume {args.out}",
+                  file=sys.stderr)
         return 130
 
 
