@@ -12,12 +12,17 @@ from dkdp_keras import importance as importance_lib
 from dkdp_keras.budget import count_macs, count_params, deployed
 from dkdp_keras.graph import batchnorm_after, output_unit_layers
 from dkdp_keras.prunable import masked_layers, sync_batchnorm
+from dkdp_keras.state import pruning_state
 from dkdp_keras.thresholds.mechanism import NORMALIZE, Floors, compute_masks
 from dkdp_keras.thresholds.schedules import (
     Adaptive,
     PolynomialDecay,
     SparsityPolicy,
 )
+
+
+#: What each `DKDPCallback.history` record holds.
+HISTORY = ("step", "tau", "sparsity", "kept_params")
 
 
 class StudentRefresh:
@@ -63,6 +68,17 @@ class DKDPCallback(keras.callbacks.Callback):
 
     Works with a `DKDPModel` (prunes its teacher) and with a plain Keras
     model made with `dkdp_keras.prunable`.
+
+    Everything it decides from (pruning events done, τ, the event history,
+    the `Adaptive` controller with its last good masks, the saved
+    BatchNormalization statistics of removed units) lives in the model's
+    `PruningState` (`dkdp_keras.state`), in non-trainable variables that
+    `keras.callbacks.BackupAndRestore` and `ModelCheckpoint` save: a run
+    resumed from a checkpoint ends as the uninterrupted run would. List this
+    callback *before* `BackupAndRestore`, so that each epoch's checkpoint is
+    written after its pruning event (callbacks run in list order). In the
+    other order a resumed schedule replays the missed event exactly, but an
+    `Adaptive` decision of that epoch is lost (with a warning).
 
     Adds to the epoch logs (progress bar, History, and CSVLogger when it is
     listed after this callback): `tau`, `sparsity` (of the masks),
@@ -171,6 +187,9 @@ class DKDPCallback(keras.callbacks.Callback):
         self.events = 0
         self.history = []  # one dict per pruning event
         self._writer = None
+        self._state = None
+        self._run_started = False
+        self._epochs_done = 0
 
     # ------------------------------------------------------------ plumbing
     def _teacher(self):
@@ -183,6 +202,13 @@ class DKDPCallback(keras.callbacks.Callback):
 
     def _step(self):
         return int(ops.convert_to_numpy(self.model.optimizer.iterations))
+
+    def set_model(self, model):
+        super().set_model(model)
+        # Attached now, when fit builds its callback list: before any
+        # callback's on_train_begin, where BackupAndRestore loads the
+        # checkpoint into it.
+        self._state = pruning_state(model)
 
     def on_train_begin(self, logs=None):
         teacher = self._teacher()
@@ -214,10 +240,7 @@ class DKDPCallback(keras.callbacks.Callback):
         )
         self._batchnorms = batchnorm_after(teacher)
         self._bn_saved = {}
-        self._dead = {
-            layer.name: ops.convert_to_numpy(layer.unit_mask()) == 0
-            for layer in self._layers
-        }
+        self._run_started = False
         epochs = self.params.get("epochs") or 1
         steps = self.params.get("steps") or 1
         self._epochs = epochs
@@ -237,6 +260,112 @@ class DKDPCallback(keras.callbacks.Callback):
 
             self._writer = tf.summary.create_file_writer(str(self.log_dir))
 
+    # ---------------------------------------------------------------- state
+    def on_epoch_begin(self, epoch, logs=None):
+        # The first epoch of this fit: every on_train_begin has run, so a
+        # checkpoint, if one was restored, is in the model's state now.
+        if not self._run_started:
+            self._run_started = True
+            self._begin_run(epoch)
+
+    def _begin_run(self, epoch):
+        saved = self._state.get("epoch")
+        saved = None if saved is None else int(saved)
+        if epoch > 0 and saved == epoch:
+            self._restore_state()
+        elif epoch > 0 and saved == epoch - 1:
+            # The checkpoint was written before this callback's end of
+            # epoch `epoch - 1` (BackupAndRestore listed before it).
+            self._restore_state()
+            self._replay_epoch_end(epoch - 1)
+        else:
+            self.tau = 0.0
+            self.events = 0
+            self.history = []
+            self._bn_saved = {}
+            self._refresh_params = count_params(deployed(self._teacher()))
+            self._save_state(epoch)
+
+    def _replay_epoch_end(self, epoch):
+        step = self._step()
+        if isinstance(self.threshold, Adaptive):
+            warnings.warn(
+                "DKDPCallback: the checkpoint this run resumed from was "
+                f"written before the Adaptive decision at the end of epoch "
+                f"{epoch + 1}, which is lost; the controller continues from "
+                "the epoch before. List DKDPCallback before "
+                "BackupAndRestore in callbacks.",
+                stacklevel=2,
+            )
+        elif self.frequency == "epoch" and self._in_window(step):
+            self._prune(self.threshold.sparsity_at(step))
+        self._save_state(epoch + 1)
+
+    def _save_state(self, epochs_done):
+        """Write what the next decisions depend on into the model's state."""
+        self._epochs_done = epochs_done
+        state = self._state
+        state.set("epoch", np.int64(epochs_done))
+        state.set("events", np.int64(self.events))
+        state.set("tau", np.float64(self.tau))
+        state.set("refresh_params", np.int64(self._refresh_params))
+        state.set("history", np.array(
+            [[h[k] for k in HISTORY] for h in self.history], "float64"
+        ).reshape(-1, len(HISTORY)))
+        # Layers are keyed by position: their names are numbered per
+        # process ("dense_12"), their order is the model's.
+        position = {layer.name: i for i, layer in enumerate(self._layers)}
+        for name, saved in self._bn_saved.items():
+            for kind, values in saved.items():
+                state.set(f"bn_{kind}:{position[name]}", values)
+        if isinstance(self.threshold, Adaptive):
+            policy = self.threshold.get_state()
+            for key in Adaptive.STATE:
+                value = policy[key]
+                state.set(f"adaptive:{key}", np.float64(
+                    np.nan if value is None else value
+                ))
+            masks = policy["last_good_masks"]
+            state.set("adaptive:has_good", np.int64(masks is not None))
+            for name, mask in (masks or {}).items():
+                state.set(f"adaptive:good:{position[name]}", mask)
+
+    def _restore_state(self):
+        """Read back what `_save_state` wrote (a resumed run)."""
+        state = self._state
+        self._epochs_done = int(state.get("epoch"))
+        self.events = int(state.get("events", 0))
+        self.tau = float(state.get("tau", 0.0))
+        self._refresh_params = int(
+            state.get("refresh_params", self._refresh_params)
+        )
+        self.history = [
+            dict(zip(HISTORY, (int(r[0]), float(r[1]), float(r[2]), int(r[3]))))
+            for r in state.get("history", np.zeros((0, len(HISTORY))))
+        ]
+        self._bn_saved = {}
+        for i, layer in enumerate(self._layers):
+            for kind in ("mean", "var"):
+                values = state.get(f"bn_{kind}:{i}")
+                if values is not None:
+                    self._bn_saved.setdefault(layer.name, {})[kind] = values
+        if isinstance(self.threshold, Adaptive):
+            if "adaptive:step" not in state:
+                raise ValueError(
+                    "The checkpoint holds no Adaptive controller state: it "
+                    "was written by a run with another threshold policy."
+                )
+            values = {}
+            for key in Adaptive.STATE:
+                value = float(state.get(f"adaptive:{key}"))
+                values[key] = None if math.isnan(value) else value
+            values["last_good_masks"] = (
+                {l.name: state.get(f"adaptive:good:{i}")
+                 for i, l in enumerate(self._layers)}
+                if int(state.get("adaptive:has_good", 0)) else None
+            )
+            self.threshold.set_state(values)
+
     def on_train_batch_end(self, batch, logs=None):
         # Only step-scheduled pruning acts here; reading the loss every step
         # would force a device sync per step, so divergence is caught at
@@ -246,7 +375,8 @@ class DKDPCallback(keras.callbacks.Callback):
         step = self._step()
         if step % self.frequency == 0 and self._in_window(step):
             self._check_loss(logs)
-            self._prune(self.threshold.sparsity_at(step))
+            if self._prune(self.threshold.sparsity_at(step)) is not None:
+                self._save_state(self._epochs_done)
 
     def _check_loss(self, logs):
         if logs and "loss" in logs:
@@ -272,6 +402,7 @@ class DKDPCallback(keras.callbacks.Callback):
                 self._adaptive_event(epoch, logs)
         elif self.frequency == "epoch" and self._in_window(step):
             self._prune(self.threshold.sparsity_at(step))
+        self._save_state(epoch + 1)
         self._add_logs(logs)
 
     def on_train_end(self, logs=None):
@@ -343,11 +474,12 @@ class DKDPCallback(keras.callbacks.Callback):
 
     def _assign(self, masks, batchnorm=True):
         for layer in self._layers:
+            was_dead = ops.convert_to_numpy(layer.unit_mask()) == 0
             layer.kernel_mask.assign(masks[layer.name])
             if batchnorm:
-                self._sync_batchnorm(layer, masks[layer.name])
+                self._sync_batchnorm(layer, masks[layer.name], was_dead)
 
-    def _sync_batchnorm(self, layer, mask):
+    def _sync_batchnorm(self, layer, mask, was_dead):
         """Keep the BatchNormalization after a layer in step with its units.
 
         A removed unit feeds exact zeros to it: a MaskedBatchNormalization's
@@ -360,7 +492,6 @@ class DKDPCallback(keras.callbacks.Callback):
         if bn is None:
             return
         dead = mask.reshape(-1, layer.num_units).max(axis=0) == 0
-        was_dead = self._dead.get(layer.name, np.zeros_like(dead))
         saved = self._bn_saved.setdefault(layer.name, {})
         for key, var in (("mean", bn.moving_mean), ("var", bn.moving_variance)):
             values = ops.convert_to_numpy(var).copy()
@@ -370,7 +501,6 @@ class DKDPCallback(keras.callbacks.Callback):
             values[revived] = store[revived]
             values[dead] = 0.0
             var.assign(values)
-        self._dead[layer.name] = dead
         if hasattr(bn, "channel_mask"):
             bn.channel_mask.assign((~dead).astype("float32"))
 

@@ -37,7 +37,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from dkdp_keras.graph import _single, output_unit_layers
+from dkdp_keras.graph import _single, output_unit_layers, rewired
 from dkdp_keras.prunable import (
     _clone,
     check_graph_model,
@@ -155,6 +155,7 @@ def compact(model):
     ```
     """
     check_graph_model(model)
+    model = rewired(model)
     for layer in model.layers:
         try:
             layer.input, layer.output

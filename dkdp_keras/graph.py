@@ -9,6 +9,7 @@ from dkdp_keras.prunable import (
     is_kernel_layer,
     is_masked,
     is_strippable,
+    iter_layers,
 )
 
 #: Layers whose output has the same units (channels) as their input, one to
@@ -35,6 +36,48 @@ def _single(tensors):
     return tensors
 
 
+def _flat(tensors):
+    return list(tensors) if isinstance(tensors, (list, tuple)) else [tensors]
+
+
+def is_wired(model):
+    """True when every layer's first call, the one `layer.input` and
+    `layer.output` show, is its call in `model`'s graph.
+
+    A Sequential rebuilt from its config (every Sequential loaded from a
+    `.keras` file) is not: Keras calls its first layers again each time it
+    adds a layer, so their first call belongs to an unfinished graph.
+    """
+    produced = {id(t) for t in model.inputs}
+    for layer in model.layers:
+        try:
+            inputs, outputs = _flat(layer.input), _flat(layer.output)
+        except (AttributeError, ValueError):
+            return True  # a layer used at several places: callers see to it
+        if not isinstance(layer, keras.layers.InputLayer) and any(
+            id(t) not in produced for t in inputs
+        ):
+            return False
+        produced.update(id(t) for t in outputs)
+    return True
+
+
+def rewired(model):
+    """`model` itself when `is_wired(model)`, else a copy with the same
+    layer names, configurations and weights (masks included) whose graph is
+    wired, for the functions that read the graph from `layer.input`."""
+    if is_wired(model):
+        return model
+    from dkdp_keras.prunable import _clone
+
+    copy, pairs = _clone(
+        model, lambda layer: layer.__class__.from_config(layer.get_config())
+    )
+    for old, new in pairs:
+        new.set_weights(old.get_weights())
+    return copy
+
+
 def output_unit_layers(model):
     """Names of the kernel layers whose units are the model's output units.
 
@@ -42,6 +85,7 @@ def output_unit_layers(model):
     (activations, dropout, normalisation) to the Dense/Conv layer that
     produces those units. Removing one of its units would remove an output.
     """
+    model = rewired(model)
     producer = _producers(model)
     names = set()
     for tensor in model.outputs:
@@ -79,9 +123,10 @@ def batchnorm_after(model, source_filter=is_masked):
     """Map layer name -> the BatchNormalization layer that reads its output
     directly (Conv -> BN -> activation), for every layer that passes
     `source_filter` (default: masked layers)."""
-    producer = _producers(model)
+    view = rewired(model)
+    producer = _producers(view)
     pairs = {}
-    for layer in model.layers:
+    for layer in view.layers:
         if isinstance(layer, keras.Model):
             pairs.update(batchnorm_after(layer, source_filter))
             continue
@@ -93,6 +138,9 @@ def batchnorm_after(model, source_filter=is_masked):
             continue
         if source is not None and source_filter(source):
             pairs[source.name] = layer
+    if view is not model:  # the layers of `model`, not of its copy
+        own = {layer.name: layer for layer in iter_layers(model)}
+        pairs = {name: own[bn.name] for name, bn in pairs.items()}
     return pairs
 
 

@@ -14,8 +14,9 @@ from dkdp_keras.distillation import (
     same_signature,
 )
 from dkdp_keras.compaction import compact
-from dkdp_keras.graph import width_copy
+from dkdp_keras.graph import rewired, width_copy
 from dkdp_keras.prunable import check_graph_model, masked_layers, prunable
+from dkdp_keras.state import pruning_state
 
 SERVE = ("student", "teacher")
 REFRESH = ("width", "compact_teacher")
@@ -65,12 +66,31 @@ def _loss_object(loss):
             "loss must be one loss (DKDPModel trains single-output models), "
             f"got {loss!r}."
         )
-    fn = keras.losses.get(loss) if isinstance(loss, str) else loss
+    try:
+        fn = keras.losses.get(loss) if isinstance(loss, str) else loss
+    except ValueError:
+        fn = None
     if fn is None or not callable(fn):
-        raise ValueError(f"Unknown loss {loss!r}.")
+        raise ValueError(
+            f"Unknown loss {loss!r}: pass a keras.losses.Loss, a Keras loss "
+            "name such as 'sparse_categorical_crossentropy', or a function "
+            "loss(y_true, y_pred)."
+        )
     if isinstance(fn, keras.losses.Loss):
         return fn
-    return keras.losses.LossFunctionWrapper(fn)
+    return _FunctionLoss(fn)
+
+
+class _FunctionLoss(keras.losses.Loss):
+    """A loss function `fn(y_true, y_pred)` as a Loss object (sample
+    weights and reduction handled by `keras.losses.Loss`)."""
+
+    def __init__(self, fn):
+        super().__init__(name=getattr(fn, "__name__", "loss"))
+        self.fn = fn
+
+    def call(self, y_true, y_pred):
+        return self.fn(y_true, y_pred)
 
 
 @keras.saving.register_keras_serializable(package="dkdp_keras")
@@ -165,6 +185,9 @@ class DKDPModel(keras.Model):
         self._student_metrics = []
         self._compile_args = None
         self._collect_gradients = True
+        # DKDPCallback's state (events, τ, the adaptive controller): in
+        # `.keras` files and checkpoints with the weights (dkdp_keras.state).
+        pruning_state(self)
         self.built = True
 
     # -------------------------------------------------------------- student
@@ -452,7 +475,12 @@ class DKDPModel(keras.Model):
     def from_config(cls, config):
         config = dict(config)
         for key in ("teacher", "student"):
-            config[key] = keras.saving.deserialize_keras_object(config[key])
+            # A Sequential rebuilt from its config calls its first layers
+            # once per layer added; a rewired copy has one graph, which the
+            # graph readers (compaction, output units) need.
+            config[key] = rewired(
+                keras.saving.deserialize_keras_object(config[key])
+            )
         if isinstance(config.get("kd_loss"), dict):
             config["kd_loss"] = keras.saving.deserialize_keras_object(
                 config["kd_loss"]

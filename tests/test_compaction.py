@@ -196,3 +196,22 @@ def test_depthwise_carries_channels_through(rng):
     assert small.get_layer("dw").kernel.shape[-2] == 4
     assert small.get_layer("project").kernel.shape[-2] == 4
     assert_same(small, model, rng.normal(size=(2, 8, 8, 3)).astype("float32"))
+
+
+def test_a_sequential_loaded_from_a_keras_file_compacts(tmp_path, rng):
+    """Keras rebuilds a loaded Sequential layer by layer, so its first
+    layers' first calls belong to unfinished graphs; compaction and the
+    graph readers work on a rewired copy."""
+    model = dkdp.prunable(keras.Sequential([
+        keras.Input((6,)), keras.layers.Dense(12, activation="relu"),
+        keras.layers.Dense(8, activation="relu"), keras.layers.Dense(3)]))
+    unit_prune(model, 0.5, rng)
+    model.save(tmp_path / "m.keras")
+    loaded = keras.saving.load_model(tmp_path / "m.keras")
+    assert not dkdp.graph.is_wired(loaded) and dkdp.graph.is_wired(model)
+    assert dkdp.graph.output_unit_layers(loaded) == dkdp.graph.output_unit_layers(model)
+    small = compact(loaded)
+    x = rng.normal(size=(4, 6)).astype("float32")
+    assert_same(small, model, x)
+    assert [l.units for l in small.layers] == [l.units for l in compact(model).layers]
+    assert small.count_params() < dkdp.count_params(model, nonzero=False)

@@ -275,6 +275,24 @@ def test_compile_arguments():
         model.compile(optimizer="adam", loss=CE, loss_weights=[1.0])
 
 
+def test_loss_given_by_name_or_function():
+    x, y = data()
+    for loss in ("sparse_categorical_crossentropy",
+                 keras.losses.sparse_categorical_crossentropy):
+        keras.utils.set_random_seed(0)
+        teacher = keras.Sequential([keras.Input((6,)),
+                                    keras.layers.Dense(4, activation="softmax")])
+        model = dkdp.DKDPModel(teacher)
+        model.compile(optimizer=keras.optimizers.SGD(0.1), loss=loss)
+        expected = float(keras.ops.mean(
+            keras.losses.sparse_categorical_crossentropy(y, model.teacher(x))))
+        # One step on the whole batch: the logged loss is the one before it.
+        logs = model.fit(x, y, batch_size=64, epochs=1, verbose=0).history
+        assert logs["teacher_loss"][0] == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ValueError, match="Unknown loss"):
+        dkdp.DKDPModel(mlp()).compile(optimizer="sgd", loss="no_such_loss")
+
+
 def test_refresh_student():
     x, y = data()
     model = make()

@@ -269,6 +269,32 @@ class Adaptive(SparsityPolicy):
         step = max(self.step, (required - current) / remaining)
         return min(required, current + step)
 
+    #: The controller's state, as `get_state` returns it (masks aside).
+    STATE = ("reference", "last_value", "step", "started", "recovering",
+             "backoffs")
+
+    def get_state(self):
+        """The controller's state after `start`, as a dict: the numbers of
+        `STATE` (None where unset) and `last_good_masks` (dict layer name ->
+        mask, or None). `DKDPCallback` keeps it in the model's checkpointed
+        state, so that a resumed run continues with it."""
+        state = {name: getattr(self, name) for name in self.STATE}
+        state["last_good_masks"] = self.last_good_masks
+        return state
+
+    def set_state(self, state):
+        """Restore what `get_state` returned (after `start`)."""
+        missing = [name for name in self.STATE if name not in state]
+        if missing:
+            raise ValueError(f"Adaptive state lacks {missing}.")
+        self.reference = state["reference"]
+        self.last_value = state["last_value"]
+        self.step = float(state["step"])
+        self.started = bool(state["started"])
+        self.recovering = int(state["recovering"])
+        self.backoffs = int(state["backoffs"])
+        self.last_good_masks = state.get("last_good_masks")
+
     def final_fall(self):
         """How far the last monitored value is below the reference."""
         if self.reference is None or self.last_value is None:

@@ -1,0 +1,256 @@
+"""Nothing lost: checkpoint and resume, determinism, `.keras` files in a
+fresh process."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+
+import dkdp_keras as dkdp
+from dkdp_keras import thresholds
+from dkdp_keras.state import pruning_state
+
+CE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def mlp(name="mlp"):
+    return keras.Sequential([
+        keras.Input((8,)),
+        keras.layers.Dense(24, activation="relu"),
+        keras.layers.Dense(16, activation="relu"),
+        keras.layers.Dense(3),
+    ], name=name)
+
+
+def data(n=96, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 8)).astype("float32")
+    y = ((x[:, 0] > 0).astype("int64") + (x[:, 1] > 0)).astype("int64")
+    return x, y
+
+
+class Interrupted(Exception):
+    pass
+
+
+class Interrupt(keras.callbacks.Callback):
+    """Raises before training step `step` (counted from 0 over the run)."""
+
+    def __init__(self, step):
+        super().__init__()
+        self.step = step
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if int(self.model.optimizer.iterations.numpy()) == self.step:
+            raise Interrupted(f"interrupted before step {self.step}")
+
+
+def make_dkdp(seed=0):
+    keras.utils.set_random_seed(seed)
+    model = dkdp.DKDPModel(mlp(), lambda_kd=0.5)
+    model.compile(teacher_optimizer=keras.optimizers.Adam(1e-2),
+                  student_optimizer=keras.optimizers.Adam(5e-3),
+                  loss=CE, metrics=["accuracy"])
+    return model
+
+
+def make_plain(seed=0):
+    keras.utils.set_random_seed(seed)
+    model = dkdp.prunable(mlp())
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss=CE)
+    return model
+
+
+POLICIES = {
+    # Epoch-end events on a gradient criterion (its statistics checkpointed).
+    "schedule": lambda: dict(
+        importance="taylor", granularity="unit",
+        threshold=thresholds.PolynomialDecay(0.0, 0.6, 0, 12)),
+    # The adaptive controller: reference, step, last good masks.
+    "adaptive": lambda: dict(
+        threshold=thresholds.Adaptive(dkdp.Budget(max_params=300), tolerance=0.02,
+                                      initial_step=0.2, finish_by=1.0)),
+    # Events every 2 steps, inside epochs.
+    "steps": lambda: dict(
+        threshold=thresholds.PolynomialDecay(0.0, 0.7, 0, 14), frequency=2),
+}
+
+
+def snapshot(model, callback):
+    """Everything a resumed run must reproduce."""
+    optimizers = [model.optimizer] + (
+        [model.student_optimizer] if isinstance(model, dkdp.DKDPModel) else [])
+    state = pruning_state(model)
+    out = {
+        "weights": [w.numpy().copy() for w in model.weights],
+        "optimizers": [[v.numpy().copy() for v in opt.variables] for opt in optimizers],
+        "state": {key: state.get(key) for key in state.keys()},
+        "tau": callback.tau, "events": callback.events,
+        "history": [dict(h) for h in callback.history],
+    }
+    if isinstance(callback.threshold, thresholds.Adaptive):
+        out["adaptive"] = callback.threshold.get_state()
+    return out
+
+
+def assert_same(a, b):
+    assert len(a["weights"]) == len(b["weights"])
+    for p, q in zip(a["weights"], b["weights"]):
+        np.testing.assert_allclose(p, q, rtol=0, atol=1e-6)
+    for opt_a, opt_b in zip(a["optimizers"], b["optimizers"]):
+        assert len(opt_a) == len(opt_b)
+        for p, q in zip(opt_a, opt_b):
+            np.testing.assert_allclose(p, q, rtol=0, atol=1e-6)
+    assert sorted(a["state"]) == sorted(b["state"])
+    for key in a["state"]:
+        np.testing.assert_allclose(a["state"][key], b["state"][key], rtol=0,
+                                   atol=1e-6, err_msg=key)
+    assert (a["tau"], a["events"]) == (b["tau"], b["events"])
+    assert a["history"] == b["history"]
+    if "adaptive" in a:
+        ga, gb = dict(a["adaptive"]), dict(b["adaptive"])
+        masks_a, masks_b = ga.pop("last_good_masks"), gb.pop("last_good_masks")
+        assert ga == gb
+        # Layer names are numbered per process; the order is the model's.
+        assert len(masks_a) == len(masks_b) > 0
+        for p, q in zip(masks_a.values(), masks_b.values()):
+            np.testing.assert_array_equal(p, q)
+
+
+def masks(model):
+    return [layer.kernel_mask.numpy().copy() for layer in dkdp.masked_layers(model)]
+
+
+def fit(model, callbacks, epochs, x, y, validation=False):
+    return model.fit(x, y, epochs=epochs, batch_size=32, shuffle=False, verbose=0,
+                     callbacks=callbacks,
+                     validation_data=(x[:48], y[:48]) if validation else None)
+
+
+@pytest.mark.parametrize("kind,policy,order", [
+    ("dkdp", "schedule", "callback_first"),
+    ("dkdp", "adaptive", "callback_first"),
+    ("plain", "steps", "callback_first"),
+    # BackupAndRestore listed first: the checkpoint misses the epoch's
+    # pruning event, which the resumed run replays exactly.
+    ("dkdp", "schedule", "backup_first"),
+])
+def test_resume_after_interruption_ends_like_an_uninterrupted_run(
+        tmp_path, kind, policy, order):
+    x, y = data()
+    make = make_dkdp if kind == "dkdp" else make_plain
+    epochs, stop = 5, 3 * 3 + 1  # 3 steps per epoch: stop inside epoch 4
+    validation = policy == "adaptive"
+
+    def callbacks(extra=()):
+        cb = dkdp.DKDPCallback(verbose=0, **POLICIES[policy]())
+        backup = keras.callbacks.BackupAndRestore(str(tmp_path / "backup"))
+        ordered = [cb, backup] if order == "callback_first" else [backup, cb]
+        return cb, ordered + list(extra)
+
+    model = make()
+    cb, cbs = callbacks()
+    fit(model, cbs, epochs, x, y, validation)
+    straight = snapshot(model, cb)
+    assert cb.events >= 2 and dkdp.sparsity(model if kind == "plain" else model.teacher) > 0.2
+
+    first = make()
+    cb_first, cbs = callbacks([Interrupt(stop)])
+    with pytest.raises(Interrupted):
+        fit(first, cbs, epochs, x, y, validation)
+    assert (tmp_path / "backup" / "latest.weights.h5").exists()
+
+    # A new process would start here: same seed, new model, new callback.
+    resumed = make()
+    cb_resumed, cbs = callbacks()
+    fit(resumed, cbs, epochs, x, y, validation)
+    assert_same(snapshot(resumed, cb_resumed), straight)
+    assert int(resumed.optimizer.iterations.numpy()) == epochs * 3
+    if kind == "dkdp":
+        assert int(resumed.student_optimizer.iterations.numpy()) == epochs * 3
+
+
+def test_adaptive_decision_lost_to_a_misordered_checkpoint_is_announced(tmp_path):
+    x, y = data()
+
+    def callbacks(extra=()):
+        cb = dkdp.DKDPCallback(verbose=0, **POLICIES["adaptive"]())
+        return [keras.callbacks.BackupAndRestore(str(tmp_path / "b")), cb, *extra]
+
+    with pytest.raises(Interrupted):
+        fit(make_dkdp(), callbacks([Interrupt(7)]), 4, x, y, validation=True)
+    with pytest.warns(UserWarning, match="Adaptive decision at the end of epoch 2.*is lost"):
+        fit(make_dkdp(), callbacks(), 4, x, y, validation=True)
+
+
+def test_a_keras_checkpoint_resumes_the_pruning_state(tmp_path):
+    """ModelCheckpoint writes `.keras` files; load_model + fit(initial_epoch)
+    continues the schedule with its events, τ and history."""
+    x, y = data()
+
+    def callback():
+        return dkdp.DKDPCallback(verbose=0, **POLICIES["schedule"]())
+
+    model = make_dkdp()
+    cb = callback()
+    fit(model, [cb], 4, x, y)
+    straight = snapshot(model, cb)
+
+    first = make_dkdp()
+    path = tmp_path / "ckpt.keras"
+    fit(first, [callback(), keras.callbacks.ModelCheckpoint(str(path))], 2, x, y)
+    loaded = keras.saving.load_model(path)
+    cb_loaded = callback()
+    loaded.fit(x, y, epochs=4, initial_epoch=2, batch_size=32, shuffle=False,
+               verbose=0, callbacks=[cb_loaded])
+    assert_same(snapshot(loaded, cb_loaded), straight)
+
+
+def test_the_state_stays_out_of_the_models_layers_and_weights():
+    model = make_dkdp()
+    before = (len(model.weights), [l.name for l in model.layers])
+    x, y = data()
+    fit(model, [dkdp.DKDPCallback(verbose=0, **POLICIES["adaptive"]())], 2, x, y,
+        validation=True)
+    assert (len(model.weights), [l.name for l in model.layers]) == before
+    state = pruning_state(model)
+    assert int(state.get("events")) >= 1 and int(state.get("epoch")) == 2
+    plain = dkdp.prunable(mlp())
+    n = len(plain.weights)
+    plain.compile(optimizer="adam", loss=CE)
+    fit(plain, [dkdp.DKDPCallback(verbose=0, threshold=thresholds.ConstantSparsity(0.5))],
+        1, x, y)
+    assert len(plain.weights) == n and len(plain.layers) == 3
+    assert int(pruning_state(plain).get("events")) == 1
+
+
+def test_two_runs_with_one_seed_give_the_same_masks():
+    x, y = data()
+    results = []
+    for _ in range(2):
+        model = make_dkdp(seed=3)
+        cb = dkdp.DKDPCallback(importance="taylor", granularity="unit",
+                               threshold=thresholds.PolynomialDecay(0.0, 0.5, 0, 6),
+                               frequency=2, verbose=0)
+        fit(model, [cb], 2, x, y)
+        results.append((masks(model.teacher), [w.numpy() for w in model.weights], cb.tau))
+    (m1, w1, t1), (m2, w2, t2) = results
+    assert 0.3 < np.mean([1 - m.mean() for m in m1[:-1]]) and t1 == t2
+    for a, b in zip(m1, m2):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(w1, w2):
+        np.testing.assert_array_equal(a, b)
+    # A different seed gives other weights and so other masks.
+    model = make_dkdp(seed=4)
+    cb = dkdp.DKDPCallback(importance="taylor", granularity="unit",
+                           threshold=thresholds.PolynomialDecay(0.0, 0.5, 0, 6),
+                           frequency=2, verbose=0)
+    fit(model, [cb], 2, x, y)
+    assert any(not np.array_equal(a, b) for a, b in zip(m1, masks(model.teacher)))
