@@ -254,3 +254,62 @@ def test_two_runs_with_one_seed_give_the_same_masks():
                            frequency=2, verbose=0)
     fit(model, [cb], 2, x, y)
     assert any(not np.array_equal(a, b) for a, b in zip(m1, masks(model.teacher)))
+
+
+LOADER = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    import keras
+    import dkdp_keras  # registers the library's classes; nothing else
+    paths, x_path, out_path = json.loads(sys.argv[1])
+    x = np.load(x_path)
+    out = {}
+    for name, path in paths.items():
+        model = keras.saving.load_model(path, safe_mode=True)
+        out[name] = np.asarray(model(x, training=False))
+        out[name + ":type"] = np.array(type(model).__name__)
+        if isinstance(model, dkdp_keras.DKDPModel):
+            out[name + ":teacher"] = np.asarray(model.teacher(x, training=False))
+            out[name + ":events"] = np.asarray(
+                dkdp_keras.state.pruning_state(model).get("events", -1))
+            out[name + ":compiled"] = np.array(model.compiled)
+    np.savez(out_path, **out)
+""")
+
+
+def test_keras_files_load_in_a_fresh_process_in_safe_mode(tmp_path):
+    x, y = data()
+    model = make_dkdp()
+    model.fit(x, y, epochs=2, batch_size=32, verbose=0, callbacks=[
+        dkdp.DKDPCallback(granularity="unit", threshold=thresholds.ConstantSparsity(0.4),
+                          verbose=0)])
+    refreshed = make_dkdp(seed=1)
+    refreshed.refresh_student("compact_teacher")
+    features = dkdp.DKDPModel(
+        mlp(), student=mlp("student"),
+        kd_loss=keras.distillation.FeatureDistillation(
+            teacher_layer_name=None, student_layer_name=None), serve="teacher")
+    gated = dkdp.prunable(mlp(), learnable_mask=True, gate_l1=1e-3, track_statistics=True)
+    models = {
+        "dkdp": model, "refreshed": refreshed, "features": features, "gated": gated,
+        "compacted": model.compact_teacher(), "stripped": dkdp.strip(model.teacher),
+    }
+    paths = {}
+    for name, m in models.items():
+        paths[name] = str(tmp_path / f"{name}.keras")
+        m.save(paths[name])
+    np.save(tmp_path / "x.npy", x[:8])
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    run = subprocess.run(
+        [sys.executable, "-c", LOADER,
+         json.dumps([paths, str(tmp_path / "x.npy"), str(tmp_path / "out.npz")])],
+        capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = np.load(tmp_path / "out.npz")
+    for name, m in models.items():
+        np.testing.assert_allclose(out[name], np.asarray(m(x[:8], training=False)),
+                                   rtol=0, atol=1e-6, err_msg=name)
+        assert str(out[name + ":type"]) == type(m).__name__
+    np.testing.assert_allclose(out["dkdp:teacher"], model.teacher(x[:8]).numpy(), atol=1e-6)
+    assert int(out["dkdp:events"]) == 2 and bool(out["dkdp:compiled"])
+    assert int(out["refreshed:events"]) == -1  # never pruned: no state saved
