@@ -92,7 +92,10 @@ def _parser():
     inspect.add_argument("--importance", default="magnitude")
     inspect.add_argument("--out", default=None, help="directory for the plots")
 
-    sub.add_parser("bench", help="run the benchmark protocol (coming)")
+    bench = sub.add_parser(
+        "bench", help="run the benchmark protocol (benchmarks/run.py of a source checkout)")
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER,
+                       help="passed to benchmarks/run.py: --quick, --systems, --models, ...")
     return parser
 
 
@@ -595,8 +598,26 @@ def cmd_inspect(args):
     return 0
 
 
+def cmd_bench(args):
+    """Run benchmarks/run.py of the source checkout this package runs from:
+    the benchmark needs TFMOT's tf_keras in processes of its own, so it
+    lives beside the package, not in it."""
+    import subprocess
+
+    runner = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"
+    if not runner.is_file():
+        print("dkdp bench: the benchmark runs from a source checkout (benchmarks/run.py "
+              "was not found next to this installation): git clone the repository, "
+              "pip install -e \".[bench]\" and run dkdp bench there.", file=sys.stderr)
+        return 2
+    return subprocess.call([sys.executable, str(runner), *args.bench_args])
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:
+        # Everything after "bench" belongs to benchmarks/run.py, options too.
+        return cmd_bench(argparse.Namespace(bench_args=argv[1:]))
     parser = _parser()
     try:
         args = parser.parse_args(argv)
@@ -611,9 +632,7 @@ def main(argv=None):
         parser.print_help()
         return 0
     if args.command == "bench":
-        print("dkdp: 'bench' is not available yet in this version; "
-              "see benchmarks/ for the measurement scripts.", file=sys.stderr)
-        return 2
+        return cmd_bench(args)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     if args.command == "run":
         args.explicit = _explicit_run_options(list(argv))

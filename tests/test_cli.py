@@ -175,3 +175,12 @@ def test_quick_run_writes_the_report(tmp_path):
     assert cli.main(["inspect", str(out / "dkdp_model.keras")]) == 0
     assert cli.main(["export", str(out / "teacher_compact.keras"), "--out",
                      str(tmp_path / "again.tflite")]) == 0
+
+
+def test_bench_hands_its_options_to_the_benchmark_runner(capfd):
+    from dkdp_keras.cli import main
+
+    assert main(["bench", "--systems", "nope"]) == 2
+    assert "invalid choice: 'nope'" in capfd.readouterr().err
+    assert main(["bench", "--help"]) == 0
+    assert "PROTOCOL.md" in capfd.readouterr().out
