@@ -38,6 +38,69 @@ def sparsity(name, value):
     return number(name, value, low=0.0, high=1.0, high_open=True)
 
 
+def keras_model(name, value):
+    """Check that `value` is a Keras model (a path is not one)."""
+    import os
+
+    import keras
+
+    if not isinstance(value, keras.Model):
+        hint = (
+            " Load a saved model with keras.saving.load_model(path) first."
+            if isinstance(value, (str, os.PathLike)) else ""
+        )
+        raise TypeError(
+            f"{name} must be a keras.Model, got {type(value).__name__}: "
+            f"{value!r:.80}.{hint}"
+        )
+    return value
+
+
+def shape(name, value):
+    """An input shape: a tuple of positive integers (None for any size)."""
+    if not isinstance(value, (tuple, list)) or not value or not all(
+        d is None or (isinstance(d, int) and not isinstance(d, bool) and d > 0)
+        for d in value
+    ):
+        raise ValueError(
+            f"{name} must be a non-empty tuple of positive integers (the shape "
+            f"of one example, without the batch axis), got {value!r}."
+        )
+    return tuple(value)
+
+
+def examples(name, x, model=None, y=None):
+    """Check a batch of examples: its per-example shape is `model`'s input
+    shape and, with `y`, it has as many examples as `y`. Returns x."""
+    import numpy as np
+
+    if not hasattr(x, "shape"):
+        try:
+            x = np.asarray(x, dtype="float32")
+        except (TypeError, ValueError):
+            raise TypeError(
+                f"{name} must be an array of examples, got {type(x).__name__}."
+            ) from None
+    if len(x.shape) < 1 or x.shape[0] == 0:
+        raise ValueError(f"{name} must hold at least one example, got shape {tuple(x.shape)}.")
+    if y is not None and hasattr(y, "shape") and len(y.shape) and y.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"{name} has {x.shape[0]} inputs but {y.shape[0]} targets."
+        )
+    if model is not None and len(model.inputs) == 1:
+        want = tuple(model.inputs[0].shape)[1:]
+        got = tuple(x.shape)[1:]
+        if len(got) != len(want) or any(
+            w is not None and g is not None and int(g) != int(w)
+            for g, w in zip(got, want)
+        ):
+            raise ValueError(
+                f"{name} has examples of shape {tuple(int(d) for d in got)}, "
+                f"but model '{model.name}' takes {want}."
+            )
+    return x
+
+
 def choice(name, value, allowed):
     if value not in allowed:
         raise ValueError(f"{name} must be one of {tuple(allowed)}, got {value!r}.")

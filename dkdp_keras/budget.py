@@ -41,6 +41,7 @@ def count_params_of_layer(layer, nonzero=False):
 
 def count_params(model, nonzero=True):
     """Parameters of `model`; with `nonzero=True`, only non-zero ones."""
+    _validation.keras_model("model", model)
     return sum(
         count_params_of_layer(layer, nonzero) for layer in iter_layers(model)
     )
@@ -58,6 +59,7 @@ def _positions(layer):
 def count_macs(model, nonzero=True):
     """Multiply-accumulates per example; with `nonzero=True`, pruned kernel
     entries cost nothing."""
+    _validation.keras_model("model", model)
     total = 0
     for layer, kernel in effective_kernels(model):
         count = int(np.count_nonzero(kernel)) if nonzero else kernel.size
@@ -190,11 +192,13 @@ class Budget:
         return all(u <= 1.0 for u in self.usage(model).values())
 
     def check_feasible(self, model):
-        """Raise if no pruning of `model` could meet the parameter budget.
+        """Raise if no pruning of `model` could meet the budget.
 
-        The floor: the parameters of layers without a mask (normalisation
-        and other unmasked layers), which kernel pruning never reduces, plus
-        the one weight that every masked layer keeps.
+        The floors: for parameters (and bytes), the parameters of layers
+        without a mask (normalisation and other unmasked layers), which
+        kernel pruning never reduces, plus the one weight that every masked
+        layer keeps; for MACs, that weight at each of the layer's output
+        positions plus the MACs of unmasked kernel layers.
         """
         layers = list(iter_layers(model))
         floor_params = sum(
@@ -206,6 +210,27 @@ class Budget:
                 f"parameters of model '{model.name}' that pruning cannot "
                 "remove (unmasked layers such as normalisation, and one "
                 f"weight per masked layer); allow more than {floor_params}."
+            )
+        floor_bytes = floor_params * self.bytes_per_param
+        if self.max_bytes is not None and self.max_bytes < floor_bytes:
+            raise ValueError(
+                f"max_bytes={self.max_bytes} is below the {floor_bytes} bytes "
+                f"({floor_params} parameters x {self.bytes_per_param}) of "
+                f"model '{model.name}' that pruning cannot remove; allow more "
+                f"than {floor_bytes}."
+            )
+        # Every masked layer keeps one weight, used at each output position.
+        floor_macs = sum(
+            _positions(layer) if is_masked(layer)
+            else int(np.count_nonzero(kernel)) * _positions(layer)
+            for layer, kernel in effective_kernels(model)
+        )
+        if self.max_macs is not None and self.max_macs < floor_macs:
+            raise ValueError(
+                f"max_macs={self.max_macs} is below the {floor_macs} "
+                f"multiply-accumulates of model '{model.name}' that pruning "
+                "cannot remove (one weight per masked layer, at each of its "
+                f"output positions); allow more than {floor_macs}."
             )
 
     def get_config(self):

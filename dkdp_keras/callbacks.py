@@ -1,6 +1,7 @@
 """DKDPCallback: prune, distil and refine inside `model.fit`."""
 
 import math
+import os
 import warnings
 
 import keras
@@ -47,6 +48,13 @@ class StudentRefresh:
             None if shrink is None
             else _validation.number("shrink", shrink, low=1.0, low_open=True)
         )
+        if isinstance(strategy, str):
+            _validation.choice("strategy", strategy, ("width", "compact_teacher"))
+        elif not callable(strategy):
+            raise TypeError(
+                "strategy must be 'width', 'compact_teacher' or a callable "
+                f"teacher -> student, got {strategy!r}."
+            )
         self.strategy = strategy
 
     def __repr__(self):
@@ -171,8 +179,18 @@ class DKDPCallback(keras.callbacks.Callback):
         if calibration_data is not None and not (
             isinstance(calibration_data, (tuple, list)) and len(calibration_data) == 2
         ):
-            raise TypeError("calibration_data must be a pair (x, y).")
+            raise TypeError(
+                "calibration_data must be a pair (x, y), got "
+                f"{type(calibration_data).__name__}."
+            )
+        if calibration_data is not None:
+            x, y = calibration_data
+            calibration_data = (
+                _validation.examples("calibration_data x", x, y=y), y
+            )
         self.calibration_data = calibration_data
+        if log_dir is not None and not isinstance(log_dir, (str, os.PathLike)):
+            raise TypeError(f"log_dir must be a directory path, got {log_dir!r}.")
         if log_dir is not None:
             try:
                 import tensorboard  # noqa: F401
@@ -218,6 +236,10 @@ class DKDPCallback(keras.callbacks.Callback):
                 f"DKDPCallback prunes masked layers, and model "
                 f"'{teacher.name}' has none: make it with "
                 "dkdp_keras.prunable(model) or train a dkdp_keras.DKDPModel."
+            )
+        if self.calibration_data is not None:
+            _validation.examples(
+                "calibration_data x", self.calibration_data[0], model=teacher
             )
         if (
             "gradient" in (getattr(self.importance, "requires", None) or ())

@@ -227,6 +227,10 @@ def export_tflite(model, path, quantize=None, representative_data=None,
     if hasattr(model, "teacher") and hasattr(model, "student"):
         model = model.student if model.serve == "student" else model.teacher
     check_graph_model(model)
+    if not isinstance(sparsity, bool):
+        raise TypeError(f"sparsity must be True or False, got {sparsity!r}.")
+    if rep_x is not None:
+        _validation.examples("representative_data", rep_x, model=model)
     prepared = "as is"
     if masked_layers(model):
         model = compact(model)

@@ -378,6 +378,29 @@ class DKDPModel(keras.Model):
         return model(inputs, training=training)
 
     # ---------------------------------------------------------------- steps
+    def _check_inputs(self, x):
+        """At trace time, before any step runs: the data's examples must
+        have the teacher's input shape."""
+        if isinstance(x, dict):
+            return
+        given = list(x) if isinstance(x, (list, tuple)) else [x]
+        wanted = self.teacher.inputs
+        shapes = [tuple(t.shape)[1:] for t in given]
+        expected = [tuple(t.shape)[1:] for t in wanted]
+        fits = len(shapes) == len(expected) and all(
+            len(s) == len(e) and all(
+                a is None or b is None or int(a) == int(b) for a, b in zip(s, e)
+            )
+            for s, e in zip(shapes, expected)
+        )
+        if not fits:
+            raise ValueError(
+                f"The data's inputs have shape {shapes[0] if len(shapes) == 1 else shapes} "
+                f"per example, but the teacher '{self.teacher.name}' takes "
+                f"{expected[0] if len(expected) == 1 else expected}: x must "
+                "hold examples of the teacher's input shape."
+            )
+
     def _forward_losses(self, x, y, sample_weight, training):
         t_out, t_feat = self._teacher_forward(x, training=training)
         s_out, s_feat = self._student_forward(x, training=training)
@@ -401,6 +424,7 @@ class DKDPModel(keras.Model):
 
     def train_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        self._check_inputs(x)
         teacher_vars = self.teacher.trainable_variables
         student_vars = self.student.trainable_variables
         with tf.GradientTape(persistent=True) as tape:
@@ -434,6 +458,7 @@ class DKDPModel(keras.Model):
 
     def test_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        self._check_inputs(x)
         t_out, s_out, teacher_loss, student_loss, kd = self._forward_losses(
             x, y, sample_weight, training=False
         )

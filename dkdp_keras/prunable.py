@@ -6,6 +6,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from dkdp_keras import _validation
 from dkdp_keras.layers import (
     MASKED_TWINS,
     MaskedBatchNormalization,
@@ -63,6 +64,7 @@ def iter_layers(model):
 
 def masked_layers(model):
     """The masked layers of `model` (nested models included), in order."""
+    _validation.keras_model("model", model)
     return [layer for layer in iter_layers(model) if is_masked(layer)]
 
 
@@ -131,6 +133,11 @@ def prunable(
     'MaskedDense'
     """
     check_graph_model(model)
+    for name, flag in (("learnable_mask", learnable_mask),
+                       ("track_statistics", track_statistics)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be True or False, got {flag!r}.")
+    _validation.number("gate_l1", gate_l1, low=0.0)
     if layers is None:
         selected = lambda layer: True  # noqa: E731
     elif callable(layers):
@@ -294,6 +301,7 @@ def sparsity(model):
     Returns:
         A Python float in [0, 1].
     """
+    _validation.keras_model("model", model)
     zeros = 0
     total = 0
     for _, values in effective_kernels(model):

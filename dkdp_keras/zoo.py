@@ -10,6 +10,14 @@ def _width(n, width):
     return max(1, int(round(n * width)))
 
 
+def _check(width, input_shape, num_classes):
+    return (
+        _validation.number("width", width, low=0.0, low_open=True),
+        _validation.shape("input_shape", input_shape),
+        _validation.number("num_classes", num_classes, low=1, integer=True),
+    )
+
+
 def reference_cnn(input_shape=(28, 28, 1), num_classes=10, width=1.0, name=None):
     """Conv2D(32, 3, same, no bias) BN ReLU, MaxPool(2),
     Conv2D(64, 3, same, no bias) BN ReLU, MaxPool(2),
@@ -23,7 +31,7 @@ def reference_cnn(input_shape=(28, 28, 1), num_classes=10, width=1.0, name=None)
     >>> reference_cnn().count_params()
     824746
     """
-    width = _validation.number("width", width, low=0.0, low_open=True)
+    width, input_shape, num_classes = _check(width, input_shape, num_classes)
     inputs = keras.Input(shape=input_shape)
     x = keras.layers.Conv2D(_width(32, width), 3, padding="same", use_bias=False)(inputs)
     x = keras.layers.BatchNormalization()(x)
@@ -49,7 +57,7 @@ def lenet_300_100(input_shape=(28, 28, 1), num_classes=10, width=1.0, name=None)
     >>> lenet_300_100().count_params()
     266610
     """
-    width = _validation.number("width", width, low=0.0, low_open=True)
+    width, input_shape, num_classes = _check(width, input_shape, num_classes)
     inputs = keras.Input(shape=input_shape)
     x = keras.layers.Flatten()(inputs)
     x = keras.layers.Dense(_width(300, width), activation="relu")(x)

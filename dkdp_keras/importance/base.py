@@ -180,6 +180,10 @@ def collect_gradients(model, x, y, loss, batch_size=32):
 
     from dkdp_keras.prunable import masked_layers
 
+    from dkdp_keras import _validation
+
+    _validation.examples("x", x, model=model, y=y)
+    _validation.number("batch_size", batch_size, low=1, integer=True)
     layers = [layer for layer in masked_layers(model) if layer.track_statistics]
     if not layers:
         raise ValueError(

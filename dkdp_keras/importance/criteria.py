@@ -4,6 +4,7 @@ it computes. Scores are non-negative; larger means more important."""
 import numpy as np
 from keras import ops
 
+from dkdp_keras import _validation
 from dkdp_keras.importance.base import Criterion
 
 
@@ -131,6 +132,7 @@ class OutputContribution(Criterion):
             raise ValueError(
                 "OutputContribution(target='loss') needs both y and loss."
             )
+        x = _validation.examples("x", x, y=y)
         self.x = x
         self.y = y
         self.target = target
@@ -140,6 +142,7 @@ class OutputContribution(Criterion):
     def prepare(self, model):
         from dkdp_keras.prunable import masked_layers
 
+        _validation.examples("OutputContribution x", self.x, model=model)
         self._scores = {}
         baseline = model(self.x, training=False)
         base_loss = self._loss(baseline)

@@ -93,7 +93,23 @@ def threshold_for_sparsity(scores, sparsity, sizes=None):
     """
     scores = np.asarray(scores, dtype="float64").ravel()
     _validation.sparsity("sparsity", sparsity)
-    sizes = np.ones_like(scores) if sizes is None else np.asarray(sizes, "float64")
+    if scores.size == 0:
+        raise ValueError("scores must hold at least one score, got none.")
+    if not np.all(np.isfinite(scores)):
+        raise ValueError(
+            f"scores contain {int(np.sum(~np.isfinite(scores)))} NaN or Inf "
+            "values; a threshold over them would mean nothing."
+        )
+    if sizes is None:
+        sizes = np.ones_like(scores)
+    else:
+        sizes = np.asarray(sizes, "float64").ravel()
+        if sizes.shape != scores.shape or not np.all(sizes > 0):
+            raise ValueError(
+                f"sizes must be {scores.size} positive numbers, one per score, "
+                f"got shape {sizes.shape} with minimum "
+                f"{sizes.min() if sizes.size else None}."
+            )
     order = np.argsort(scores, kind="stable")
     before = np.cumsum(sizes[order]) - sizes[order]
     count = int(np.sum(before < sparsity * sizes.sum() - 1e-9))
@@ -176,6 +192,12 @@ def compute_masks(
         raise ValueError(
             f"Got {len(layers)} layers and {len(scores)} score arrays."
         )
+    for layer in layers:
+        if not hasattr(layer, "kernel_mask"):
+            raise TypeError(
+                f"layers must be masked layers (dkdp_keras.masked_layers("
+                f"model)), got {type(layer).__name__} '{getattr(layer, 'name', layer)}'."
+            )
     layer_weights = layer_weights or {}
 
     entries = []  # (layer, scores 1-D, sizes 1-D, current kept 1-D, poolable)
