@@ -306,6 +306,8 @@ class DKDPCallback(keras.callbacks.Callback):
             self.history = []
             self._bn_saved = {}
             self._refresh_params = count_params(deployed(self._teacher()))
+            for key in [k for k in self._state.keys() if k.startswith("best:")]:
+                self._state.remove(key)  # a new fit forgets an old best
             self._save_state(epoch)
 
     def _replay_epoch_end(self, epoch):
@@ -632,6 +634,7 @@ class DKDPCallback(keras.callbacks.Callback):
     def _adaptive_event(self, epoch, logs):
         policy = self.threshold
         value = self._monitor_value(logs)
+        self._remember_if_best(value)
         action = policy.observe(epoch, value)
         if action == "backoff":
             self._assign(policy.last_good_masks)
@@ -664,8 +667,47 @@ class DKDPCallback(keras.callbacks.Callback):
     def _budget_met(self):
         return self.threshold.budget.is_met(self._teacher())
 
+    def _remember_if_best(self, value):
+        """Keep the teacher's weights (masks included) of the best epoch that
+        ended within the budget, in the checkpointed state."""
+        policy = self.threshold
+        if not policy.restore_best or not self._budget_met():
+            return
+        best = self._state.get("best:value")
+        better = best is None or (
+            value > float(best) if policy.higher_is_better else value < float(best)
+        )
+        if better:
+            self._state.set("best:value", np.float64(value))
+            for i, w in enumerate(self._teacher().get_weights()):
+                self._state.set(f"best:w:{i}", w)
+
+    def _restore_best(self):
+        policy = self.threshold
+        best = self._state.get("best:value")
+        if not policy.restore_best or best is None or policy.last_value is None:
+            return
+        best = float(best)
+        if best == policy.last_value:
+            return
+        if (best > policy.last_value) != policy.higher_is_better:
+            return
+        teacher = self._teacher()
+        teacher.set_weights([
+            self._state.get(f"best:w:{i}") for i in range(len(teacher.weights))
+        ])
+        if self.verbose:
+            print(
+                f"DKDP: restored the teacher of the best epoch within the "
+                f"budget ({policy.monitor} {best:.4f}; the last epoch had "
+                f"{policy.last_value:.4f}).",
+                flush=True,
+            )
+        policy.last_value = best
+
     def _adaptive_finish(self, logs):
         policy = self.threshold
+        self._restore_best()
         if not self._budget_met():
             scores = self._scores()
             if scores is not None:

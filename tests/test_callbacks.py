@@ -199,7 +199,8 @@ def test_adaptive_restores_the_masks_of_the_last_good_step():
 def test_adaptive_warns_when_the_metric_ends_below_tolerance():
     x, y = data()
     model = plain_model()
-    policy = thresholds.Adaptive(dkdp.Budget(max_params=300), tolerance=0.01, finish_by=0.5)
+    policy = thresholds.Adaptive(dkdp.Budget(max_params=300), tolerance=0.01, finish_by=0.5,
+                                 restore_best=False)
     values = [0.9, 0.9, 0.9, 0.7]
     with pytest.warns(UserWarning, match=r"ended 0.2000 below its best"):
         model.fit(x, y, epochs=4, batch_size=64, verbose=0,
@@ -368,3 +369,27 @@ def test_layer_importance_shifts_the_budget_between_layers():
     assert max(abs(a - b) for a, b in zip(results[True], results[False])) > 0.1
     # The layer whose weights matter most (by magnitude) loses less with it.
     assert results[True][0] < results[False][0]
+
+
+@pytest.mark.parametrize("restore_best", [True, False])
+def test_adaptive_ends_with_the_best_epoch_within_the_budget(restore_best):
+    x, y = data()
+    model = plain_model()
+    policy = thresholds.Adaptive(dkdp.Budget(max_params=150), tolerance=0.5,
+                                 finish_by=0.2, restore_best=restore_best)
+    weights = {}
+
+    class Spy(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            weights[epoch] = model.get_weights()
+
+    # The budget is met from the first event on; epoch 3 is the best.
+    values = [0.90, 0.90, 0.90, 0.97, 0.92, 0.91]
+    model.fit(x, y, epochs=6, batch_size=32, verbose=0,
+              callbacks=[ScriptedMetric(values), dkdp.DKDPCallback(threshold=policy, verbose=0),
+                         Spy()])
+    assert policy.budget.is_met(model)
+    kept = 3 if restore_best else 5
+    for now, then in zip(model.get_weights(), weights[kept]):
+        np.testing.assert_array_equal(now, then)
+    assert not all(np.array_equal(a, b) for a, b in zip(weights[3], weights[5]))

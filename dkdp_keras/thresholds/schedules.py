@@ -154,6 +154,10 @@ class Adaptive(SparsityPolicy):
         warmup_epochs: epochs of training before the first pruning, >= 1.
         finish_by: fraction of the epochs by whose end the budget is met,
             in (0, 1]; later epochs fine-tune the pruned model.
+        restore_best: if True, training ends with the teacher's weights
+            and masks of the epoch with the best monitored value among the
+            epochs that ended within the budget (early stopping on the
+            validation metric; the budget still holds).
 
     Example:
 
@@ -162,7 +166,8 @@ class Adaptive(SparsityPolicy):
 
     def __init__(self, budget, monitor="val_accuracy", tolerance=0.005,
                  mode="auto", initial_step=0.2, min_step=0.01, backoff=0.5,
-                 recovery_events=1, warmup_epochs=1, finish_by=0.75):
+                 recovery_events=1, warmup_epochs=1, finish_by=0.75,
+                 restore_best=True):
         if not isinstance(budget, Budget):
             raise TypeError(
                 "budget must be a dkdp_keras.Budget (for example "
@@ -200,6 +205,11 @@ class Adaptive(SparsityPolicy):
         self.finish_by = _validation.number(
             "finish_by", finish_by, low=0.0, high=1.0, low_open=True
         )
+        if not isinstance(restore_best, bool):
+            raise TypeError(
+                f"restore_best must be True or False, got {restore_best!r}."
+            )
+        self.restore_best = restore_best
         self.start(None, 1)
 
     @property
@@ -313,4 +323,5 @@ class Adaptive(SparsityPolicy):
             "recovery_events": self.recovery_events,
             "warmup_epochs": self.warmup_epochs,
             "finish_by": self.finish_by,
+            "restore_best": self.restore_best,
         }
