@@ -213,15 +213,15 @@ def test_predict_serves_the_student_unless_asked():
     np.testing.assert_allclose(teacher_view.predict(x, verbose=0), model.teacher(x), atol=1e-6)
 
 
-def test_auto_student_is_half_width_except_the_output():
+def test_auto_student_is_quarter_width_except_the_output():
     model = dkdp.DKDPModel(dkdp.zoo.reference_cnn())
-    assert dkdp.count_params(model.student, nonzero=False) == 207_066
+    assert dkdp.count_params(model.student, nonzero=False) == 52_210
     assert model.student.output.shape[-1] == 10
     # A plain Keras model: nothing prunes it, so it carries no masks.
     assert dkdp.masked_layers(model.student) == []
-    assert model.student.count_params() == 207_066
-    quarter = dkdp.DKDPModel(dkdp.zoo.reference_cnn(), student_width=0.25)
-    assert dkdp.count_params(quarter.student, nonzero=False) == 52_210
+    assert model.student.count_params() == 52_210
+    half = dkdp.DKDPModel(dkdp.zoo.reference_cnn(), student_width=0.5)
+    assert dkdp.count_params(half.student, nonzero=False) == 207_066
 
 
 @pytest.mark.parametrize(

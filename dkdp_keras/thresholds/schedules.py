@@ -147,7 +147,9 @@ class Adaptive(SparsityPolicy):
             DKDPModel, "val_accuracy" reads "val_teacher_accuracy").
         tolerance: ε, how far (absolute) the metric may fall, in [0, 1).
         mode: "max", "min" or "auto" (from the metric's name).
-        initial_step: δ_0, the first increase of sparsity, in (0, 1).
+        initial_step: δ_0, the smallest increase of sparsity per event, in
+            (0, 1); 0.1 reaches 90% over nine epochs, gradually, as
+            gradual pruning (Zhu & Gupta 2017) recommends.
         min_step: smallest step after back-offs, in (0, initial_step].
         backoff: factor applied to the step after a back-off, in (0, 1).
         recovery_events: epochs without pruning after a back-off, >= 0.
@@ -165,7 +167,7 @@ class Adaptive(SparsityPolicy):
     """
 
     def __init__(self, budget, monitor="val_accuracy", tolerance=0.005,
-                 mode="auto", initial_step=0.2, min_step=0.01, backoff=0.5,
+                 mode="auto", initial_step=0.1, min_step=0.01, backoff=0.5,
                  recovery_events=1, warmup_epochs=1, finish_by=0.75,
                  restore_best=True):
         if not isinstance(budget, Budget):
