@@ -112,6 +112,10 @@ class DKDPCallback(keras.callbacks.Callback):
         floors: a `thresholds.Floors` (what every layer keeps).
         layer_importance: if True, each layer's normalised scores are
             multiplied by its layer-level importance (mean 1 over layers).
+        unit_multiple: at "unit" granularity, layers of at least
+            4 × `unit_multiple` units keep a multiple of it (their best
+            units): LiteRT/XNNPACK run such widths much faster (see
+            `thresholds.compute_masks`). 1 turns it off.
         student_refresh: a `StudentRefresh`, or an int k for
             `StudentRefresh(every=k)`.
         calibration_data: `(x, y)` used to collect gradients for gradient
@@ -135,7 +139,7 @@ class DKDPCallback(keras.callbacks.Callback):
     def __init__(self, importance="magnitude", granularity="weight",
                  threshold=None, frequency="epoch", begin=0, end=None,
                  scope="global", normalize="lamp", floors=None,
-                 layer_importance=False, student_refresh=None,
+                 layer_importance=False, unit_multiple=8, student_refresh=None,
                  calibration_data=None, log_dir=None, verbose=1):
         super().__init__()
         self.importance = importance_lib.get(importance)
@@ -168,6 +172,9 @@ class DKDPCallback(keras.callbacks.Callback):
                 f"layer_importance must be True or False, got {layer_importance!r}."
             )
         self.layer_importance = layer_importance
+        self.unit_multiple = _validation.number(
+            "unit_multiple", unit_multiple, low=1, integer=True
+        )
         if isinstance(student_refresh, int) and not isinstance(student_refresh, bool):
             student_refresh = StudentRefresh(every=student_refresh)
         if student_refresh is not None and not isinstance(student_refresh, StudentRefresh):
@@ -491,6 +498,7 @@ class DKDPCallback(keras.callbacks.Callback):
             self._layers, scores, sparsity, granularity=self.granularity,
             scope=self.scope, normalize=self.normalize, floors=self.floors,
             protect_units=self._protect, layer_weights=self._layer_weights(),
+            unit_multiple=self.unit_multiple,
         )
 
     def _current_masks(self):

@@ -188,3 +188,27 @@ def test_lamp_gives_layers_different_sparsities():
     assert result.sparsity == pytest.approx(0.8, abs=1e-3)
     assert max(per_layer) - min(per_layer) > 0.01
     assert all(result.masks[l.name].max() == 1.0 for l in layers)
+
+
+@pytest.mark.parametrize("sparsity", [0.3, 0.55, 0.8])
+def test_unit_multiple_keeps_aligned_widths_of_the_best_units(sparsity):
+    model = dkdp.prunable(keras.Sequential([
+        keras.Input((12,)),
+        keras.layers.Dense(64, activation="relu", name="wide"),
+        keras.layers.Dense(20, activation="relu", name="narrow"),  # < 4 × 8: left as is
+        keras.layers.Dense(5, name="out"),
+    ]))
+    layers = dkdp.masked_layers(model)
+    scores = [importance.Magnitude().score(layer, "unit") for layer in layers]
+    plain = compute_masks(layers, scores, sparsity, granularity="unit", protect_units={"out"})
+    aligned = compute_masks(layers, scores, sparsity, granularity="unit",
+                            protect_units={"out"}, unit_multiple=8)
+    units = {name: m.reshape(-1, m.shape[-1]).max(0) for name, m in aligned.masks.items()}
+    before = int(plain.masks["wide"].reshape(-1, 64).max(0).sum())
+    assert units["wide"].sum() % 8 == 0
+    assert abs(units["wide"].sum() - before) <= 4
+    # The kept ones are the best by score.
+    wide = np.asarray(scores[0])
+    assert wide[units["wide"] == 1].min() >= wide[units["wide"] == 0].max()
+    np.testing.assert_array_equal(aligned.masks["narrow"], plain.masks["narrow"])
+    assert np.all(units["out"] == 1)
