@@ -142,13 +142,18 @@ def system_kd(run, args):
                        quantize="dynamic")
 
 
-def dkdp_callback(granularity, budget, importance, args):
-    """The defaults of `dkdp run`: an adaptive threshold held to the budget."""
-    return dkdp.DKDPCallback(
+def dkdp_callback(granularity, budget, args):
+    """The library's defaults: an adaptive threshold held to the budget;
+    magnitude scores for weights (DKDPCallback's default), Taylor scores
+    for units (`dkdp run`'s default). Options given on the command line
+    override them (for the method work, not for the committed run)."""
+    importance = args.importance or ("magnitude" if granularity == "weight" else "taylor")
+    adaptive = {k: v for k, v in (("initial_step", args.initial_step),
+                                  ("finish_by", args.finish_by)) if v is not None}
+    callback = dkdp.DKDPCallback(
         importance=importance, granularity=granularity,
-        threshold=dkdp.thresholds.Adaptive(budget, tolerance=0.005,
-                                           **({"finish_by": args.finish_by}
-                                              if args.finish_by else {})))
+        threshold=dkdp.thresholds.Adaptive(budget, **adaptive))
+    return callback, importance
 
 
 def structured_budget(spec, model):
@@ -181,12 +186,13 @@ def system_dkdp(run, args):
         if run.done(stem):
             continue
         keras.utils.set_random_seed(0)
-        model = dkdp.DKDPModel(run.build(), student_width=args.student_width,
-                               mutual=args.mutual, lambda_kd=args.lambda_kd,
-                               student_hard_loss_weight=args.hard_weight)
+        options = {k: v for k, v in (("student_width", args.student_width),
+                                     ("lambda_kd", args.lambda_kd),
+                                     ("student_hard_loss_weight", args.hard_weight))
+                   if v is not None}
+        model = dkdp.DKDPModel(run.build(), mutual=args.mutual, **options)
         compile_(model)
-        importance = args.importance if granularity == "unit" else args.weight_importance
-        callback = dkdp_callback(granularity, budget, importance, args)
+        callback, importance = dkdp_callback(granularity, budget, args)
         train_s = run.fit(model, [callback])
         model.save(run.dir / f"{stem}-dkdpmodel.keras")
         history = model.history.history
@@ -216,13 +222,15 @@ def main():
     parser.add_argument("--targets", type=float, nargs="*", default=[0.5, 0.8, 0.9, 0.95])
     parser.add_argument("--structured", nargs="*", default=["macs:0.15", "int8:58000"],
                         help="budgets of structured runs: params:F, macs:F or int8:BYTES")
+    # Overrides of the library's defaults, for the method work.
     parser.add_argument("--finish-by", type=float, default=None)
-    parser.add_argument("--student-width", type=float, default=0.5)
+    parser.add_argument("--student-width", type=float, default=None)
     parser.add_argument("--mutual", action="store_true")
-    parser.add_argument("--lambda-kd", type=float, default=1.0)
-    parser.add_argument("--hard-weight", type=float, default=0.0)
-    parser.add_argument("--importance", default="taylor")
-    parser.add_argument("--weight-importance", default="taylor")
+    parser.add_argument("--initial-step", type=float, default=None)
+    parser.add_argument("--lambda-kd", type=float, default=None)
+    parser.add_argument("--hard-weight", type=float, default=None)
+    parser.add_argument("--importance", default=None,
+                        help="default: magnitude for weights, taylor for units")
     args = parser.parse_args()
     run = Run(args.work, args.model, args.epochs, args.batch)
     {"dense": system_dense, "kd": system_kd, "dkdp": system_dkdp}[args.system](run, args)

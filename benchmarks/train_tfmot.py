@@ -117,7 +117,7 @@ def main():
             "variant": f"prune_low_magnitude {target:g}", "test_acc": test_acc,
             "params": int(sum(w.size for w in weights)),
             "nonzero_params": int(sum(np.count_nonzero(w) for w in weights)),
-            "train_s": train_s, "file": f"{stem}.tflite",
+            "train_s": train_s, "file": f"{stem}.tflite", "quantize": "none",
         }
         (out_dir / f"{stem}.json").write_text(json.dumps(record, indent=1))
         print(json.dumps(record), flush=True)
