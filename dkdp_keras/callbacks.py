@@ -270,6 +270,7 @@ class DKDPCallback(keras.callbacks.Callback):
         self._batchnorms = batchnorm_after(teacher)
         self._bn_saved = {}
         self._run_started = False
+        self._good = None
         epochs = self.params.get("epochs") or 1
         steps = self.params.get("steps") or 1
         self._epochs = epochs
@@ -316,6 +317,7 @@ class DKDPCallback(keras.callbacks.Callback):
             for key in [k for k in self._state.keys() if k.startswith("best:")]:
                 self._state.remove(key)  # a new fit forgets an old best
             self._save_state(epoch)
+        self._keep_good()
 
     def _replay_epoch_end(self, epoch):
         step = self._step()
@@ -408,18 +410,52 @@ class DKDPCallback(keras.callbacks.Callback):
             self._check_loss(logs)
             if self._prune(self.threshold.sparsity_at(step)) is not None:
                 self._save_state(self._epochs_done)
+                self._keep_good()
 
     def _check_loss(self, logs):
         if logs and "loss" in logs:
             value = float(ops.convert_to_numpy(logs["loss"]))
             if not math.isfinite(value):
-                raise FloatingPointError(
-                    f"The training loss became {value} at step {self._step()}; "
-                    "DKDPCallback stopped training before any pruning step "
-                    "acted on it (masks are as they were). Lower the "
-                    "learning rate, check the data for NaN/Inf, or clip "
-                    "gradients (optimizer clipnorm=1.0)."
+                self._fail(
+                    f"The training loss became {value} at step {self._step()}."
                 )
+
+    def _fail(self, what):
+        """Stop training on NaN/Inf: no pruning acts on it, and a plain
+        model gets back the weights of the last check that found them
+        finite (a DKDPModel's training step never applies such a step)."""
+        restored = self._restore_good()
+        raise FloatingPointError(
+            f"{what} DKDPCallback stopped training before any pruning step "
+            f"acted on it (masks are as they were{restored}). Lower the "
+            "learning rate, check the data for NaN/Inf, or clip gradients "
+            "(optimizer clipnorm=1.0); DKDPModel(on_nonfinite='skip') skips "
+            "such steps instead."
+        )
+
+    def _keep_good(self):
+        """Remember a plain model's weights and optimizer state, checked
+        finite, to go back to if training diverges."""
+        if self._is_dkdp():
+            return
+        values = [np.array(ops.convert_to_numpy(v)) for v in self._variables()]
+        self._good = (self._step(), values)
+
+    def _variables(self):
+        optimizer = getattr(self.model, "optimizer", None)
+        return list(self.model.weights) + list(getattr(optimizer, "variables", []))
+
+    def _restore_good(self):
+        good = getattr(self, "_good", None)
+        if good is None:
+            return ""
+        step, values = good
+        for var, value in zip(self._variables(), values):
+            var.assign(value)
+        return (
+            "; weights and optimizer state are back to those after step "
+            f"{step}, the last check that found them finite"
+        )
 
     def _in_window(self, step):
         return step >= self.begin and (self.end is None or step <= self.end)
@@ -427,6 +463,7 @@ class DKDPCallback(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         logs = logs if logs is not None else {}
         self._check_loss(logs)
+        self._check_weights()
         step = self._step()
         if isinstance(self.threshold, Adaptive):
             if self._in_window(step):
@@ -434,6 +471,7 @@ class DKDPCallback(keras.callbacks.Callback):
         elif self.frequency == "epoch" and self._in_window(step):
             self._prune(self.threshold.sparsity_at(step))
         self._save_state(epoch + 1)
+        self._keep_good()
         self._add_logs(logs)
 
     def on_train_end(self, logs=None):
@@ -447,12 +485,9 @@ class DKDPCallback(keras.callbacks.Callback):
         for layer in self._layers:
             kernel = ops.convert_to_numpy(layer.kernel)
             if not np.all(np.isfinite(kernel)):
-                raise FloatingPointError(
+                self._fail(
                     f"The kernel of layer '{layer.name}' holds NaN or Inf "
-                    f"after step {self._step()}: training diverged. "
-                    "DKDPCallback stopped before pruning on it (masks are as "
-                    "they were). Lower the learning rate, check the data for "
-                    "NaN/Inf, or clip gradients (optimizer clipnorm=1.0)."
+                    f"after step {self._step()}: training diverged."
                 )
 
     def _scores(self):
@@ -637,7 +672,10 @@ class DKDPCallback(keras.callbacks.Callback):
                 f"not have (they have {sorted(logs)}): pass validation_data "
                 "(or validation_split) to fit, or set Adaptive(monitor=...)."
             )
-        return float(ops.convert_to_numpy(logs[name]))
+        value = float(ops.convert_to_numpy(logs[name]))
+        if not math.isfinite(value):
+            self._fail(f"Adaptive's metric {name} is {value} at this epoch's end.")
+        return value
 
     def _adaptive_event(self, epoch, logs):
         policy = self.threshold

@@ -20,6 +20,9 @@ from dkdp_keras.state import pruning_state
 
 SERVE = ("student", "teacher")
 REFRESH = ("width", "compact_teacher")
+ON_NONFINITE = ("raise", "skip")
+#: Marks the in-graph assertion that `fit` turns into a FloatingPointError.
+_NONFINITE = "DKDP_NONFINITE_STEP"
 
 
 class _Forward:
@@ -49,6 +52,25 @@ class _Forward:
             return out, out
         out, feat = self.features(x, training=training)
         return out, feat
+
+
+def _replicas():
+    """Replicas training in sync (1 outside a distribution strategy)."""
+    context = tf.distribute.get_replica_context()
+    return 1 if context is None else context.num_replicas_in_sync
+
+
+def _all_finite(tensors):
+    """A scalar bool: every value of every tensor is finite, on every
+    replica (so that all replicas take the same branch)."""
+    flags = [ops.all(ops.isfinite(t)) for t in tensors if t is not None]
+    finite = ops.all(ops.stack(flags))
+    context = tf.distribute.get_replica_context()
+    if context is not None and context.num_replicas_in_sync > 1:
+        finite = context.all_reduce(
+            tf.distribute.ReduceOp.MIN, ops.cast(finite, "float32")
+        ) > 0.5
+    return finite
 
 
 def _clone_optimizer(optimizer):
@@ -131,6 +153,12 @@ class DKDPModel(keras.Model):
             (a width-0.5 student costs about half the teacher's step there).
         serve: "student" (default) or "teacher": what `call` and `predict`
             return. `model.teacher.predict(x)` always serves the teacher.
+        on_nonfinite: what a training step whose losses or gradients hold
+            NaN or Inf does. Either way it applies no update (weights,
+            masks, optimizer states and statistics stay those of the last
+            good step); "raise" (default) then stops `fit` with a
+            `FloatingPointError`, "skip" goes on with the next batch and
+            counts such steps in the `skipped_steps` log.
 
     Example:
 
@@ -148,13 +176,15 @@ class DKDPModel(keras.Model):
 
     def __init__(self, teacher, student="auto", lambda_kd=1.0, temperature=4.0,
                  kd_loss="kl", student_hard_loss_weight=0.0, mutual=False,
-                 student_width=0.25, serve="student", **kwargs):
+                 student_width=0.25, serve="student", on_nonfinite="raise",
+                 **kwargs):
         super().__init__(**kwargs)
         check_hyperparameters(
             lambda_kd, temperature, student_hard_loss_weight, mutual,
             student_width,
         )
         _validation.choice("serve", serve, SERVE)
+        _validation.choice("on_nonfinite", on_nonfinite, ON_NONFINITE)
         check_graph_model(teacher, "teacher")
         if len(teacher.outputs) != 1:
             raise ValueError(
@@ -176,6 +206,7 @@ class DKDPModel(keras.Model):
         self.mutual = mutual
         self.student_width = float(student_width)
         self.serve = serve
+        self.on_nonfinite = on_nonfinite
         self._kd = get_kd_loss(kd_loss, temperature)
         self.teacher = teacher
         self.student = self._make_student(student)
@@ -183,6 +214,9 @@ class DKDPModel(keras.Model):
             keras.metrics.Mean(name=name)
             for name in ("loss", "teacher_loss", "kd_loss", "student_loss")
         ]
+        if on_nonfinite == "skip":
+            self._skipped = keras.metrics.Sum(name="skipped_steps")
+            self._trackers.append(self._skipped)
         self._teacher_metrics = []
         self._student_metrics = []
         self._compile_args = None
@@ -412,8 +446,8 @@ class DKDPModel(keras.Model):
         kd = kd_value(self._kd, target, s_feat)
         return t_out, s_out, teacher_loss, student_loss, kd
 
-    def _record(self, y, t_out, s_out, sample_weight, teacher_loss,
-                student_loss, kd):
+    def _update_metrics(self, y, t_out, s_out, sample_weight, teacher_loss,
+                        student_loss, kd):
         values = (teacher_loss + self.lambda_kd * kd, teacher_loss, kd,
                   student_loss)
         for tracker, value in zip(self._trackers, values):
@@ -422,6 +456,9 @@ class DKDPModel(keras.Model):
             metric.update_state(y, t_out, sample_weight=sample_weight)
         for metric in self._student_metrics:
             metric.update_state(y, s_out, sample_weight=sample_weight)
+
+    def _record(self, *args):
+        self._update_metrics(*args)
         return {m.name: m.result() for m in self.metrics}
 
     def train_step(self, data):
@@ -445,18 +482,67 @@ class DKDPModel(keras.Model):
                 )
             if self.student.losses:
                 student_total = student_total + ops.sum(self.student.losses)
+            # Under a distribution strategy each replica computes the mean
+            # over its share of the batch and the optimizers sum the
+            # replicas' gradients: dividing by the replica count makes that
+            # sum the gradient of the global batch's mean, as on one device.
+            replicas = _replicas()
+            teacher_total = teacher_total / replicas
+            student_total = student_total / replicas
         teacher_grads = tape.gradient(teacher_total, teacher_vars)
         student_grads = tape.gradient(student_total, student_vars)
         del tape
-        self._update_gradient_statistics(teacher_vars, teacher_grads)
-        self.optimizer.apply_gradients(
-            [(g, v) for g, v in zip(teacher_grads, teacher_vars) if g is not None]
+        finite = _all_finite(
+            [teacher_total, student_total] + teacher_grads + student_grads
         )
-        self.student_optimizer.apply_gradients(
-            [(g, v) for g, v in zip(student_grads, student_vars) if g is not None]
-        )
-        return self._record(y, t_out, s_out, sample_weight, teacher_loss,
-                            student_loss, kd)
+
+        def update():
+            self._update_gradient_statistics(teacher_vars, teacher_grads)
+            self.optimizer.apply_gradients(
+                [(g, v) for g, v in zip(teacher_grads, teacher_vars)
+                 if g is not None]
+            )
+            self.student_optimizer.apply_gradients(
+                [(g, v) for g, v in zip(student_grads, student_vars)
+                 if g is not None]
+            )
+            self._update_metrics(y, t_out, s_out, sample_weight, teacher_loss,
+                                 student_loss, kd)
+            return tf.constant(True)
+
+        if self.on_nonfinite == "raise":
+            # Every update waits for the check, so a bad step changes
+            # nothing; `fit` turns the failed check into a clear error.
+            check = tf.debugging.Assert(finite, [_NONFINITE])
+            with tf.control_dependencies([check]):
+                teacher_grads = [None if g is None else tf.identity(g)
+                                 for g in teacher_grads]
+                student_grads = [None if g is None else tf.identity(g)
+                                 for g in student_grads]
+                update()
+        else:
+            tf.cond(finite, update, lambda: tf.constant(False))
+            self._skipped.update_state(
+                (1.0 - ops.cast(finite, "float32")) / replicas
+            )
+        return {m.name: m.result() for m in self.metrics}
+
+    def fit(self, *args, **kwargs):
+        try:
+            return super().fit(*args, **kwargs)
+        except tf.errors.InvalidArgumentError as error:
+            if _NONFINITE not in str(error):
+                raise
+            step = int(ops.convert_to_numpy(self.optimizer.iterations))
+            raise FloatingPointError(
+                f"DKDPModel: the losses or gradients of training step {step} "
+                "hold NaN or Inf (NaN/Inf in the batch, or a diverging run). "
+                "The step applied no update: weights, masks and optimizer "
+                "states are those of the last good step. Check the data for "
+                "NaN/Inf, lower the learning rate or clip gradients "
+                "(optimizer clipnorm=1.0), or pass on_nonfinite='skip' to "
+                "DKDPModel to skip such steps."
+            ) from None
 
     def test_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
@@ -472,6 +558,17 @@ class DKDPModel(keras.Model):
         statistics (read by GradientMagnitude and Taylor)."""
         if not self._collect_gradients:
             return
+        context = tf.distribute.get_replica_context()
+        if context is not None and context.num_replicas_in_sync > 1:
+            # The gradient of the global batch, the same on every replica,
+            # so the statistics are those of single-device training.
+            present = [i for i, g in enumerate(grads) if g is not None]
+            summed = context.all_reduce(
+                tf.distribute.ReduceOp.SUM, [grads[i] for i in present]
+            )
+            grads = list(grads)
+            for i, g in zip(present, summed):
+                grads[i] = g
         index = {id(v): i for i, v in enumerate(variables)}
         for layer in masked_layers(self.teacher):
             if not layer.track_statistics:
@@ -496,6 +593,7 @@ class DKDPModel(keras.Model):
             "mutual": self.mutual,
             "student_width": self.student_width,
             "serve": self.serve,
+            "on_nonfinite": self.on_nonfinite,
         }
 
     @classmethod

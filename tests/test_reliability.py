@@ -313,3 +313,99 @@ def test_keras_files_load_in_a_fresh_process_in_safe_mode(tmp_path):
     np.testing.assert_allclose(out["dkdp:teacher"], model.teacher(x[:8]).numpy(), atol=1e-6)
     assert int(out["dkdp:events"]) == 2 and bool(out["dkdp:compiled"])
     assert int(out["refreshed:events"]) == -1  # never pruned: no state saved
+
+
+# --------------------------------------------------------------- NaN / Inf
+def nan_batch_data():
+    """Three batches of 32; the middle one holds a NaN."""
+    x, y = data()
+    bad = x.copy()
+    bad[40, 3] = np.nan
+    return x, y, bad
+
+
+def test_a_nan_batch_stops_a_dkdp_model_with_the_last_good_step_kept():
+    x, y, bad = nan_batch_data()
+    reference = make_dkdp()
+    fit(reference, [], 1, x[:32], y[:32])  # the one good step
+    model = make_dkdp()
+    cb = dkdp.DKDPCallback(importance="taylor", threshold=thresholds.ConstantSparsity(0.5),
+                           frequency=1, verbose=0)
+    with pytest.raises(FloatingPointError,
+                       match="training step 1 hold NaN or Inf.*applied no update.*"
+                             "on_nonfinite='skip'"):
+        fit(model, [cb], 2, bad, y)
+    # Step 0 ran and was pruned after; step 1 changed nothing.
+    assert int(model.optimizer.iterations.numpy()) == 1
+    assert int(model.student_optimizer.iterations.numpy()) == 1
+    assert cb.events == 1
+    # Masks and statistics aside (the reference neither prunes nor reads
+    # them), everything is as after the good step, and finite.
+    assert all(np.all(np.isfinite(w.numpy())) for w in model.weights)
+    for a, b in zip(model.trainable_weights, reference.trainable_weights):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=0, atol=1e-6, err_msg=a.path)
+    for opt, ref in ((model.optimizer, reference.optimizer),
+                     (model.student_optimizer, reference.student_optimizer)):
+        for p, q in zip(opt.variables, ref.variables):
+            np.testing.assert_allclose(p.numpy(), q.numpy(), rtol=0, atol=1e-6)
+    first = dkdp.masked_layers(model.teacher)[0]
+    assert float(first.gradient_steps.numpy()) == 0  # reset by the event after step 0
+    assert dkdp.sparsity(model.teacher) == pytest.approx(0.5, abs=0.01)
+
+
+def test_skip_mode_goes_on_as_if_the_nan_batch_were_not_there():
+    x, y, bad = nan_batch_data()
+    keep = np.r_[0:32, 64:96]  # the two good batches
+
+    def run(xs, ys, **kwargs):
+        keras.utils.set_random_seed(0)
+        model = dkdp.DKDPModel(mlp(), lambda_kd=0.5, **kwargs)
+        model.compile(optimizer=keras.optimizers.Adam(1e-2), loss=CE)
+        cb = dkdp.DKDPCallback(importance="taylor", threshold=thresholds.ConstantSparsity(0.4),
+                               verbose=0)
+        history = fit(model, [cb], 3, xs, ys)
+        return model, history.history
+
+    skipped, logs = run(bad, y, on_nonfinite="skip")
+    clean, _ = run(x[keep], y[keep])
+    assert logs["skipped_steps"] == [1.0, 1.0, 1.0]
+    assert all(np.isfinite(logs["loss"]))
+    assert int(skipped.optimizer.iterations.numpy()) == 6
+    for a, b in zip(skipped.weights, clean.weights):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=0, atol=1e-5, err_msg=a.path)
+    assert dkdp.sparsity(skipped.teacher) == pytest.approx(0.4, abs=0.01)
+    with pytest.raises(ValueError, match=r"on_nonfinite must be one of \('raise', 'skip'\)"):
+        dkdp.DKDPModel(mlp(), on_nonfinite="ignore")
+
+
+def test_a_plain_model_gets_back_its_last_good_weights():
+    x, y, bad = nan_batch_data()
+    bad[:, 0] = np.where(np.arange(len(bad)) == 40, np.inf, bad[:, 0])
+    model = make_plain()
+    cb = dkdp.DKDPCallback(threshold=thresholds.ConstantSparsity(0.5), verbose=0)
+    fit(model, [cb], 1, x, y)  # one good epoch: pruned, checked, kept
+    good = [w.numpy().copy() for w in model.weights]
+    good_opt = [v.numpy().copy() for v in model.optimizer.variables]
+    with pytest.raises(FloatingPointError, match="back to those after step 3"):
+        fit(model, [cb], 1, bad, y)
+    for a, b in zip(model.weights, good):
+        np.testing.assert_array_equal(a.numpy(), b)
+    for a, b in zip(model.optimizer.variables, good_opt):
+        np.testing.assert_array_equal(a.numpy(), b)
+
+
+def test_adaptive_never_decides_on_a_nan_metric():
+    x, y = data()
+
+    class NaNMetric(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 1:
+                logs["val_accuracy"] = float("nan")
+
+    model = make_dkdp()
+    cb = dkdp.DKDPCallback(verbose=0, **POLICIES["adaptive"]())
+    with pytest.raises(FloatingPointError, match="metric val_accuracy is nan"):
+        fit(model, [NaNMetric(), cb], 4, x, y, validation=True)
+    state = cb.threshold.get_state()
+    assert state["reference"] is not None and np.isfinite(state["reference"])
+    assert cb.events == 1

@@ -112,8 +112,11 @@ class MaskedKernelMixin:
             )
         if self.track_statistics:
             def stat(name, shape):
+                # Updated inside the training step, on every replica of a
+                # distribution strategy: "mean" combines the replicas' values.
                 return self.add_weight(
-                    name=name, shape=shape, initializer="zeros", trainable=False
+                    name=name, shape=shape, initializer="zeros",
+                    trainable=False, aggregation="mean",
                 )
 
             self.activation_nonzero = stat("activation_nonzero", (units,))
@@ -190,16 +193,18 @@ class MaskedKernelMixin:
             alive = ops.cast(ops.greater(outputs, 0.0), "float32")
         else:
             alive = ops.cast(ops.not_equal(outputs, 0.0), "float32")
+        # A batch with NaN/Inf outputs leaves the statistics as they were
+        # (the training step then applies no update either).
+        ok = ops.all(ops.isfinite(outputs))
         n = self.activation_steps + 1.0
+        nonzero = self.activation_nonzero + (
+            ops.mean(alive, axis=axes) - self.activation_nonzero) / n
+        mean_abs = self.activation_abs + (
+            ops.mean(ops.abs(outputs), axis=axes) - self.activation_abs) / n
         self.activation_nonzero.assign(
-            self.activation_nonzero
-            + (ops.mean(alive, axis=axes) - self.activation_nonzero) / n
-        )
-        self.activation_abs.assign(
-            self.activation_abs
-            + (ops.mean(ops.abs(outputs), axis=axes) - self.activation_abs) / n
-        )
-        self.activation_steps.assign(n)
+            ops.where(ok, nonzero, self.activation_nonzero))
+        self.activation_abs.assign(ops.where(ok, mean_abs, self.activation_abs))
+        self.activation_steps.assign(ops.where(ok, n, self.activation_steps))
 
     def update_gradient_statistics(self, kernel_gradient):
         """Fold one step's gradient of the loss w.r.t. ``kernel`` into the
