@@ -2,8 +2,11 @@
 
 Protocol settings (../shared/benchmark/PROTOCOL.md): reference_cnn,
 Fashion-MNIST, 55,000 training images, batch 128, Adam 1e-3, seed 0.
-`dense` is the plain Keras model; `dkdp` is a DKDPModel (width-0.5 student)
-with a default DKDPCallback (pruning at each epoch end is included). Each
+`dense` is the plain Keras model; `dkdp` is a DKDPModel with the library's
+default student and a DKDPCallback as the benchmark runs it: an Adaptive
+threshold to 10% of the parameters, magnitude scores for `--granularity
+weight`, Taylor scores (gradient statistics collected) for `unit`; its
+epoch-end pruning decisions are included. Each
 system trains `--epochs` epochs, twice, alternating, in this one process; the
 first epoch of each run (graph tracing) is left out and the ratio is that of
 the medians of the others.
@@ -46,10 +49,12 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--model", default="reference_cnn")
-    parser.add_argument("--width", type=float, default=0.5)
+    parser.add_argument("--width", type=float, default=None,
+                        help="student width (default: the library's)")
+    parser.add_argument("--granularity", default="unit", choices=("weight", "unit"))
     args = parser.parse_args()
     (x, y), _ = dkdp.datasets.load("fashion_mnist", as_numpy=True)
-    (x, y), _ = dkdp.datasets.validation_split(x, y)
+    (x, y), (xv, yv) = dkdp.datasets.validation_split(x, y)
     steps = int(np.ceil(len(x) / 128))
 
     def pipeline():
@@ -67,22 +72,28 @@ def main():
             model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=loss,
                           metrics=["accuracy"], jit_compile=False)
         else:
-            model = dkdp.DKDPModel(build(), student_width=args.width)
+            options = {} if args.width is None else {"student_width": args.width}
+            model = dkdp.DKDPModel(build(), **options)
             model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=loss,
                           metrics=["accuracy"])
         timer = EpochTimer()
         callbacks = [timer]
         if system == "dkdp":
-            # The library's defaults: magnitude importance, polynomial decay.
-            callbacks.insert(0, dkdp.DKDPCallback(verbose=0))
+            budget = dkdp.Budget(max_params=build().count_params() // 10)
+            callbacks.insert(0, dkdp.DKDPCallback(
+                importance="magnitude" if args.granularity == "weight" else "taylor",
+                granularity=args.granularity, verbose=0,
+                threshold=dkdp.thresholds.Adaptive(budget)))
+        # Both validate on the same images each epoch, as the benchmark does.
         model.fit(pipeline(), steps_per_epoch=steps, epochs=args.epochs,
-                  verbose=0, callbacks=callbacks)
+                  validation_data=(xv, yv), verbose=0, callbacks=callbacks)
         results.setdefault(system, []).extend(timer.times[1:])
         print(system, ["%.1f" % t for t in timer.times], flush=True)
     dense = float(np.median(results["dense"]))
     ours = float(np.median(results["dkdp"]))
     print(json.dumps({
-        "model": args.model, "student_width": args.width,
+        "model": args.model, "granularity": args.granularity,
+        "student_width": args.width or dkdp.DKDPModel(build()).student_width,
         "dense_epoch_s": round(dense, 2), "dkdp_epoch_s": round(ours, 2),
         "ratio": round(ours / dense, 3),
     }))
