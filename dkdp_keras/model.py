@@ -60,6 +60,20 @@ def _replicas():
     return 1 if context is None else context.num_replicas_in_sync
 
 
+_MEAN_REDUCTIONS = ("sum_over_batch_size", "mean", "mean_with_sample_weight")
+
+
+def _divides_itself(loss):
+    """True when `loss` returns its replica's share under a distribution
+    strategy: a Keras Loss with a mean reduction (Keras divides it by the
+    replica count), or a DistillationLoss made of such losses only."""
+    if isinstance(loss, keras.losses.Loss):
+        return getattr(loss, "reduction", None) in _MEAN_REDUCTIONS
+    parts = [p for p in keras.tree.flatten(getattr(loss, "loss", None))
+             if p is not None]
+    return bool(parts) and all(_divides_itself(p) for p in parts)
+
+
 def _all_finite(tensors):
     """A scalar bool: every value of every tensor is finite, on every
     replica (so that all replicas take the same branch)."""
@@ -67,10 +81,37 @@ def _all_finite(tensors):
     finite = ops.all(ops.stack(flags))
     context = tf.distribute.get_replica_context()
     if context is not None and context.num_replicas_in_sync > 1:
-        finite = context.all_reduce(
-            tf.distribute.ReduceOp.MIN, ops.cast(finite, "float32")
-        ) > 0.5
+        bad = context.all_reduce(
+            tf.distribute.ReduceOp.SUM, 1.0 - ops.cast(finite, "float32")
+        )
+        finite = bad < 0.5
     return finite
+
+
+def _maybe_update(finite, update, args):
+    """`update(*args)` when `finite`, else nothing, on every replica.
+
+    On one device a `tf.cond`. Under a distribution strategy the optimizers
+    synchronise replicas (merge_call), which cannot happen inside a branch
+    taken in replica context; the branch is then taken in cross-replica
+    context and runs the update on each replica, as Keras'
+    LossScaleOptimizer does."""
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        tf.cond(finite, lambda: update(*args), lambda: tf.constant(False))
+        return
+
+    def cross_replica(strategy, finite, args):
+        # `finite` was all-reduced: every replica holds the same value.
+        ok = strategy.experimental_local_results(finite)[0]
+
+        def apply():
+            strategy.extended.call_for_each_replica(update, args=args)
+            return tf.constant(True)
+
+        tf.cond(ok, apply, lambda: tf.constant(False))
+
+    context.merge_call(cross_replica, args=(finite, args))
 
 
 def _clone_optimizer(optimizer):
@@ -438,16 +479,32 @@ class DKDPModel(keras.Model):
             )
 
     def _forward_losses(self, x, y, sample_weight, training):
+        """Outputs and each replica's share of the three losses.
+
+        Under a distribution strategy the optimizers sum the replicas'
+        gradients. As in Keras' own training step, each loss is the
+        replica's share of the global batch's value: a Keras loss with a
+        mean reduction divides itself by the replica count, and a loss
+        function (a string in a DistillationLoss) is divided here. One
+        device: shares are the values.
+        """
         t_out, t_feat = self._teacher_forward(x, training=training)
         s_out, s_feat = self._student_forward(x, training=training)
         teacher_loss = self._loss_fn(y, t_out, sample_weight=sample_weight)
         student_loss = self._loss_fn(y, s_out, sample_weight=sample_weight)
         target = t_feat if self.mutual else ops.stop_gradient(t_feat)
         kd = kd_value(self._kd, target, s_feat)
+        if not _divides_itself(self._kd):
+            kd = kd / _replicas()
         return t_out, s_out, teacher_loss, student_loss, kd
 
     def _update_metrics(self, y, t_out, s_out, sample_weight, teacher_loss,
                         student_loss, kd):
+        # Shares back to values, as Keras logs them.
+        replicas = _replicas()
+        teacher_loss, student_loss, kd = (
+            teacher_loss * replicas, student_loss * replicas, kd * replicas
+        )
         values = (teacher_loss + self.lambda_kd * kd, teacher_loss, kd,
                   student_loss)
         for tracker, value in zip(self._trackers, values):
@@ -470,9 +527,14 @@ class DKDPModel(keras.Model):
             t_out, s_out, teacher_loss, student_loss, kd = self._forward_losses(
                 x, y, sample_weight, training=True
             )
+            # Shares of the replica (see _forward_losses); regularisation
+            # losses are whole on every replica, so they are divided too.
+            replicas = _replicas()
             teacher_total = teacher_loss
             if self.teacher.losses:
-                teacher_total = teacher_total + ops.sum(self.teacher.losses)
+                teacher_total = (
+                    teacher_total + ops.sum(self.teacher.losses) / replicas
+                )
             if self.mutual:
                 teacher_total = teacher_total + self.lambda_kd * kd
             student_total = self.lambda_kd * kd
@@ -481,14 +543,9 @@ class DKDPModel(keras.Model):
                     student_total + self.student_hard_loss_weight * student_loss
                 )
             if self.student.losses:
-                student_total = student_total + ops.sum(self.student.losses)
-            # Under a distribution strategy each replica computes the mean
-            # over its share of the batch and the optimizers sum the
-            # replicas' gradients: dividing by the replica count makes that
-            # sum the gradient of the global batch's mean, as on one device.
-            replicas = _replicas()
-            teacher_total = teacher_total / replicas
-            student_total = student_total / replicas
+                student_total = (
+                    student_total + ops.sum(self.student.losses) / replicas
+                )
         teacher_grads = tape.gradient(teacher_total, teacher_vars)
         student_grads = tape.gradient(student_total, student_vars)
         del tape
@@ -496,8 +553,12 @@ class DKDPModel(keras.Model):
             [teacher_total, student_total] + teacher_grads + student_grads
         )
 
-        def update():
-            self._update_gradient_statistics(teacher_vars, teacher_grads)
+        # Statistics read the global batch's gradient, all-reduced here,
+        # outside any branch (a collective cannot sit in one).
+        statistics = self._statistics_gradients(teacher_grads)
+
+        def update(teacher_grads, student_grads, statistics, metric_args):
+            self._update_gradient_statistics(teacher_vars, statistics)
             self.optimizer.apply_gradients(
                 [(g, v) for g, v in zip(teacher_grads, teacher_vars)
                  if g is not None]
@@ -506,22 +567,22 @@ class DKDPModel(keras.Model):
                 [(g, v) for g, v in zip(student_grads, student_vars)
                  if g is not None]
             )
-            self._update_metrics(y, t_out, s_out, sample_weight, teacher_loss,
-                                 student_loss, kd)
+            self._update_metrics(*metric_args)
             return tf.constant(True)
 
+        args = (teacher_grads, student_grads, statistics,
+                (y, t_out, s_out, sample_weight, teacher_loss, student_loss, kd))
         if self.on_nonfinite == "raise":
             # Every update waits for the check, so a bad step changes
             # nothing; `fit` turns the failed check into a clear error.
             check = tf.debugging.Assert(finite, [_NONFINITE])
             with tf.control_dependencies([check]):
-                teacher_grads = [None if g is None else tf.identity(g)
-                                 for g in teacher_grads]
-                student_grads = [None if g is None else tf.identity(g)
-                                 for g in student_grads]
-                update()
+                args = tf.nest.map_structure(
+                    lambda t: t if t is None else tf.identity(t), args
+                )
+                update(*args)
         else:
-            tf.cond(finite, update, lambda: tf.constant(False))
+            _maybe_update(finite, update, args)
             self._skipped.update_state(
                 (1.0 - ops.cast(finite, "float32")) / replicas
             )
@@ -553,22 +614,29 @@ class DKDPModel(keras.Model):
         return self._record(y, t_out, s_out, sample_weight, teacher_loss,
                             student_loss, kd)
 
+    def _statistics_gradients(self, grads):
+        """The gradients the statistics read: under a distribution strategy
+        the global batch's (the replicas' shares summed), the same on every
+        replica, so the statistics are those of single-device training."""
+        if not self._collect_gradients:
+            return None
+        context = tf.distribute.get_replica_context()
+        if context is None or context.num_replicas_in_sync == 1:
+            return grads
+        present = [i for i, g in enumerate(grads) if g is not None]
+        summed = context.all_reduce(
+            tf.distribute.ReduceOp.SUM, [grads[i] for i in present]
+        )
+        grads = list(grads)
+        for i, g in zip(present, summed):
+            grads[i] = g
+        return grads
+
     def _update_gradient_statistics(self, variables, grads):
         """Fold the teacher's kernel gradients of L into its layers' running
         statistics (read by GradientMagnitude and Taylor)."""
-        if not self._collect_gradients:
+        if not self._collect_gradients or grads is None:
             return
-        context = tf.distribute.get_replica_context()
-        if context is not None and context.num_replicas_in_sync > 1:
-            # The gradient of the global batch, the same on every replica,
-            # so the statistics are those of single-device training.
-            present = [i for i, g in enumerate(grads) if g is not None]
-            summed = context.all_reduce(
-                tf.distribute.ReduceOp.SUM, [grads[i] for i in present]
-            )
-            grads = list(grads)
-            for i, g in zip(present, summed):
-                grads[i] = g
         index = {id(v): i for i, v in enumerate(variables)}
         for layer in masked_layers(self.teacher):
             if not layer.track_statistics:
