@@ -35,6 +35,12 @@ class StudentRefresh:
             by this factor (> 1) since the last rebuild.
         strategy: passed to `DKDPModel.refresh_student` ("width",
             "compact_teacher" or a callable).
+
+    "compact_teacher" and callables change the student's architecture, so
+    weights saved after a rebuild (`BackupAndRestore`) no longer fit a model
+    built as at the start: resume such runs from a `.keras` checkpoint
+    (`ModelCheckpoint`, then `keras.saving.load_model` and
+    `fit(initial_epoch=...)`), which stores the student's architecture too.
     """
 
     def __init__(self, every=None, shrink=None, strategy="width"):

@@ -409,3 +409,29 @@ def test_adaptive_never_decides_on_a_nan_metric():
     state = cb.threshold.get_state()
     assert state["reference"] is not None and np.isfinite(state["reference"])
     assert cb.events == 1
+
+
+def test_a_run_that_compacts_its_student_resumes_from_a_keras_checkpoint(tmp_path):
+    """A student rebuilt from the compacted teacher has another architecture;
+    the `.keras` checkpoint stores it, so the run resumes from there."""
+    x, y = data()
+
+    def callback():
+        return dkdp.DKDPCallback(
+            granularity="unit", threshold=thresholds.PolynomialDecay(0.0, 0.5, 0, 9),
+            student_refresh=dkdp.StudentRefresh(every=1, strategy="compact_teacher"),
+            verbose=0)
+
+    model = make_dkdp()
+    cb = callback()
+    fit(model, [cb], 3, x, y)
+    straight = snapshot(model, cb)
+    first = make_dkdp()
+    path = tmp_path / "ckpt.keras"
+    fit(first, [callback(), keras.callbacks.ModelCheckpoint(str(path))], 2, x, y)
+    loaded = keras.saving.load_model(path)
+    assert loaded.student.layers[0].units < 24  # compacted: the teacher has 24
+    cb_loaded = callback()
+    loaded.fit(x, y, epochs=3, initial_epoch=2, batch_size=32, shuffle=False,
+               verbose=0, callbacks=[cb_loaded])
+    assert_same(snapshot(loaded, cb_loaded), straight)
