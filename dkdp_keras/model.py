@@ -196,10 +196,12 @@ class DKDPModel(keras.Model):
             return. `model.teacher.predict(x)` always serves the teacher.
         on_nonfinite: what a training step whose losses or gradients hold
             NaN or Inf does. Either way it applies no update (weights,
-            masks, optimizer states and statistics stay those of the last
-            good step); "raise" (default) then stops `fit` with a
-            `FloatingPointError`, "skip" goes on with the next batch and
-            counts such steps in the `skipped_steps` log.
+            masks, optimizer states and gradient statistics stay those of
+            the last good step); "raise" (default) then stops `fit` with a
+            `FloatingPointError` (with `jit_compile=True`, which drops
+            assertions, the NaN loss shows in the logs instead), "skip" goes
+            on with the next batch and counts such steps in the
+            `skipped_steps` log.
 
     Example:
 
@@ -557,6 +559,10 @@ class DKDPModel(keras.Model):
         # outside any branch (a collective cannot sit in one).
         statistics = self._statistics_gradients(teacher_grads)
 
+        skip = self.on_nonfinite == "skip"
+        metric_args = (y, t_out, s_out, sample_weight, teacher_loss,
+                       student_loss, kd)
+
         def update(teacher_grads, student_grads, statistics, metric_args):
             self._update_gradient_statistics(teacher_vars, statistics)
             self.optimizer.apply_gradients(
@@ -567,25 +573,23 @@ class DKDPModel(keras.Model):
                 [(g, v) for g, v in zip(student_grads, student_vars)
                  if g is not None]
             )
-            self._update_metrics(*metric_args)
+            if skip:
+                self._update_metrics(*metric_args)
             return tf.constant(True)
 
-        args = (teacher_grads, student_grads, statistics,
-                (y, t_out, s_out, sample_weight, teacher_loss, student_loss, kd))
-        if self.on_nonfinite == "raise":
-            # Every update waits for the check, so a bad step changes
-            # nothing; `fit` turns the failed check into a clear error.
-            check = tf.debugging.Assert(finite, [_NONFINITE])
-            with tf.control_dependencies([check]):
-                args = tf.nest.map_structure(
-                    lambda t: t if t is None else tf.identity(t), args
-                )
-                update(*args)
-        else:
-            _maybe_update(finite, update, args)
+        # A step whose losses or gradients are not finite applies nothing.
+        _maybe_update(finite, update,
+                      (teacher_grads, student_grads, statistics, metric_args))
+        if skip:
             self._skipped.update_state(
                 (1.0 - ops.cast(finite, "float32")) / replicas
             )
+        else:
+            # `fit` turns the failed check into a FloatingPointError. (XLA
+            # drops assertions: with jit_compile=True the step is refused
+            # all the same, and its NaN loss shows in the logs.)
+            tf.debugging.Assert(finite, [_NONFINITE])
+            self._update_metrics(*metric_args)
         return {m.name: m.result() for m in self.metrics}
 
     def fit(self, *args, **kwargs):

@@ -353,6 +353,22 @@ def test_a_nan_batch_stops_a_dkdp_model_with_the_last_good_step_kept():
     assert dkdp.sparsity(model.teacher) == pytest.approx(0.5, abs=0.01)
 
 
+def test_under_xla_a_nan_batch_is_refused_and_shows_in_the_logs():
+    """XLA drops assertions: the step cannot stop fit, but it applies
+    nothing and its NaN loss reaches the logs (and DKDPCallback's check)."""
+    x, y, bad = nan_batch_data()
+    keras.utils.set_random_seed(0)
+    model = dkdp.DKDPModel(mlp())
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss=CE, jit_compile=True)
+    history = fit(model, [], 1, bad, y)
+    assert np.isnan(history.history["loss"][0])
+    assert int(model.optimizer.iterations.numpy()) == 2
+    assert all(np.all(np.isfinite(w.numpy())) for w in model.weights)
+    with pytest.raises(FloatingPointError, match="training loss became nan"):
+        fit(model, [dkdp.DKDPCallback(verbose=0)], 1, bad, y)
+    assert all(np.all(np.isfinite(w.numpy())) for w in model.weights)
+
+
 def test_skip_mode_goes_on_as_if_the_nan_batch_were_not_there():
     x, y, bad = nan_batch_data()
     keep = np.r_[0:32, 64:96]  # the two good batches
