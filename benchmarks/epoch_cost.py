@@ -52,6 +52,7 @@ def main():
     parser.add_argument("--width", type=float, default=None,
                         help="student width (default: the library's)")
     parser.add_argument("--granularity", default="unit", choices=("weight", "unit"))
+    parser.add_argument("--out", default=None, help="also write the JSON here")
     args = parser.parse_args()
     (x, y), _ = dkdp.datasets.load("fashion_mnist", as_numpy=True)
     (x, y), (xv, yv) = dkdp.datasets.validation_split(x, y)
@@ -91,12 +92,16 @@ def main():
         print(system, ["%.1f" % t for t in timer.times], flush=True)
     dense = float(np.median(results["dense"]))
     ours = float(np.median(results["dkdp"]))
-    print(json.dumps({
+    result = json.dumps({
         "model": args.model, "granularity": args.granularity,
         "student_width": args.width or dkdp.DKDPModel(build()).student_width,
         "dense_epoch_s": round(dense, 2), "dkdp_epoch_s": round(ours, 2),
         "ratio": round(ours / dense, 3),
-    }))
+    })
+    print(result)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(result + "\n")
 
 
 if __name__ == "__main__":

@@ -312,6 +312,18 @@ def write_report(rows, failures, results, date, argv, elapsed, path):
     lines += ["## What DKDP must show", ""]
     for text, ok in checks(rows):
         lines.append(f"- {'met' if ok else '**not met**'}: {text}")
+    timing = sorted(results.glob(f"{date}-epoch_cost-*.json"))
+    if timing:
+        lines += ["", "Training wall time, controlled: `benchmarks/epoch_cost.py` trains dense "
+                  "and DKDP (the defaults above) alternately in one process on an otherwise "
+                  "idle machine and compares median epoch times:", ""]
+        for path in timing:
+            t = json.loads(path.read_text())
+            ok = t["ratio"] <= 1.35
+            lines.append(f"- {'met' if ok else '**not met**'}: DKDP epoch ≤1.35× dense "
+                         f"({t['model']}, {t['granularity']} granularity, student width "
+                         f"{t['student_width']}): {t['dkdp_epoch_s']:.1f} s vs "
+                         f"{t['dense_epoch_s']:.1f} s, **{t['ratio']:.2f}×**")
     for model in MODELS:
         if not any(r["model"] == model for r in rows):
             continue
