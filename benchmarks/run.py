@@ -318,8 +318,8 @@ def write_report(rows, failures, results, date, argv, elapsed, path):
         lines += ["", "Training wall time, controlled: `benchmarks/epoch_cost.py` trains dense "
                   "and DKDP (the defaults above) alternately in one process on an otherwise "
                   "idle machine and compares median epoch times:", ""]
-        for path in timing:
-            t = json.loads(path.read_text())
+        for timing_file in timing:
+            t = json.loads(timing_file.read_text())
             ok = t["ratio"] <= 1.35
             lines.append(f"- {'met' if ok else '**not met**'}: DKDP epoch ≤1.35× dense "
                          f"({t['model']}, {t['granularity']} granularity, student width "
