@@ -686,7 +686,9 @@ class DKDPCallback(keras.callbacks.Callback):
     def _adaptive_event(self, epoch, logs):
         policy = self.threshold
         value = self._monitor_value(logs)
-        self._remember_if_best(value)
+        # Measured once: the masks do not change before the checks below.
+        met = self._budget_met()
+        self._remember_if_best(value, met)
         action = policy.observe(epoch, value)
         if action == "backoff":
             self._assign(policy.last_good_masks)
@@ -705,7 +707,7 @@ class DKDPCallback(keras.callbacks.Callback):
             policy.last_good_masks = self._current_masks()
         if action != "keep_good":
             return
-        if self._budget_met():
+        if met:
             return
         scores = self._scores()
         if scores is None:
@@ -719,11 +721,11 @@ class DKDPCallback(keras.callbacks.Callback):
     def _budget_met(self):
         return self.threshold.budget.is_met(self._teacher())
 
-    def _remember_if_best(self, value):
+    def _remember_if_best(self, value, met):
         """Keep the teacher's weights (masks included) of the best epoch that
         ended within the budget, in the checkpointed state."""
         policy = self.threshold
-        if not policy.restore_best or not self._budget_met():
+        if not policy.restore_best or not met:
             return
         best = self._state.get("best:value")
         better = best is None or (
