@@ -94,6 +94,16 @@ def deployed(model):
         return compact(model)
 
 
+def deployed_counts(model):
+    """`(non-zero parameters, MACs per example)` of `deployed(model)`,
+    counted without building the compacted model."""
+    if not any(is_masked(layer) for layer in iter_layers(model)):
+        return count_params(model, nonzero=True), count_macs(model, nonzero=True)
+    from dkdp_keras.compaction import deployed_counts as counts
+
+    return counts(model)
+
+
 class Budget:
     """A resource constraint C = (max parameters, bytes, MACs, latency).
 
@@ -161,14 +171,12 @@ class Budget:
         """
         limits = self.limits()
         out = {}
-        small = deployed(model)
+        params, macs = deployed_counts(model)
         if "params" in limits or "bytes" in limits:
-            params = count_params(small, nonzero=True)
             out["params"] = params
             if "bytes" in limits:
                 out["bytes"] = params * self.bytes_per_param
         if "macs" in limits or "latency_ms" in limits:
-            macs = count_macs(small, nonzero=True)
             if "macs" in limits:
                 out["macs"] = macs
             if "latency_ms" in limits:

@@ -155,20 +155,112 @@ def compact(model):
     ```
     """
     check_graph_model(model)
+    plan = _plan(model)
+    if isinstance(plan, str):
+        from dkdp_keras.prunable import strip
+
+        warnings.warn(
+            f"compact: layer '{plan}' is used at several places; this "
+            "version compacts only graphs where each layer is used once. "
+            "Returning the stripped model (masks baked in).",
+            stacklevel=2,
+        )
+        return strip(model)
+    if plan.blocked:
+        warnings.warn(
+            "compact: these layers cannot be seen through yet, so removed "
+            "units feeding them were kept: " + ", ".join(sorted(plan.blocked))
+            + ".",
+            stacklevel=2,
+        )
+
+    def clone_function(layer):
+        cls = layer.base_class if is_strippable(layer) else layer.__class__
+        config = layer.base_config() if is_strippable(layer) else layer.get_config()
+        if plan.kinds.get(layer.name) == "kernel":
+            out_keep = plan.kept_outputs(layer)
+            if out_keep is not None:
+                key = "units" if "units" in config else "filters"
+                config[key] = int(out_keep.size)
+        return cls.from_config(config)
+
+    clone, pairs = _clone(plan.model, clone_function)
+    for old, new in pairs:
+        if new.weights:
+            new.set_weights(plan.weights(old))
+    return clone
+
+
+class _Plan:
+    """What `compact` keeps of each layer, decided from the graph."""
+
+    def __init__(self, model, kinds, kept_inputs, kept_outputs, blocked):
+        self.model = model
+        self.kinds = kinds
+        self.kept_inputs = kept_inputs
+        self.kept_outputs = kept_outputs
+        self.blocked = blocked
+
+    def weights(self, layer):
+        """`layer`'s plain weights as the compacted model holds them."""
+        kind = self.kinds.get(layer.name)
+        weights = plain_weights(layer)
+        if kind == "kernel":
+            in_keep = self.kept_inputs(_single(layer.input))
+            out_keep = self.kept_outputs(layer)
+            if in_keep is not None:
+                weights[0] = np.take(weights[0], in_keep, axis=-2)
+            if out_keep is not None:
+                weights = [np.take(w, out_keep, axis=-1) for w in weights]
+            return weights
+        if kind != "preserve" or not weights:
+            return weights
+        channels = self.kept_inputs(_single(layer.input))
+        if channels is None:
+            return weights
+        if isinstance(layer, _DEPTHWISE):
+            # kernel (..., channels, 1) and bias (channels,)
+            return [np.take(w, channels, axis=-2 if w.ndim > 1 else -1)
+                    for w in weights]
+        return [np.take(w, channels, axis=-1) for w in weights]
+
+
+def deployed_counts(model):
+    """`(non-zero parameters, multiply-accumulates per example)` of
+    `compact(model)`, computed from the same plan without building it (a
+    budget check runs this many times per pruning event)."""
+    from dkdp_keras.budget import _positions, count_macs, count_params
+    from dkdp_keras.prunable import strip
+
+    check_graph_model(model)
+    plan = _plan(model)
+    if isinstance(plan, str):
+        small = strip(model)
+        return count_params(small), count_macs(small)
+    params = macs = 0
+    for layer in plan.model.layers:
+        if isinstance(layer, keras.layers.InputLayer):
+            continue
+        if isinstance(layer, keras.Model):  # left whole: a barrier
+            params += count_params(layer)
+            macs += count_macs(layer)
+            continue
+        weights = plan.weights(layer)
+        params += sum(int(np.count_nonzero(w)) for w in weights)
+        if is_kernel_layer(layer):
+            macs += int(np.count_nonzero(weights[0])) * _positions(layer)
+    return params, macs
+
+
+def _plan(model):
+    """The `_Plan` of `model`, or the name of a layer used at several
+    places (then nothing can be compacted)."""
     model = rewired(model)
     for layer in model.layers:
         try:
             layer.input, layer.output
         except (AttributeError, ValueError):
-            warnings.warn(
-                f"compact: layer '{layer.name}' is used at several places; "
-                "this version compacts only graphs where each layer is used "
-                "once. Returning the stripped model (masks baked in).",
-                stacklevel=2,
-            )
-            from dkdp_keras.prunable import strip
-
-            return strip(model)
+            return layer.name
     protected = output_unit_layers(model)
     # Every tensor's last axis is a list of segments, each a run of channels
     # of one group (union-find over chains); Concatenate joins segment lists.
@@ -284,12 +376,6 @@ def compact(model):
             if kept.size == 0:  # keep one channel so the graph stays valid
                 kept = np.array([0])
             keep[key] = kept
-    if blocked:
-        warnings.warn(
-            "compact: these layers cannot be seen through yet, so removed "
-            "units feeding them were kept: " + ", ".join(sorted(blocked)) + ".",
-            stacklevel=2,
-        )
 
     def kept_inputs(tensor):
         """Indices of the input features a layer keeps, or None for all."""
@@ -315,36 +401,4 @@ def compact(model):
             return None
         return keep.get(groups(out)[0])
 
-    def clone_function(layer):
-        cls = layer.base_class if is_strippable(layer) else layer.__class__
-        config = layer.base_config() if is_strippable(layer) else layer.get_config()
-        if kinds.get(layer.name) == "kernel":
-            out_keep = kept_outputs(layer)
-            if out_keep is not None:
-                key = "units" if "units" in config else "filters"
-                config[key] = int(out_keep.size)
-        return cls.from_config(config)
-
-    clone, pairs = _clone(model, clone_function)
-    for old, new in pairs:
-        kind = kinds.get(old.name)
-        if kind == "kernel":
-            weights = plain_weights(old)
-            in_keep = kept_inputs(_single(old.input))
-            out_keep = kept_outputs(old)
-            if in_keep is not None:
-                weights[0] = np.take(weights[0], in_keep, axis=-2)
-            if out_keep is not None:
-                weights = [np.take(w, out_keep, axis=-1) for w in weights]
-            new.set_weights(weights)
-        elif new.weights:
-            weights = plain_weights(old)
-            channels = kept_inputs(_single(old.input)) if kind == "preserve" else None
-            if channels is not None and isinstance(old, _DEPTHWISE):
-                # kernel (..., channels, 1) and bias (channels,)
-                weights = [np.take(w, channels, axis=-2 if w.ndim > 1 else -1)
-                           for w in weights]
-            elif channels is not None:
-                weights = [np.take(w, channels, axis=-1) for w in weights]
-            new.set_weights(weights)
-    return clone
+    return _Plan(model, kinds, kept_inputs, kept_outputs, blocked)

@@ -183,6 +183,9 @@ def test_compact_keeps_the_outputs_of_random_architectures(spec):
                                model(x, training=False).numpy(), rtol=0, atol=1e-5)
     assert not dkdp.masked_layers(small)
     assert small.count_params() <= dkdp.count_params(model, nonzero=False)
+    # What budgets read, counted without building the small model.
+    assert dkdp.budget.deployed_counts(model) == (
+        dkdp.count_params(small), dkdp.count_macs(small))
     removed_any = any(
         (l.unit_mask().numpy() == 0).any() for l in dkdp.masked_layers(model))
     if not spec["conv"] and removed_any:

@@ -110,16 +110,32 @@ def threshold_for_sparsity(scores, sparsity, sizes=None):
                 f"got shape {sizes.shape} with minimum "
                 f"{sizes.min() if sizes.size else None}."
             )
-    order = np.argsort(scores, kind="stable")
-    before = np.cumsum(sizes[order]) - sizes[order]
-    count = int(np.sum(before < sparsity * sizes.sum() - 1e-9))
-    pruned = np.zeros(scores.shape, dtype=bool)
-    pruned[order[:count]] = True
-    if count < scores.size:
-        tau = float(scores[order[count]])
-    else:
-        tau = float(np.nextafter(scores.max(), np.inf))
-    return tau, pruned
+    return _SortedPool(scores, sizes).cut(sparsity)
+
+
+class _SortedPool:
+    """Scores sorted once, cut at any number of sparsities (the Adaptive
+    bisection asks for about ten with the same scores)."""
+
+    def __init__(self, scores, sizes):
+        self.scores = scores
+        self.order = np.argsort(scores, kind="stable")
+        ordered = sizes[self.order]
+        self.before = np.cumsum(ordered) - ordered
+        self.total = sizes.sum()
+
+    def cut(self, sparsity):
+        scores, order = self.scores, self.order
+        count = int(np.searchsorted(
+            self.before, sparsity * self.total - 1e-9, side="left"
+        ))
+        pruned = np.zeros(scores.shape, dtype=bool)
+        pruned[order[:count]] = True
+        if count < scores.size:
+            tau = float(scores[order[count]])
+        else:
+            tau = float(np.nextafter(scores.max(), np.inf))
+        return tau, pruned
 
 
 def _lamp(scores):
@@ -185,110 +201,145 @@ def compute_masks(
     Returns:
         A `PruningResult`.
     """
-    check_granularity(granularity)
-    if granularity == "layer":
-        raise ValueError(
-            "granularity 'layer' scores share a budget between layers; it "
-            "cannot itself zero weights. Prune at 'weight' or 'unit' "
-            "granularity and pass layer scores as layer_weights."
-        )
-    _validation.choice("scope", scope, ("global", "layer"))
-    _validation.choice("normalize", normalize, NORMALIZE)
     _validation.sparsity("sparsity", sparsity)
-    floors = Floors() if floors is None else floors
-    unit_multiple = _validation.number("unit_multiple", unit_multiple, low=1, integer=True)
-    if len(layers) != len(scores):
-        raise ValueError(
-            f"Got {len(layers)} layers and {len(scores)} score arrays."
-        )
-    for layer in layers:
-        if not hasattr(layer, "kernel_mask"):
-            raise TypeError(
-                f"layers must be masked layers (dkdp_keras.masked_layers("
-                f"model)), got {type(layer).__name__} '{getattr(layer, 'name', layer)}'."
-            )
-    layer_weights = layer_weights or {}
+    return MaskPool(
+        layers, scores, granularity=granularity, scope=scope,
+        normalize=normalize, floors=floors, protect_units=protect_units,
+        layer_weights=layer_weights, unit_multiple=unit_multiple,
+    ).masks(sparsity)
 
-    entries = []  # (layer, scores 1-D, sizes 1-D, current kept 1-D, poolable)
-    for layer, s in zip(layers, scores):
-        s = np.asarray(ops.convert_to_numpy(s), dtype="float64")
-        mask = ops.convert_to_numpy(layer.kernel_mask)
-        if granularity == "weight":
-            flat = s.reshape(-1)
-            sizes = np.ones_like(flat)
-            kept = mask.reshape(-1) > 0
-        else:
-            flat = s.reshape(-1)
-            fan_in = mask.size // layer.num_units
-            sizes = np.full(flat.shape, float(fan_in))
-            kept = mask.reshape(-1, layer.num_units).max(axis=0) > 0
-        if not np.all(np.isfinite(flat)):
+
+class MaskPool:
+    """`compute_masks` for one set of scores at many sparsities.
+
+    Takes the arguments of `compute_masks` but the sparsity; normalising and
+    sorting the scores happen once, here, and `masks(sparsity)` only cuts
+    the sorted pool. The layers' current masks are read here too: build a
+    new pool after they change.
+    """
+
+    def __init__(self, layers, scores, granularity="weight", scope="global",
+                 normalize="mean", floors=None, protect_units=(),
+                 layer_weights=None, unit_multiple=1):
+        check_granularity(granularity)
+        if granularity == "layer":
             raise ValueError(
-                f"Scores of layer '{layer.name}' contain NaN or Inf; no mask "
-                "was changed."
+                "granularity 'layer' scores share a budget between layers; it "
+                "cannot itself zero weights. Prune at 'weight' or 'unit' "
+                "granularity and pass layer scores as layer_weights."
             )
-        poolable = not (granularity == "unit" and layer.name in protect_units)
-        entries.append((layer, flat, sizes, kept, poolable))
+        _validation.choice("scope", scope, ("global", "layer"))
+        _validation.choice("normalize", normalize, NORMALIZE)
+        self.floors = Floors() if floors is None else floors
+        self.unit_multiple = _validation.number(
+            "unit_multiple", unit_multiple, low=1, integer=True
+        )
+        self.granularity, self.scope = granularity, scope
+        if len(layers) != len(scores):
+            raise ValueError(
+                f"Got {len(layers)} layers and {len(scores)} score arrays."
+            )
+        for layer in layers:
+            if not hasattr(layer, "kernel_mask"):
+                raise TypeError(
+                    f"layers must be masked layers (dkdp_keras.masked_layers("
+                    f"model)), got {type(layer).__name__} "
+                    f"'{getattr(layer, 'name', layer)}'."
+                )
+        layer_weights = layer_weights or {}
 
-    pruned = {}
-    if scope == "global":
-        pool = [e for e in entries if e[4]]
-        if pool:
-            norm = [
-                _normalise(flat, kept, normalize)
-                * float(layer_weights.get(layer.name, 1.0))
-                for layer, flat, _, kept, _ in pool
-            ]
-            # Protected layers' weights still count in the total: the target
-            # is a fraction of all the layers' weights.
-            protected = sum(e[2].sum() for e in entries if not e[4])
-            pool_size = sum(e[2].sum() for e in pool)
-            target = min(
-                sparsity * (pool_size + protected) / pool_size, 1.0 - 1e-9
-            )
-            tau, flags = threshold_for_sparsity(
-                np.concatenate(norm),
-                target,
-                np.concatenate([e[2] for e in pool]),
-            )
-            start = 0
-            for (layer, flat, _, _, _) in pool:
-                pruned[layer.name] = flags[start : start + flat.size]
-                start += flat.size
+        # (layer, scores 1-D, sizes 1-D, current kept 1-D, poolable, best-first order)
+        entries = []
+        for layer, s in zip(layers, scores):
+            s = np.asarray(ops.convert_to_numpy(s), dtype="float64")
+            mask = ops.convert_to_numpy(layer.kernel_mask)
+            flat = s.reshape(-1)
+            if granularity == "weight":
+                sizes = np.ones_like(flat)
+                kept = mask.reshape(-1) > 0
+            else:
+                fan_in = mask.size // layer.num_units
+                sizes = np.full(flat.shape, float(fan_in))
+                kept = mask.reshape(-1, layer.num_units).max(axis=0) > 0
+            if not np.all(np.isfinite(flat)):
+                raise ValueError(
+                    f"Scores of layer '{layer.name}' contain NaN or Inf; no "
+                    "mask was changed."
+                )
+            poolable = not (granularity == "unit" and layer.name in protect_units)
+            order = np.argsort(-flat, kind="stable")
+            entries.append((layer, flat, sizes, kept, poolable, order))
+        self.entries = entries
+
+        self.pool = None
+        self.layer_pools = {}
+        if scope == "global":
+            pool = [e for e in entries if e[4]]
+            if pool:
+                norm = [
+                    _normalise(flat, kept, normalize)
+                    * float(layer_weights.get(layer.name, 1.0))
+                    for layer, flat, _, kept, _, _ in pool
+                ]
+                # Protected layers' weights still count in the total: the
+                # target is a fraction of all the layers' weights.
+                self.protected = sum(e[2].sum() for e in entries if not e[4])
+                self.pool_size = sum(e[2].sum() for e in pool)
+                self.pool = _SortedPool(
+                    np.concatenate(norm), np.concatenate([e[2] for e in pool])
+                )
+                self.pooled = pool
         else:
+            for layer, flat, sizes, _, poolable, _ in entries:
+                if poolable:
+                    self.layer_pools[layer.name] = _SortedPool(flat, sizes)
+
+    def masks(self, sparsity):
+        """The `PruningResult` of pruning `sparsity` of the weights."""
+        _validation.sparsity("sparsity", sparsity)
+        granularity = self.granularity
+        pruned = {}
+        if self.scope == "global":
             tau = None
-    else:
-        tau = {}
-        for layer, flat, sizes, _, poolable in entries:
-            if not poolable:
-                continue
-            tau[layer.name], pruned[layer.name] = threshold_for_sparsity(
-                flat, sparsity, sizes
-            )
-
-    result = PruningResult(tau=tau)
-    zeros = total = 0
-    for layer, flat, sizes, _, poolable in entries:
-        flags = pruned.get(layer.name, np.zeros(flat.shape, dtype=bool))
-        keep = _apply_floors(layer, flat, ~flags, granularity, floors)
-        if granularity == "unit" and poolable:
-            keep = _align_units(flat, keep, unit_multiple)
-        shape = tuple(int(d) for d in layer.kernel.shape)
-        if granularity == "weight":
-            mask = keep.reshape(shape)
+            if self.pool is not None:
+                target = min(
+                    sparsity * (self.pool_size + self.protected) / self.pool_size,
+                    1.0 - 1e-9,
+                )
+                tau, flags = self.pool.cut(target)
+                start = 0
+                for (layer, flat, *_) in self.pooled:
+                    pruned[layer.name] = flags[start : start + flat.size]
+                    start += flat.size
         else:
-            fan_in = int(np.prod(shape)) // layer.num_units
-            mask = np.broadcast_to(keep, (fan_in, layer.num_units)).reshape(shape)
-        mask = mask.astype("float32")
-        result.masks[layer.name] = mask
-        zeros += int(mask.size - np.count_nonzero(mask))
-        total += mask.size
-    result.sparsity = zeros / total if total else 0.0
-    return result
+            tau = {}
+            for name, pool in self.layer_pools.items():
+                tau[name], pruned[name] = pool.cut(sparsity)
+
+        result = PruningResult(tau=tau)
+        zeros = total = 0
+        for layer, flat, sizes, _, poolable, order in self.entries:
+            flags = pruned.get(layer.name, np.zeros(flat.shape, dtype=bool))
+            keep = _apply_floors(layer, flat, ~flags, granularity, self.floors, order)
+            if granularity == "unit" and poolable:
+                keep = _align_units(flat, keep, self.unit_multiple, order)
+            shape = tuple(int(d) for d in layer.kernel.shape)
+            if granularity == "weight":
+                mask = keep.reshape(shape)
+            else:
+                fan_in = int(np.prod(shape)) // layer.num_units
+                mask = np.broadcast_to(keep, (fan_in, layer.num_units)).reshape(shape)
+            mask = mask.astype("float32")
+            result.masks[layer.name] = mask
+            zeros += int(mask.size - np.count_nonzero(mask))
+            total += mask.size
+        result.sparsity = zeros / total if total else 0.0
+        return result
 
 
-def _align_units(flat, keep, multiple):
-    """Keep a multiple of `multiple` units: the best ones by score."""
+def _align_units(flat, keep, multiple, order=None):
+    """Keep a multiple of `multiple` units: the best ones by score
+    (`order`: the units best first, when already sorted)."""
     n, k = flat.size, int(keep.sum())
     if multiple <= 1 or n < 4 * multiple or k == n:
         return keep
@@ -296,7 +347,8 @@ def _align_units(flat, keep, multiple):
     if target == k:
         return keep
     # Drop the worst kept units, or re-add the best pruned ones.
-    order = np.argsort(-flat, kind="stable")
+    if order is None:
+        order = np.argsort(-flat, kind="stable")
     keep = keep.copy()
     if target < k:
         kept_order = [i for i in order if keep[i]]
@@ -307,10 +359,12 @@ def _align_units(flat, keep, multiple):
     return keep
 
 
-def _apply_floors(layer, flat, keep, granularity, floors):
-    """Keep the best entries of a layer that fell below its floors."""
+def _apply_floors(layer, flat, keep, granularity, floors, order=None):
+    """Keep the best entries of a layer that fell below its floors
+    (`order`: the entries best first, when already sorted)."""
     keep = keep.copy()
-    order = np.argsort(-flat, kind="stable")  # best first
+    if order is None:
+        order = np.argsort(-flat, kind="stable")
     if granularity == "unit":
         need = max(floors.min_units, math.ceil(floors.min_fraction * flat.size))
         need = min(need, flat.size)
