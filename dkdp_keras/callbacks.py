@@ -10,11 +10,11 @@ from keras import ops
 
 from dkdp_keras import _validation
 from dkdp_keras import importance as importance_lib
-from dkdp_keras.budget import count_macs, count_params, deployed
+from dkdp_keras.budget import count_params, deployed_counts
 from dkdp_keras.graph import batchnorm_after, output_unit_layers
 from dkdp_keras.prunable import masked_layers, sync_batchnorm
 from dkdp_keras.state import pruning_state
-from dkdp_keras.thresholds.mechanism import NORMALIZE, Floors, compute_masks
+from dkdp_keras.thresholds.mechanism import NORMALIZE, Floors, MaskPool
 from dkdp_keras.thresholds.schedules import (
     Adaptive,
     PolynomialDecay,
@@ -268,7 +268,8 @@ class DKDPCallback(keras.callbacks.Callback):
         if self._is_dkdp():
             needs = getattr(self.importance, "requires", None)
             self.model.request_statistics(
-                ("gradient", "activation") if needs is None else needs
+                ("gradient", "activation") if needs is None else needs,
+                gradient_statistics=self._gradient_statistics(),
             )
         self._protect = (
             output_unit_layers(teacher) if self.granularity == "unit" else set()
@@ -287,7 +288,7 @@ class DKDPCallback(keras.callbacks.Callback):
                 max(self.begin + 1, int(0.7 * self._total_steps)),
             )
         self._dense_params = count_params(teacher, nonzero=False)
-        self._refresh_params = count_params(deployed(teacher))
+        self._refresh_params = deployed_counts(teacher)[0]
         if isinstance(self.threshold, Adaptive):
             self.threshold.budget.check_feasible(teacher)
             self.threshold.start(teacher, epochs)
@@ -295,6 +296,21 @@ class DKDPCallback(keras.callbacks.Callback):
             import tensorflow as tf
 
             self._writer = tf.summary.create_file_writer(str(self.log_dir))
+
+    def _gradient_statistics(self):
+        """The gradient running means this callback's scoring reads (None:
+        all), so that the training step keeps only those."""
+        read = getattr(self.importance, "gradient_statistics", None)
+        if read is None:
+            return None
+        names = []
+        granularities = [self.granularity] + (["layer"] if self.layer_importance else [])
+        for granularity in granularities:
+            found = read(granularity)
+            if found is None:
+                return None
+            names += [n for n in found if n not in names]
+        return tuple(names)
 
     # ---------------------------------------------------------------- state
     def on_epoch_begin(self, epoch, logs=None):
@@ -319,7 +335,7 @@ class DKDPCallback(keras.callbacks.Callback):
             self.events = 0
             self.history = []
             self._bn_saved = {}
-            self._refresh_params = count_params(deployed(self._teacher()))
+            self._refresh_params = deployed_counts(self._teacher())[0]
             for key in [k for k in self._state.keys() if k.startswith("best:")]:
                 self._state.remove(key)  # a new fit forgets an old best
             self._save_state(epoch)
@@ -535,12 +551,19 @@ class DKDPCallback(keras.callbacks.Callback):
         return {l.name: v / mean for l, v in zip(self._layers, values)}
 
     def _masks_for(self, sparsity, scores):
-        return compute_masks(
-            self._layers, scores, sparsity, granularity=self.granularity,
-            scope=self.scope, normalize=self.normalize, floors=self.floors,
-            protect_units=self._protect, layer_weights=self._layer_weights(),
-            unit_multiple=self.unit_multiple,
-        )
+        # One pool per scoring: an event's bisection cuts the same scores,
+        # sorted once, at each sparsity it tries.
+        cached = getattr(self, "_pool", None)
+        if cached is None or cached[0] is not scores:
+            pool = MaskPool(
+                self._layers, scores, granularity=self.granularity,
+                scope=self.scope, normalize=self.normalize, floors=self.floors,
+                protect_units=self._protect,
+                layer_weights=self._layer_weights(),
+                unit_multiple=self.unit_multiple,
+            )
+            cached = self._pool = (scores, pool)
+        return cached[1].masks(sparsity)
 
     def _current_masks(self):
         return {l.name: ops.convert_to_numpy(l.kernel_mask).copy() for l in self._layers}
@@ -602,7 +625,7 @@ class DKDPCallback(keras.callbacks.Callback):
             "step": self._step(),
             "tau": self.tau,
             "sparsity": result.sparsity,
-            "kept_params": count_params(deployed(teacher)),
+            "kept_params": deployed_counts(teacher)[0],
         }
         self.history.append(record)
         if self.verbose:
@@ -787,11 +810,10 @@ class DKDPCallback(keras.callbacks.Callback):
     # ------------------------------------------------------------- logging
     def _add_logs(self, logs):
         teacher = self._teacher()
-        small = deployed(teacher)  # as exported: removed units gone
+        # As exported: removed units gone.
+        logs["kept_params"], logs["kept_macs"] = deployed_counts(teacher)
         logs["tau"] = self.tau
         logs["sparsity"] = self._sparsity()
-        logs["kept_params"] = count_params(small)
-        logs["kept_macs"] = count_macs(small)
         if isinstance(self.threshold, Adaptive):
             logs["budget_usage"] = max(self.threshold.budget.usage(teacher).values())
 

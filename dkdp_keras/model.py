@@ -14,6 +14,7 @@ from dkdp_keras.distillation import (
     same_signature,
 )
 from dkdp_keras.compaction import compact
+from dkdp_keras.layers.base import GRADIENT_STATISTICS
 from dkdp_keras.graph import rewired, width_copy
 from dkdp_keras.prunable import check_graph_model, masked_layers, prunable
 from dkdp_keras.state import pruning_state
@@ -343,7 +344,7 @@ class DKDPModel(keras.Model):
             self.make_predict_function(force=True)
         return self.student
 
-    def request_statistics(self, kinds):
+    def request_statistics(self, kinds, gradient_statistics=None):
         """Collect only the running statistics that will be read.
 
         Args:
@@ -352,6 +353,11 @@ class DKDPModel(keras.Model):
                 called, both are collected; `DKDPCallback` calls it at the
                 start of training so that a magnitude criterion costs no
                 statistics at all.
+            gradient_statistics: which gradient running means to keep, of
+                "gradient_abs", "taylor" and "taylor_unit" (what the
+                criterion's `gradient_statistics(granularity)` names);
+                None keeps all three. Taylor scores of units need only
+                "taylor_unit", which costs a fraction of the entry-wise ones.
         """
         kinds = set(kinds)
         unknown = kinds - {"gradient", "activation"}
@@ -360,12 +366,22 @@ class DKDPModel(keras.Model):
                 f"Unknown statistics {sorted(unknown)}: use 'gradient' and/or "
                 "'activation'."
             )
+        if gradient_statistics is not None:
+            gradient_statistics = tuple(gradient_statistics)
+            unknown = set(gradient_statistics) - set(GRADIENT_STATISTICS)
+            if unknown:
+                raise ValueError(
+                    f"Unknown gradient statistics {sorted(unknown)}: use "
+                    f"{', '.join(map(repr, GRADIENT_STATISTICS))}."
+                )
         changed = self._collect_gradients != ("gradient" in kinds)
         self._collect_gradients = "gradient" in kinds
         for layer in masked_layers(self.teacher):
             want = layer.track_statistics and "activation" in kinds
             changed |= layer.collect_activations != want
             layer.collect_activations = want
+            changed |= layer.gradient_statistics != gradient_statistics
+            layer.gradient_statistics = gradient_statistics
         if changed and self.compiled:
             self.make_train_function(force=True)
 
@@ -525,7 +541,7 @@ class DKDPModel(keras.Model):
         self._check_inputs(x)
         teacher_vars = self.teacher.trainable_variables
         student_vars = self.student.trainable_variables
-        with tf.GradientTape(persistent=True) as tape:
+        with tf.GradientTape(persistent=self.mutual) as tape:
             t_out, s_out, teacher_loss, student_loss, kd = self._forward_losses(
                 x, y, sample_weight, training=True
             )
@@ -548,8 +564,17 @@ class DKDPModel(keras.Model):
                 student_total = (
                     student_total + ops.sum(self.student.losses) / replicas
                 )
-        teacher_grads = tape.gradient(teacher_total, teacher_vars)
-        student_grads = tape.gradient(student_total, student_vars)
+            both = teacher_total + student_total
+        if self.mutual:
+            teacher_grads = tape.gradient(teacher_total, teacher_vars)
+            student_grads = tape.gradient(student_total, student_vars)
+        else:
+            # L_KD reaches the teacher through a stop_gradient, so the two
+            # objectives touch disjoint variables: one backward pass of
+            # their sum gives both gradients, and costs less than two.
+            grads = tape.gradient(both, teacher_vars + student_vars)
+            teacher_grads = grads[: len(teacher_vars)]
+            student_grads = grads[len(teacher_vars):]
         del tape
         finite = _all_finite(
             [teacher_total, student_total] + teacher_grads + student_grads

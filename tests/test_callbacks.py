@@ -323,6 +323,30 @@ def test_only_the_statistics_the_criterion_reads_are_collected():
     assert float(first.gradient_steps.numpy()) == 4 and float(first.activation_steps.numpy()) == 0
     with pytest.raises(ValueError, match="Unknown statistics"):
         model.request_statistics({"hessian"})
+    with pytest.raises(ValueError, match="Unknown gradient statistics"):
+        model.request_statistics({"gradient"}, gradient_statistics=("fisher",))
+
+
+@pytest.mark.parametrize("granularity, layer_importance, kept", [
+    ("unit", False, ("taylor_unit",)),
+    ("weight", False, ("taylor",)),
+    ("weight", True, ("taylor", "taylor_unit")),
+])
+def test_only_the_gradient_means_the_scores_read_are_kept(granularity, layer_importance, kept):
+    x, y = data()
+    model = dkdp_model()
+    cb = dkdp.DKDPCallback(importance="taylor", granularity=granularity,
+                           layer_importance=layer_importance,
+                           threshold=thresholds.ConstantSparsity(0.3), frequency=100,
+                           verbose=0)
+    model.fit(x, y, epochs=1, batch_size=32, verbose=0, callbacks=[cb])
+    for layer in dkdp.masked_layers(model.teacher):
+        assert layer.gradient_statistics == kept
+        for name in ("gradient_abs", "taylor", "taylor_unit"):
+            assert (np.abs(getattr(layer, name).numpy()).max() > 0) == (name in kept), name
+    # A criterion that reads a mean not kept says so instead of reading zeros.
+    with pytest.raises(ValueError, match="gradient_abs statistics.*request_statistics"):
+        dkdp.importance.GradientMagnitude().score(dkdp.masked_layers(model.teacher)[0])
 
 
 def test_removed_filters_are_exact_zeros_after_batchnorm():

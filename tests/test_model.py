@@ -142,12 +142,16 @@ def test_feature_distillation_reads_named_layers():
         dkdp.DKDPModel(mlp(), student=mlp(name="s"), kd_loss=kd)
 
 
-def test_lambda_zero_trains_the_teacher_exactly_like_plain_fit():
+@pytest.mark.parametrize("lambda_kd, hard", [(0.0, 0.0), (2.0, 1.0)])
+def test_the_teacher_trains_exactly_like_plain_fit(lambda_kd, hard):
+    # Without `mutual`, one backward pass of L + λ·L_KD (+ the student's
+    # hard loss) gives the teacher the gradient of L alone.
     x, y = data(128)
     keras.utils.set_random_seed(1)
     base = mlp()
     plain = dkdp.prunable(base, track_statistics=True)
-    model = dkdp.DKDPModel(base, lambda_kd=0.0)
+    model = dkdp.DKDPModel(base, lambda_kd=lambda_kd,
+                           student_hard_loss_weight=hard)
     for p, q in zip(plain.weights, model.teacher.weights):
         q.assign(p)
     plain.compile(optimizer=keras.optimizers.Adam(1e-2), loss=CE)

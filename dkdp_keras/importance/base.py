@@ -62,6 +62,14 @@ class Criterion:
 
     requires = ()
 
+    def gradient_statistics(self, granularity):
+        """Names of the running gradient statistics `score` reads at
+        `granularity` (of "gradient_abs", "taylor", "taylor_unit"); None
+        when unknown (then all are kept)."""
+        if self.requires is None:
+            return None
+        return None if "gradient" in self.requires else ()
+
     def prepare(self, model):
         """Hook called with the model before its layers are scored."""
 
@@ -77,7 +85,7 @@ class Criterion:
             A float32 tensor of non-negative scores; pruned entries are 0.
         """
         check_granularity(granularity)
-        self._check_statistics(layer)
+        self._check_statistics(layer, granularity)
         if granularity == "layer":
             units = self._scores_at(layer, "unit")
             kept = layer.unit_mask()
@@ -108,7 +116,19 @@ class Criterion:
             )
         return ops.sum(layer.as_units(self._weight_scores(layer)), axis=0)
 
-    def _check_statistics(self, layer):
+    def _check_statistics(self, layer, granularity="weight"):
+        kept = getattr(layer, "gradient_statistics", None)
+        wanted = self.gradient_statistics(granularity)
+        missing = [n for n in wanted or () if kept is not None and n not in kept]
+        if missing:
+            raise ValueError(
+                f"{type(self).__name__} at granularity {granularity!r} reads "
+                f"the {', '.join(missing)} statistics, which layer "
+                f"'{layer.name}' does not keep (it keeps {', '.join(kept) or 'none'}, "
+                "as a DKDPCallback with another criterion or granularity "
+                "asked). Call model.request_statistics({'gradient'}) to keep "
+                "them all, and train before scoring."
+            )
         for kind in self.requires or ():
             if not getattr(layer, "track_statistics", False):
                 raise ValueError(

@@ -34,6 +34,9 @@ class GradientMagnitude(Criterion):
 
     requires = ("gradient",)
 
+    def gradient_statistics(self, granularity):
+        return ("gradient_abs",)
+
     def _weight_scores(self, layer):
         return layer.gradient_abs
 
@@ -48,6 +51,9 @@ class Taylor(Criterion):
     """
 
     requires = ("gradient",)
+
+    def gradient_statistics(self, granularity):
+        return ("taylor",) if granularity == "weight" else ("taylor_unit",)
 
     def _weight_scores(self, layer):
         return layer.taylor
@@ -227,6 +233,15 @@ class Combined(Criterion):
                 return None
             kinds += [k for k in criterion.requires if k not in kinds]
         return tuple(kinds)
+
+    def gradient_statistics(self, granularity):
+        names = []
+        for criterion, _ in self.criteria:
+            read = criterion.gradient_statistics(granularity)
+            if read is None:
+                return None
+            names += [n for n in read if n not in names]
+        return tuple(names)
 
     def prepare(self, model):
         for criterion, _ in self.criteria:

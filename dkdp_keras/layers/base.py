@@ -22,6 +22,9 @@ Activation statistics are updated in ``call`` whenever ``training=True``
 (from the first 32 examples of the batch, an unbiased sample);
 gradient statistics by ``update_gradient_statistics(kernel_gradient)``, which
 the DKDP training step calls with the gradient it has already computed.
+``gradient_statistics`` (a tuple of the three names above, None for all)
+limits that to the ones a criterion will read: the entry-wise means cost
+several passes over the kernel at every step, ``taylor_unit`` alone one.
 """
 
 import keras
@@ -40,6 +43,8 @@ STATISTICS = (
     "taylor_unit",
     "gradient_steps",
 )
+#: The running means `update_gradient_statistics` can keep.
+GRADIENT_STATISTICS = ("gradient_abs", "taylor", "taylor_unit")
 
 
 class MaskedKernelMixin:
@@ -87,6 +92,7 @@ class MaskedKernelMixin:
         # Runtime switch (not config): DKDPModel turns activation statistics
         # off when no criterion reads them, before the training step traces.
         self.collect_activations = track_statistics
+        self.gradient_statistics = None
 
     # ------------------------------------------------------------------ build
     def build(self, input_shape):
@@ -220,16 +226,22 @@ class MaskedKernelMixin:
                 "track_statistics=True (prunable(model, track_statistics=True))."
             )
         g = ops.cast(kernel_gradient, "float32")
-        wg = ops.multiply(ops.cast(self.effective_kernel(), "float32"), g)
+        wanted = self.gradient_statistics
+        wanted = GRADIENT_STATISTICS if wanted is None else wanted
         n = self.gradient_steps + 1.0
-        self.gradient_abs.assign(
-            self.gradient_abs + (ops.abs(g) - self.gradient_abs) / n
-        )
-        self.taylor.assign(self.taylor + (ops.abs(wg) - self.taylor) / n)
-        unit_taylor = ops.square(ops.sum(self.as_units(wg), axis=0))
-        self.taylor_unit.assign(
-            self.taylor_unit + (unit_taylor - self.taylor_unit) / n
-        )
+        if "gradient_abs" in wanted:
+            self.gradient_abs.assign(
+                self.gradient_abs + (ops.abs(g) - self.gradient_abs) / n
+            )
+        if "taylor" in wanted or "taylor_unit" in wanted:
+            wg = ops.multiply(ops.cast(self.effective_kernel(), "float32"), g)
+        if "taylor" in wanted:
+            self.taylor.assign(self.taylor + (ops.abs(wg) - self.taylor) / n)
+        if "taylor_unit" in wanted:
+            unit_taylor = ops.square(ops.sum(self.as_units(wg), axis=0))
+            self.taylor_unit.assign(
+                self.taylor_unit + (unit_taylor - self.taylor_unit) / n
+            )
         self.gradient_steps.assign(n)
 
     def reset_statistics(self):
