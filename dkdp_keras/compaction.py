@@ -121,12 +121,28 @@ def _zero_units(layer, protected):
     zero = np.all(kernel == 0, axis=0)
     if len(weights) > 1:
         zero &= weights[1] == 0
-    activation = layer.activation or keras.activations.linear
-    if float(ops.convert_to_numpy(activation(ops.zeros((1,))))[0]) != 0.0:
+    if not _zero_to_zero(layer.activation or keras.activations.linear):
         zero[:] = False
     if layer.name in protected:
         zero[:] = False
     return zero
+
+
+_ACTIVATION_AT_ZERO = {}
+
+
+def _zero_to_zero(activation):
+    """activation(0) == 0, remembered per activation function."""
+    try:
+        return _ACTIVATION_AT_ZERO[activation]
+    except (KeyError, TypeError):
+        pass
+    value = float(ops.convert_to_numpy(activation(ops.zeros((1,))))[0]) == 0.0
+    try:
+        _ACTIVATION_AT_ZERO[activation] = value
+    except TypeError:  # an unhashable callable
+        pass
+    return value
 
 
 def _maps_zero_to_zero(layer, in_shape):

@@ -290,15 +290,20 @@ class MaskedKernelMixin:
             A list ``[kernel]`` or ``[kernel, bias]`` of numpy arrays, in the
             order ``base_class.set_weights`` expects.
         """
-        kernel = self.effective_kernel()
-        if self.gate is not None:
-            kernel = ops.multiply(kernel, self.from_units(self.gate))
-        weights = [ops.convert_to_numpy(kernel)]
+        # In numpy, as `as_units`/`from_units` lay units out: budget checks
+        # call this many times per pruning event.
+        n = self.num_units
+        mask = ops.convert_to_numpy(self.kernel_mask).reshape(-1, n)
+        kernel = ops.convert_to_numpy(self.kernel).reshape(-1, n) * mask
+        scale = None if self.gate is None else ops.convert_to_numpy(self.gate)
+        if scale is not None:
+            kernel = kernel * scale
+        weights = [kernel.reshape(tuple(self.kernel.shape))]
         if self.bias is not None:
-            bias = ops.multiply(self.bias, self.unit_mask())
-            if self.gate is not None:
-                bias = ops.multiply(bias, self.gate)
-            weights.append(ops.convert_to_numpy(bias))
+            bias = ops.convert_to_numpy(self.bias) * mask.max(axis=0)
+            if scale is not None:
+                bias = bias * scale
+            weights.append(bias)
         return weights
 
     def base_config(self):
