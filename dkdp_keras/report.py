@@ -86,14 +86,14 @@ class Summary:
 
 
 def _plot(rows, unit_scores, out_dir, criterion):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # Figures made without pyplot: the caller's matplotlib backend (a
+    # notebook's inline plots) stays as it was, and nothing is left open.
+    from matplotlib.figure import Figure
 
     out_dir.mkdir(parents=True, exist_ok=True)
     names = [r["layer"] for r in rows]
-    fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(rows)), 3.5))
+    fig = Figure(figsize=(max(5, 1.2 * len(rows)), 3.5))
+    ax = fig.subplots()
     x = np.arange(len(rows))
     ax.bar(x - 0.2, [1 - r["sparsity"] for r in rows], 0.4, label="kept weights")
     ax.bar(x + 0.2, [r["kept_units"] / r["units"] for r in rows], 0.4,
@@ -106,12 +106,11 @@ def _plot(rows, unit_scores, out_dir, criterion):
     fig.tight_layout()
     bars = out_dir / "layer_sparsity.png"
     fig.savefig(bars, dpi=100)
-    plt.close(fig)
 
     cols = min(4, len(rows))
     nrows = int(np.ceil(len(rows) / cols))
-    fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols, 2.6 * nrows),
-                             squeeze=False)
+    fig = Figure(figsize=(3.2 * cols, 2.6 * nrows))
+    axes = fig.subplots(nrows, cols, squeeze=False)
     for ax, row, (scores, kept) in zip(axes.flat, rows, unit_scores):
         bins = 30
         ax.hist(scores[kept], bins=bins, color="tab:blue", label="kept")
@@ -125,5 +124,4 @@ def _plot(rows, unit_scores, out_dir, criterion):
     fig.tight_layout()
     hist = out_dir / "importance_histograms.png"
     fig.savefig(hist, dpi=100)
-    plt.close(fig)
     return [bars, hist]

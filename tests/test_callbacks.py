@@ -276,7 +276,15 @@ def test_tensorboard_and_importance_summary(tmp_path):
                            log_dir=tmp_path / "tb", verbose=0)
     model.fit(x, y, epochs=1, verbose=0, callbacks=[cb])
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
-    summary = dkdp.report.importance_summary(model, "magnitude", out_dir=tmp_path / "png")
+    import matplotlib
+
+    backend = matplotlib.get_backend()
+    matplotlib.use("svg")  # a backend that cannot write PNG files itself
+    try:
+        summary = dkdp.report.importance_summary(model, "magnitude", out_dir=tmp_path / "png")
+        assert matplotlib.get_backend() == "svg"  # the caller's backend is left alone
+    finally:
+        matplotlib.use(backend)
     rows = {r["layer"]: r for r in summary.rows}
     for layer in dkdp.masked_layers(model.teacher):
         mask = layer.kernel_mask.numpy()

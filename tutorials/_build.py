@@ -638,9 +638,6 @@ def importance():
         code("""
             apply(masks_for("Taylor", 0.7))
             summary = dkdp.report.importance_summary(model, criterion="taylor", out_dir=OUT)
-            # importance_summary switched matplotlib to its file-only "Agg" backend
-            # to write the PNGs; switch the notebook back to inline plots.
-            %matplotlib inline
             display(Markdown(summary.markdown))
             for path in summary.plots:
                 display(Image(filename=str(path), width=640))
