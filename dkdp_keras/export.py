@@ -197,7 +197,9 @@ def export_tflite(model, path, quantize=None, representative_data=None,
             (x, y) pair or a batched tf.data dataset; up to 500 examples
             are used).
         sparsity: turn on the converter's sparse weight encoding
-            (for unstructured pruning).
+            (for unstructured pruning). With quantize="int8" the file it
+            writes does not run in LiteRT's default CPU delegate (XNNPACK
+            refuses its sparse int8 kernels), which the check reports.
         check_data: inputs (or an (x, y) pair, to also report accuracy) to
             compare TFLite with Keras on; default: 64 examples of the
             representative data, else 64 uniform random inputs.
@@ -254,7 +256,21 @@ def export_tflite(model, path, quantize=None, representative_data=None,
     path.write_bytes(flatbuffer)
     try:
         keras_out = np.asarray(model.predict(check_x, verbose=0), "float32")
-        lite_out = _run(path, check_x)
+        try:
+            lite_out = _run(path, check_x)
+        except RuntimeError as error:
+            hint = ""
+            if sparsity and quantize != "none":
+                hint = (
+                    " LiteRT's default CPU delegate (XNNPACK) cannot run the "
+                    f"sparse {quantize} kernels that sparsity=True writes: "
+                    "export with sparsity=False (gzip then stores the zeros "
+                    "compactly), or sparsity=True with quantize=None."
+                )
+            raise RuntimeError(
+                f"The LiteRT interpreter could not run the exported file: "
+                f"{str(error).strip().rstrip('.')}.{hint}"
+            ) from None
         diff = float(np.max(np.abs(lite_out - keras_out)))
         agree = float(np.mean(lite_out.argmax(-1) == keras_out.argmax(-1)))
         if quantize == "none" and diff > max_abs_diff:

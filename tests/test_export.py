@@ -112,3 +112,21 @@ def test_sparse_encoding_shrinks_an_unstructured_model(tmp_path):
                                 check_data=x, latency_runs=5)
     assert sparse.bytes < 0.5 * plain.bytes
     assert sparse.max_abs_diff <= 1e-4
+
+
+def test_sparse_int8_that_litert_cannot_run_is_explained_and_removed(tmp_path):
+    # The converter writes sparse int8 kernels that XNNPACK, LiteRT's default
+    # CPU delegate, refuses: the error says so and what to do instead.
+    rng = np.random.default_rng(0)
+    model = keras.Sequential([keras.Input((64,)), keras.layers.Dense(64, activation="relu"),
+                              keras.layers.Dense(4)])
+    kernel = model.layers[0].kernel.numpy()
+    kernel[rng.random(kernel.shape) < 0.9] = 0.0
+    model.layers[0].kernel.assign(kernel)
+    x = rng.random((32, 64)).astype("float32")
+    path = tmp_path / "sparse-int8.tflite"
+    with pytest.raises(RuntimeError, match="could not run.*export with sparsity=False"):
+        dkdp.export_tflite(model, path, quantize="int8", representative_data=x, sparsity=True)
+    assert not path.exists()
+    dense = dkdp.export_tflite(model, path, quantize="int8", representative_data=x)
+    assert dense.top1_agreement >= 0.99
