@@ -86,6 +86,8 @@ def _parser():
     export.add_argument("--quantize", default="none", choices=QUANTIZE)
     export.add_argument("--dataset", default="fashion_mnist",
                         help="representative and check data for the file")
+    export.add_argument("--fixed-batch", action="store_true",
+                        help="batch size 1 in the file (static shapes, for microcontrollers)")
 
     inspect = sub.add_parser("inspect", help="importance and sparsity of a .keras model")
     inspect.add_argument("model")
@@ -579,7 +581,8 @@ def cmd_export(args):
         kwargs["representative_data"] = x[:500]
     try:
         report = dkdp.export_tflite(
-            model, args.out, quantize=None if args.quantize == "none" else args.quantize, **kwargs)
+            model, args.out, quantize=None if args.quantize == "none" else args.quantize,
+            fixed_batch=args.fixed_batch, **kwargs)
     except (ValueError, FileNotFoundError, PermissionError) as error:
         raise UsageError(str(error)) from None
     print(json.dumps(report.as_dict(), indent=2))

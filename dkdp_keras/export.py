@@ -7,6 +7,7 @@ import pathlib
 import tempfile
 import time
 
+import keras
 import numpy as np
 
 from dkdp_keras import _validation
@@ -95,11 +96,18 @@ def _as_arrays(data, name):
         ) from None
 
 
-def _convert(model, quantize, representative, sparsity, int8_io):
+def _convert(model, quantize, representative, sparsity, int8_io, fixed_batch):
     import tensorflow as tf
 
+    signature = None
+    if fixed_batch:
+        signature = [
+            keras.InputSpec(shape=(1,) + tuple(t.shape[1:]), dtype=t.dtype)
+            for t in model.inputs
+        ]
     with tempfile.TemporaryDirectory() as tmp:
-        model.export(tmp, format="tf_saved_model", verbose=False)
+        model.export(tmp, format="tf_saved_model", verbose=False,
+                     input_signature=signature)
         converter = tf.lite.TFLiteConverter.from_saved_model(tmp)
         optimizations = []
         if quantize in ("dynamic", "float16", "int8"):
@@ -176,7 +184,7 @@ def measure_tflite_latency_ms(path, runs=100, warmup=10, batch=1):
 def export_tflite(model, path, quantize=None, representative_data=None,
                   sparsity=False, check_data=None, int8_io=False,
                   max_abs_diff=1e-4, min_top1_agreement=0.99,
-                  latency_runs=100):
+                  latency_runs=100, fixed_batch=False):
     """Convert a Keras model to a `.tflite` file and check it in LiteRT.
 
     Masked models are compacted first (`dkdp_keras.compact`: removed units
@@ -208,6 +216,9 @@ def export_tflite(model, path, quantize=None, representative_data=None,
         min_top1_agreement: the quantized check: smallest allowed fraction
             of check inputs with the same arg-max.
         latency_runs: batch-1 invocations timed (after 10 warm-up ones).
+        fixed_batch: if True, the file's input has batch size 1 instead
+            of a dynamic one: what microcontroller runtimes expect (static
+            shapes), and Flatten needs no run-time shape operations.
 
     Returns:
         An `ExportReport`.
@@ -226,6 +237,8 @@ def export_tflite(model, path, quantize=None, representative_data=None,
     _validation.number("max_abs_diff", max_abs_diff, low=0.0)
     _validation.number("min_top1_agreement", min_top1_agreement, low=0.0)
     _validation.number("latency_runs", latency_runs, low=1, integer=True)
+    if not isinstance(fixed_batch, bool):
+        raise TypeError(f"fixed_batch must be True or False, got {fixed_batch!r}.")
     if hasattr(model, "teacher") and hasattr(model, "student"):
         model = model.student if model.serve == "student" else model.teacher
     check_graph_model(model)
@@ -252,7 +265,7 @@ def export_tflite(model, path, quantize=None, representative_data=None,
             f"model takes {expected_shape}."
         )
 
-    flatbuffer = _convert(model, quantize, rep_x, sparsity, int8_io)
+    flatbuffer = _convert(model, quantize, rep_x, sparsity, int8_io, fixed_batch)
     path.write_bytes(flatbuffer)
     try:
         keras_out = np.asarray(model.predict(check_x, verbose=0), "float32")

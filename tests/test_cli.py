@@ -174,7 +174,11 @@ def test_quick_run_writes_the_report(tmp_path):
     assert "| pruned teacher (compacted) |" in (out / "report.md").read_text()
     assert cli.main(["inspect", str(out / "dkdp_model.keras")]) == 0
     assert cli.main(["export", str(out / "teacher_compact.keras"), "--out",
-                     str(tmp_path / "again.tflite")]) == 0
+                     str(tmp_path / "again.tflite"), "--fixed-batch"]) == 0
+    from ai_edge_litert.interpreter import Interpreter
+
+    detail = Interpreter(model_path=str(tmp_path / "again.tflite")).get_input_details()[0]
+    assert list(detail["shape_signature"])[0] == 1
 
 
 def test_bench_hands_its_options_to_the_benchmark_runner(capfd):

@@ -40,6 +40,26 @@ def test_float32_file_matches_keras(trained, tmp_path):
     assert report.accuracy == pytest.approx(keras_acc)
 
 
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_fixed_batch_file_has_static_shapes(trained, tmp_path, quantize):
+    from ai_edge_litert.interpreter import Interpreter
+
+    model, x, y = trained
+    args = dict(quantize=quantize, representative_data=x[:64], check_data=(x[:100], y[:100]))
+    dynamic = dkdp.export_tflite(model, tmp_path / "dynamic.tflite", **args)
+    fixed = dkdp.export_tflite(model, tmp_path / "fixed.tflite", fixed_batch=True, **args)
+    signatures = []
+    for path in (dynamic.path, fixed.path):
+        detail = Interpreter(model_path=path).get_input_details()[0]
+        signatures.append(list(detail["shape_signature"]))
+    assert signatures == [[-1, 8, 8, 2], [1, 8, 8, 2]]
+    assert fixed.bytes < dynamic.bytes  # Flatten's run-time shape ops are gone
+    assert fixed.accuracy == dynamic.accuracy
+    assert fixed.top1_agreement >= 0.99 and fixed.max_abs_diff <= dynamic.max_abs_diff + 1e-4
+    with pytest.raises(TypeError, match="fixed_batch must be True or False"):
+        dkdp.export_tflite(model, tmp_path / "m.tflite", fixed_batch=1)
+
+
 @pytest.mark.parametrize("quantize", ["dynamic", "float16", "int8"])
 def test_quantized_files_agree_and_are_smaller(trained, tmp_path, quantize):
     model, x, y = trained
