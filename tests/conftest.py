@@ -35,3 +35,22 @@ def small_cnn(name="small_cnn"):
 @pytest.fixture
 def cnn():
     return small_cnn()
+
+
+def two_hidden_mlp(name="mlp"):
+    """8 -> Dense 24 ReLU -> Dense 16 ReLU -> Dense 3 logits."""
+    return keras.Sequential([
+        keras.Input((8,)),
+        keras.layers.Dense(24, activation="relu"),
+        keras.layers.Dense(16, activation="relu"),
+        keras.layers.Dense(3),
+    ], name=name)
+
+
+def sign_data(n=128, seed=0):
+    """x ~ N(0, 1) in 8 dimensions; class = how many of x0, x1 are > 0."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 8)).astype("float32")
+    y = ((x[:, 0] > 0).astype("int64") + (x[:, 1] > 0)).astype("int64")
+    return x, y
+

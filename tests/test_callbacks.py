@@ -9,24 +9,16 @@ import pytest
 import dkdp_keras as dkdp
 import dkdp_keras.layers  # noqa: F401
 from dkdp_keras import importance, thresholds
+from tests.conftest import sign_data, two_hidden_mlp
 
 CE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
-def mlp(name="mlp"):
-    return keras.Sequential([
-        keras.Input((8,)),
-        keras.layers.Dense(24, activation="relu"),
-        keras.layers.Dense(16, activation="relu"),
-        keras.layers.Dense(3),
-    ], name=name)
+mlp = two_hidden_mlp
 
 
 def data(n=128, seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(n, 8)).astype("float32")
-    y = ((x[:, 0] > 0).astype("int64") + (x[:, 1] > 0)).astype("int64")
-    return x, y
+    return sign_data(n, seed)
 
 
 def dkdp_model(teacher=None, **kwargs):

@@ -15,25 +15,17 @@ import pytest
 import dkdp_keras as dkdp
 from dkdp_keras import thresholds
 from dkdp_keras.state import pruning_state
+from tests.conftest import sign_data, two_hidden_mlp
 
 CE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def mlp(name="mlp"):
-    return keras.Sequential([
-        keras.Input((8,)),
-        keras.layers.Dense(24, activation="relu"),
-        keras.layers.Dense(16, activation="relu"),
-        keras.layers.Dense(3),
-    ], name=name)
+mlp = two_hidden_mlp
 
 
 def data(n=96, seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(n, 8)).astype("float32")
-    y = ((x[:, 0] > 0).astype("int64") + (x[:, 1] > 0)).astype("int64")
-    return x, y
+    return sign_data(n, seed)
 
 
 class Interrupted(Exception):
