@@ -9,7 +9,7 @@ as the benchmark's kd system does. Prints widths, parameters, test accuracy.
     python benchmarks/fixed_widths.py 16/32/32,32/48/16 kd [WORK]
 """
 import os, sys, time; os.environ["TF_CPP_MIN_LOG_LEVEL"]="3"
-import numpy as np, keras, tensorflow as tf
+import numpy as np, keras
 WORK=sys.argv[3] if len(sys.argv)>3 else os.path.join(os.path.dirname(__file__), "work", "2026-11-28")
 d=np.load(os.path.join(WORK, "data.npz"))
 f=lambda a: a.astype("float32")[...,None]/255. if a.ndim==3 else a.astype("float32")/255.
