@@ -126,6 +126,25 @@ def fit(model, callbacks, epochs, x, y, validation=False):
                      validation_data=(x[:48], y[:48]) if validation else None)
 
 
+def straight_and_resumed(callback, epochs, tmp_path, x, y, inspect=None):
+    """Snapshots of a DKDP run of `epochs` epochs straight through, and of one
+    checkpointed by ModelCheckpoint after 2 epochs, loaded from the `.keras`
+    file and continued with `fit(initial_epoch=2)`; and `inspect(loaded)`,
+    read before the continued fit."""
+    model = make_dkdp()
+    cb = callback()
+    fit(model, [cb], epochs, x, y)
+    straight = snapshot(model, cb)
+    path = tmp_path / "ckpt.keras"
+    fit(make_dkdp(), [callback(), keras.callbacks.ModelCheckpoint(str(path))], 2, x, y)
+    loaded = keras.saving.load_model(path)
+    seen = inspect(loaded) if inspect else None
+    cb_loaded = callback()
+    loaded.fit(x, y, epochs=epochs, initial_epoch=2, batch_size=32, shuffle=False,
+               verbose=0, callbacks=[cb_loaded])
+    return straight, snapshot(loaded, cb_loaded), seen
+
+
 @pytest.mark.parametrize("kind,policy,order", [
     ("dkdp", "schedule", "callback_first"),
     ("dkdp", "adaptive", "callback_first"),
@@ -190,19 +209,8 @@ def test_a_keras_checkpoint_resumes_the_pruning_state(tmp_path):
     def callback():
         return dkdp.DKDPCallback(verbose=0, **POLICIES["schedule"]())
 
-    model = make_dkdp()
-    cb = callback()
-    fit(model, [cb], 4, x, y)
-    straight = snapshot(model, cb)
-
-    first = make_dkdp()
-    path = tmp_path / "ckpt.keras"
-    fit(first, [callback(), keras.callbacks.ModelCheckpoint(str(path))], 2, x, y)
-    loaded = keras.saving.load_model(path)
-    cb_loaded = callback()
-    loaded.fit(x, y, epochs=4, initial_epoch=2, batch_size=32, shuffle=False,
-               verbose=0, callbacks=[cb_loaded])
-    assert_same(snapshot(loaded, cb_loaded), straight)
+    straight, resumed, _ = straight_and_resumed(callback, 4, tmp_path, x, y)
+    assert_same(resumed, straight)
 
 
 def test_the_state_stays_out_of_the_models_layers_and_weights():
@@ -430,16 +438,8 @@ def test_a_run_that_compacts_its_student_resumes_from_a_keras_checkpoint(tmp_pat
             student_refresh=dkdp.StudentRefresh(every=1, strategy="compact_teacher"),
             verbose=0)
 
-    model = make_dkdp()
-    cb = callback()
-    fit(model, [cb], 3, x, y)
-    straight = snapshot(model, cb)
-    first = make_dkdp()
-    path = tmp_path / "ckpt.keras"
-    fit(first, [callback(), keras.callbacks.ModelCheckpoint(str(path))], 2, x, y)
-    loaded = keras.saving.load_model(path)
-    assert loaded.student.layers[0].units < 24  # compacted: the teacher has 24
-    cb_loaded = callback()
-    loaded.fit(x, y, epochs=3, initial_epoch=2, batch_size=32, shuffle=False,
-               verbose=0, callbacks=[cb_loaded])
-    assert_same(snapshot(loaded, cb_loaded), straight)
+    straight, resumed, loaded_units = straight_and_resumed(
+        callback, 3, tmp_path, x, y,
+        inspect=lambda loaded: loaded.student.layers[0].units)
+    assert loaded_units < 24  # compacted: the teacher has 24
+    assert_same(resumed, straight)
