@@ -601,13 +601,17 @@ class DKDPCallback(keras.callbacks.Callback):
             bn.channel_mask.assign((~dead).astype("float32"))
 
     # -------------------------------------------------------------- pruning
-    def _prune(self, sparsity, scores=None):
-        """One pruning event to `sparsity`; returns the result or None."""
+    def _prune(self, sparsity, scores=None, fill=False):
+        """One pruning event to `sparsity`; returns the result or None.
+        With `fill`, pruned units come back while the budget holds
+        (`MaskPool.fill`)."""
         scores = self._scores() if scores is None else scores
         if scores is None:
             return None
         before = self._sparsity()
         result = self._masks_for(sparsity, scores)
+        if fill:
+            result = self._pool[1].fill(result, self._fits_budget)
         self._assign(result.masks)
         self._after_masks_changed(before, result)
         return result
@@ -673,16 +677,18 @@ class DKDPCallback(keras.callbacks.Callback):
             self._assign(saved, batchnorm=False)
             sync_batchnorm(teacher)
 
+    def _fits_budget(self, masks):
+        return max(self._measure_with(masks).values()) <= 1.0
+
     def _sparsity_for_budget(self, scores):
         """The smallest target sparsity whose masks meet the budget
         (bisection on the mechanism, 10 rounds)."""
         lo, hi = self._sparsity(), 0.999
-        if max(self._measure_with(self._masks_for(lo, scores).masks).values()) <= 1:
+        if self._fits_budget(self._masks_for(lo, scores).masks):
             return lo
         for _ in range(10):
             mid = (lo + hi) / 2
-            usage = self._measure_with(self._masks_for(mid, scores).masks)
-            if max(usage.values()) <= 1.0:
+            if self._fits_budget(self._masks_for(mid, scores).masks):
                 hi = mid
             else:
                 lo = mid
@@ -739,7 +745,7 @@ class DKDPCallback(keras.callbacks.Callback):
         target = policy.next_sparsity(epoch, self._sparsity(), required)
         if policy.last_good_masks is None:
             policy.last_good_masks = self._current_masks()
-        self._prune(target, scores)
+        self._prune(target, scores, fill=policy.fill_budget and target >= required)
 
     def _budget_met(self):
         return self.threshold.budget.is_met(self._teacher())
@@ -788,7 +794,8 @@ class DKDPCallback(keras.callbacks.Callback):
         if not self._budget_met():
             scores = self._scores()
             if scores is not None:
-                self._prune(self._sparsity_for_budget(scores), scores)
+                self._prune(self._sparsity_for_budget(scores), scores,
+                            fill=policy.fill_budget)
             warnings.warn(
                 "Adaptive: the budget was not met during training, so the "
                 "teacher was pruned to it after the last epoch with no "

@@ -417,3 +417,34 @@ def test_adaptive_ends_with_the_best_epoch_within_the_budget(restore_best):
     for now, then in zip(model.get_weights(), weights[kept]):
         np.testing.assert_array_equal(now, then)
     assert not all(np.array_equal(a, b) for a, b in zip(weights[3], weights[5]))
+
+
+def test_adaptive_fills_the_budget_that_a_coarse_unit_step_leaves():
+    # Each conv channel feeds 16 Flatten positions into every hidden unit:
+    # the smallest unit sparsity that meets the budget leaves room for more.
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(128, 4, 4, 1)).astype("float32")
+    y = (x.sum(axis=(1, 2, 3)) > 0).astype("int32")
+    kept = {}
+    for fill in (False, True):
+        keras.utils.set_random_seed(0)
+        model = dkdp.prunable(keras.Sequential([
+            keras.Input((4, 4, 1)),
+            keras.layers.Conv2D(32, 3, padding="same", name="conv"),
+            keras.layers.Flatten(),
+            keras.layers.Dense(32, activation="relu", name="hidden"),
+            keras.layers.Dense(2, name="out"),
+        ]))
+        model.compile(optimizer=keras.optimizers.Adam(1e-2), loss=CE, metrics=["accuracy"])
+        budget = dkdp.Budget(max_params=4_000)
+        policy = thresholds.Adaptive(budget, tolerance=0.9, fill_budget=fill)
+        cb = dkdp.DKDPCallback(granularity="unit", threshold=policy, verbose=0)
+        history = model.fit(x, y, epochs=5, batch_size=32, verbose=0, callbacks=[cb],
+                            validation_data=(x[:64], y[:64]))
+        assert budget.is_met(model)
+        kept[fill] = history.history["kept_params"][-1]
+        assert kept[fill] == dkdp.count_params(dkdp.compact(model))
+        units = [int(l.unit_mask().numpy().sum()) for l in dkdp.masked_layers(model)[:2]]
+        assert all(u % 8 == 0 for u in units)
+    assert kept[False] < kept[True] <= 4_000
+    assert kept[True] > 0.75 * 4_000

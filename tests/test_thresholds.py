@@ -212,3 +212,74 @@ def test_unit_multiple_keeps_aligned_widths_of_the_best_units(sparsity):
     assert wide[units["wide"] == 1].min() >= wide[units["wide"] == 0].max()
     np.testing.assert_array_equal(aligned.masks["narrow"], plain.masks["narrow"])
     assert np.all(units["out"] == 1)
+
+
+def _flatten_cnn():
+    """Conv channels before a Flatten: each one carries 16 weights of the
+    next layer per Dense unit, so unit steps are coarse."""
+    return dkdp.prunable(keras.Sequential([
+        keras.Input((4, 4, 1)),
+        keras.layers.Conv2D(32, 3, padding="same", name="conv"),
+        keras.layers.Flatten(),
+        keras.layers.Dense(32, activation="relu", name="hidden"),
+        keras.layers.Dense(3, name="out"),
+    ]))
+
+
+def _kept_units(masks):
+    return {n: int(m.reshape(-1, m.shape[-1]).max(0).sum()) for n, m in masks.items()}
+
+
+def test_fill_takes_pruned_blocks_back_while_they_fit():
+    from dkdp_keras.budget import deployed_counts
+    from dkdp_keras.thresholds.mechanism import MaskPool, apply_masks
+
+    model = _flatten_cnn()
+    layers = dkdp.masked_layers(model)
+    scores = [importance.Magnitude().score(layer, "unit") for layer in layers]
+    limit = 4_000  # of 17,411 parameters
+    calls = []
+
+    def params_with(masks):
+        saved = {l.name: l.kernel_mask.numpy() for l in layers}
+        apply_masks(layers, masks)
+        try:
+            return deployed_counts(model)[0]
+        finally:
+            apply_masks(layers, saved)
+
+    def fits(masks):
+        calls.append(1)
+        return params_with(masks) <= limit
+
+    pool = MaskPool(layers, scores, granularity="unit", protect_units={"out"},
+                    unit_multiple=8)
+    # The bisection's answer: the smallest sparsity that meets the limit.
+    lo, hi = 0.0, 0.999
+    for _ in range(20):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if fits(pool.masks(mid).masks) else (mid, hi)
+    cut = pool.masks(hi)
+    filled = pool.fill(cut, fits)
+    before, after = params_with(cut.masks), params_with(filled.masks)
+    units = _kept_units(filled.masks)
+    assert before <= after <= limit
+    assert after > before  # the cut left room for at least one block
+    assert units["conv"] % 8 == 0 and units["hidden"] % 8 == 0 and units["out"] == 3
+    assert filled.sparsity < cut.sparsity
+    # Nothing more fits: one more block of any layer breaks the limit.
+    for name in ("conv", "hidden"):
+        mask = filled.masks[name].reshape(-1, 32).copy()
+        pruned = np.flatnonzero(mask.max(0) == 0)[:8]
+        if len(pruned) == 8:
+            mask[:, pruned] = 1.0
+            trial = dict(filled.masks, **{name: mask.reshape(filled.masks[name].shape)})
+            assert params_with(trial) > limit
+    # Kept units are the best of their layer by score.
+    for layer, s in zip(layers[:2], scores[:2]):
+        s, kept = np.asarray(s), filled.masks[layer.name].reshape(-1, 32).max(0) == 1
+        assert s[kept].min() >= s[~kept].max()
+    # Weight granularity has no coarse steps: fill leaves it alone.
+    weights = MaskPool(layers, [importance.Magnitude().score(l, "weight") for l in layers])
+    result = weights.masks(0.8)
+    assert weights.fill(result, fits) is result

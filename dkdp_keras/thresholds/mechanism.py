@@ -289,10 +289,15 @@ class MaskPool:
                     np.concatenate(norm), np.concatenate([e[2] for e in pool])
                 )
                 self.pooled = pool
+                self.comparable = {
+                    e[0].name: n for e, n in zip(pool, norm)
+                }
         else:
-            for layer, flat, sizes, _, poolable, _ in entries:
+            self.comparable = {}
+            for layer, flat, sizes, kept, poolable, _ in entries:
                 if poolable:
                     self.layer_pools[layer.name] = _SortedPool(flat, sizes)
+                    self.comparable[layer.name] = _normalise(flat, kept, "mean")
 
     def masks(self, sparsity):
         """The `PruningResult` of pruning `sparsity` of the weights."""
@@ -335,6 +340,67 @@ class MaskPool:
             total += mask.size
         result.sparsity = zeros / total if total else 0.0
         return result
+
+
+    def fill(self, result, fits):
+        """Re-add pruned units to `result` while `fits(masks)` holds.
+
+        Unit steps are coarse: the smallest sparsity whose masks meet a
+        budget can leave much of it unused (a conv channel that feeds a
+        Flatten takes all its positions' weights in the next layer with
+        it). This takes back pruned units, a block at a time (a block is
+        `unit_multiple` units in the layers `unit_multiple` aligns, one
+        unit elsewhere), the block with the best mean score first (scores
+        made comparable across layers as for the global τ), as long as
+        `fits` accepts the masks with it; a layer whose next block does not
+        fit gets no more. Output layers are never touched. Weight
+        granularity returns `result` unchanged.
+
+        Args:
+            result: a `PruningResult` of `masks` on this pool.
+            fits: callable dict layer name -> mask -> bool, typically "the
+                budget is met with these masks".
+
+        Returns:
+            A new `PruningResult` (same τ; masks and sparsity filled).
+        """
+        if self.granularity != "unit":
+            return result
+        masks = {name: mask.copy() for name, mask in result.masks.items()}
+        queues = {}
+        for layer, flat, _, _, poolable, order in self.entries:
+            if not poolable:
+                continue
+            units = masks[layer.name].reshape(-1, layer.num_units)
+            pruned = [int(i) for i in order if units[:, i].max() == 0]
+            aligned = self.unit_multiple > 1 and flat.size >= 4 * self.unit_multiple
+            block = self.unit_multiple if aligned else 1
+            blocks = [pruned[i:i + block] for i in range(0, len(pruned), block)]
+            # An aligned layer takes whole blocks only.
+            blocks = [b for b in blocks if len(b) == block]
+            if blocks:
+                queues[layer] = blocks
+        while queues:
+            def value(layer):
+                block = queues[layer][0]
+                return float(np.mean(self.comparable[layer.name][block]))
+            layer = max(queues, key=value)
+            block = queues[layer].pop(0)
+            trial = dict(masks)
+            units = trial[layer.name].reshape(-1, layer.num_units).copy()
+            units[:, block] = 1.0
+            trial[layer.name] = units.reshape(masks[layer.name].shape)
+            if fits(trial):
+                masks = trial
+            else:
+                queues[layer] = []
+            if not queues[layer]:
+                del queues[layer]
+        zeros = sum(int(m.size - np.count_nonzero(m)) for m in masks.values())
+        total = sum(m.size for m in masks.values())
+        return PruningResult(
+            tau=result.tau, masks=masks, sparsity=zeros / total if total else 0.0
+        )
 
 
 def _align_units(flat, keep, multiple, order=None):
