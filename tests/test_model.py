@@ -89,6 +89,39 @@ def test_student_hard_loss_weight_trains_student_on_labels():
     assert not np.array_equal(s0[0], weights(b.student)[0])
 
 
+def test_the_student_trains_on_the_head_of_each_batch():
+    x, y = data(64)
+    # The second half's labels are what the untrained student predicts, so
+    # that its accuracy there differs from the first half's.
+    y[32:] = make().student(x[32:]).numpy().argmax(1)
+    # 0.5 of a 64-example batch: the student's step is that of a plain
+    # fraction-1 step on the first 32 examples, while the teacher's is that
+    # of the whole batch.
+    half = make(lambda_kd=0.7, student_batch_fraction=0.5)
+    head = make(lambda_kd=0.7, student_batch_fraction=1.0)
+    whole = make(lambda_kd=0.7, student_batch_fraction=1.0)
+    one_step(half, x, y)
+    one_step(head, x[:32], y[:32])
+    one_step(whole, x, y)
+    for p, q in zip(weights(half.student), weights(head.student)):
+        np.testing.assert_allclose(p, q, rtol=1e-6, atol=1e-7)
+    assert not np.allclose(weights(half.student)[0], weights(whole.student)[0])
+    for p, q in zip(weights(half.teacher), weights(whole.teacher)):
+        np.testing.assert_array_equal(p, q)
+    # The logged student accuracy reads the student's own examples.
+    s0 = make(lambda_kd=0.7).student(x[:32]).numpy()
+    logged = half.history.history["student_accuracy"][0]
+    assert logged == pytest.approx(np.mean(s0.argmax(1) == y[:32]))
+    assert logged < 0.5
+    # At least one example, however small the batch; evaluation reads all.
+    tiny = make(student_batch_fraction=0.1)
+    tiny.fit(x[:3], y[:3], batch_size=1, epochs=1, verbose=0)
+    assert tiny.get_config()["student_batch_fraction"] == 0.1
+    full = tiny.evaluate(x, y, batch_size=64, verbose=0, return_dict=True)
+    s = tiny.student(x).numpy()
+    assert full["student_accuracy"] == pytest.approx(np.mean(s.argmax(1) == y))
+
+
 def _softmax(z):
     e = np.exp(z - z.max(axis=1, keepdims=True))
     return e / e.sum(axis=1, keepdims=True)
@@ -242,6 +275,8 @@ def test_auto_student_is_quarter_width_except_the_output():
         (dict(kd_loss="cosine"), ValueError, "kd_loss must be one of"),
         (dict(mutual="yes"), TypeError, "mutual must be True or False"),
         (dict(student_width=1.5), ValueError, "student_width must be in"),
+        (dict(student_batch_fraction=0.0), ValueError,
+         r"student_batch_fraction must be in \(0.0, 1.0\]"),
         (dict(student="small"), ValueError, "student must be 'auto'"),
         (dict(student=3), TypeError, "student must be 'auto'"),
         (dict(student=lambda t: "x"), TypeError, "must return a keras.Model"),
