@@ -448,3 +448,41 @@ def test_adaptive_fills_the_budget_that_a_coarse_unit_step_leaves():
         assert all(u % 8 == 0 for u in units)
     assert kept[False] < kept[True] <= 4_000
     assert kept[True] > 0.75 * 4_000
+
+
+@pytest.mark.parametrize("granularity", ["weight", "unit"])
+def test_the_budget_search_is_tight_and_takes_few_measurements(granularity):
+    keras.utils.set_random_seed(0)
+    model = dkdp.prunable(keras.Sequential([
+        keras.Input((64,)),
+        keras.layers.Dense(128, activation="relu"),
+        keras.layers.Dense(64, activation="relu"),
+        keras.layers.Dense(10),
+    ]))
+    model.compile(optimizer="adam", loss=CE)
+    dense = dkdp.count_params(model, nonzero=False)
+    budget = dkdp.Budget(max_params=int(0.137 * dense))
+    cb = dkdp.DKDPCallback(granularity=granularity, unit_multiple=1, verbose=0,
+                           threshold=thresholds.Adaptive(budget, fill_budget=False))
+    cb.set_params({"epochs": 4})
+    cb.set_model(model)
+    cb.on_train_begin()
+    scores = cb._scores()
+    calls = []
+    measure = cb._measure_with
+    cb._measure_with = lambda masks: calls.append(1) or measure(masks)
+    found = cb._sparsity_for_budget(scores)
+
+    def usage(sparsity):
+        return max(measure(cb._masks_for(sparsity, scores).masks).values())
+
+    assert usage(found) <= 1.0
+    if granularity == "weight":
+        # Parameters fall almost linearly with sparsity: a few secant steps
+        # land within 0.1% of the budget (bisection measured eleven times).
+        assert usage(found) >= 0.999
+        assert len(calls) <= 5
+    else:
+        # Steps of whole units: the smallest fitting sparsity, to 1/1024.
+        assert usage(found - 0.999 / 1024) > 1.0 or usage(found) >= 0.999
+        assert len(calls) <= 22
