@@ -34,7 +34,11 @@ SCRIPT = textwrap.dedent("""
             teacher = keras.Sequential([
                 keras.Input((8,)), keras.layers.Dense(24, activation="relu"),
                 keras.layers.Dense(16, activation="relu"), keras.layers.Dense(3)])
-            model = dkdp.DKDPModel(teacher, lambda_kd=0.5, on_nonfinite=on_nonfinite)
+            # The whole batch for the student: with a fraction, each replica's
+            # student reads the head of its own share, other examples than
+            # the head of the global batch on one device.
+            model = dkdp.DKDPModel(teacher, lambda_kd=0.5, on_nonfinite=on_nonfinite,
+                                   student_batch_fraction=1.0)
             model.compile(teacher_optimizer=keras.optimizers.Adam(1e-2),
                           student_optimizer=keras.optimizers.Adam(1e-2),
                           loss=CE, metrics=["accuracy"])
