@@ -373,8 +373,7 @@ class MaskPool:
                 continue
             units = masks[layer.name].reshape(-1, layer.num_units)
             pruned = [int(i) for i in order if units[:, i].max() == 0]
-            aligned = self.unit_multiple > 1 and flat.size >= 4 * self.unit_multiple
-            block = self.unit_multiple if aligned else 1
+            block = self.unit_multiple if _aligns(flat.size, self.unit_multiple) else 1
             blocks = [pruned[i:i + block] for i in range(0, len(pruned), block)]
             # An aligned layer takes whole blocks only.
             blocks = [b for b in blocks if len(b) == block]
@@ -403,11 +402,16 @@ class MaskPool:
         )
 
 
+def _aligns(units, multiple):
+    """Whether a layer of `units` units keeps multiples of `multiple`."""
+    return multiple > 1 and units >= 4 * multiple
+
+
 def _align_units(flat, keep, multiple, order=None):
     """Keep a multiple of `multiple` units: the best ones by score
     (`order`: the units best first, when already sorted)."""
     n, k = flat.size, int(keep.sum())
-    if multiple <= 1 or n < 4 * multiple or k == n:
+    if not _aligns(n, multiple) or k == n:
         return keep
     target = min(n, max(multiple, int(round(k / multiple)) * multiple))
     if target == k:
