@@ -322,7 +322,6 @@ class MaskPool:
                 tau[name], pruned[name] = pool.cut(sparsity)
 
         result = PruningResult(tau=tau)
-        zeros = total = 0
         for layer, flat, sizes, _, poolable, order in self.entries:
             flags = pruned.get(layer.name, np.zeros(flat.shape, dtype=bool))
             keep = _apply_floors(layer, flat, ~flags, granularity, self.floors, order)
@@ -336,9 +335,7 @@ class MaskPool:
                 mask = np.broadcast_to(keep, (fan_in, layer.num_units)).reshape(shape)
             mask = mask.astype("float32")
             result.masks[layer.name] = mask
-            zeros += int(mask.size - np.count_nonzero(mask))
-            total += mask.size
-        result.sparsity = zeros / total if total else 0.0
+        result.sparsity = _mask_sparsity(result.masks)
         return result
 
 
@@ -395,11 +392,16 @@ class MaskPool:
                 queues[layer] = []
             if not queues[layer]:
                 del queues[layer]
-        zeros = sum(int(m.size - np.count_nonzero(m)) for m in masks.values())
-        total = sum(m.size for m in masks.values())
         return PruningResult(
-            tau=result.tau, masks=masks, sparsity=zeros / total if total else 0.0
+            tau=result.tau, masks=masks, sparsity=_mask_sparsity(masks)
         )
+
+
+def _mask_sparsity(masks):
+    """Fraction of zeros over all the masks (dict name -> array)."""
+    zeros = sum(int(m.size - np.count_nonzero(m)) for m in masks.values())
+    total = sum(m.size for m in masks.values())
+    return zeros / total if total else 0.0
 
 
 def _aligns(units, multiple):
