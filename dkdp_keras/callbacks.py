@@ -570,7 +570,8 @@ class DKDPCallback(keras.callbacks.Callback):
 
     def _assign(self, masks, batchnorm=True):
         for layer in self._layers:
-            was_dead = ops.convert_to_numpy(layer.unit_mask()) == 0
+            if batchnorm:  # read before the mask changes
+                was_dead = ops.convert_to_numpy(layer.unit_mask()) == 0
             layer.kernel_mask.assign(masks[layer.name])
             if batchnorm:
                 self._sync_batchnorm(layer, masks[layer.name], was_dead)

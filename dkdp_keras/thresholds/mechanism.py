@@ -30,6 +30,7 @@ is pruned. Masks are computed eagerly with numpy between training steps;
 nothing here runs inside the training graph.
 """
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -248,7 +249,8 @@ class MaskPool:
                 )
         layer_weights = layer_weights or {}
 
-        # (layer, scores 1-D, sizes 1-D, current kept 1-D, poolable, best-first order)
+        # (layer, scores 1-D, sizes 1-D, current kept 1-D, poolable,
+        #  function giving the indices best first)
         entries = []
         for layer, s in zip(layers, scores):
             s = np.asarray(ops.convert_to_numpy(s), dtype="float64")
@@ -267,7 +269,11 @@ class MaskPool:
                     "mask was changed."
                 )
             poolable = not (granularity == "unit" and layer.name in protect_units)
-            order = np.argsort(-flat, kind="stable")
+            # Sorted on first use only: floors and aligned widths seldom
+            # need it, and a 235k-weight layer takes ~20 ms to sort.
+            order = functools.cache(
+                lambda flat=flat: np.argsort(-flat, kind="stable")
+            )
             entries.append((layer, flat, sizes, kept, poolable, order))
         self.entries = entries
 
@@ -369,7 +375,7 @@ class MaskPool:
             if not poolable:
                 continue
             units = masks[layer.name].reshape(-1, layer.num_units)
-            pruned = [int(i) for i in order if units[:, i].max() == 0]
+            pruned = [int(i) for i in order() if units[:, i].max() == 0]
             block = self.unit_multiple if _aligns(flat.size, self.unit_multiple) else 1
             blocks = [pruned[i:i + block] for i in range(0, len(pruned), block)]
             # An aligned layer takes whole blocks only.
@@ -409,9 +415,15 @@ def _aligns(units, multiple):
     return multiple > 1 and units >= 4 * multiple
 
 
+def _best_first(flat, order):
+    """Indices of `flat` best first: `order()` when a pool sorted (or will
+    sort) them once, else sorted here."""
+    return np.argsort(-flat, kind="stable") if order is None else order()
+
+
 def _align_units(flat, keep, multiple, order=None):
     """Keep a multiple of `multiple` units: the best ones by score
-    (`order`: the units best first, when already sorted)."""
+    (`order`: a function giving the units best first, sorted once)."""
     n, k = flat.size, int(keep.sum())
     if not _aligns(n, multiple) or k == n:
         return keep
@@ -419,8 +431,7 @@ def _align_units(flat, keep, multiple, order=None):
     if target == k:
         return keep
     # Drop the worst kept units, or re-add the best pruned ones.
-    if order is None:
-        order = np.argsort(-flat, kind="stable")
+    order = _best_first(flat, order)
     keep = keep.copy()
     if target < k:
         kept_order = [i for i in order if keep[i]]
@@ -433,19 +444,17 @@ def _align_units(flat, keep, multiple, order=None):
 
 def _apply_floors(layer, flat, keep, granularity, floors, order=None):
     """Keep the best entries of a layer that fell below its floors
-    (`order`: the entries best first, when already sorted)."""
+    (`order`: a function giving the entries best first, sorted once)."""
     keep = keep.copy()
-    if order is None:
-        order = np.argsort(-flat, kind="stable")
     if granularity == "unit":
         need = max(floors.min_units, math.ceil(floors.min_fraction * flat.size))
         need = min(need, flat.size)
         if keep.sum() < need:
-            keep[order[:need]] = True
+            keep[_best_first(flat, order)[:need]] = True
         return keep
     need = min(max(1, math.ceil(floors.min_fraction * flat.size)), flat.size)
     if keep.sum() < need:
-        keep[order[:need]] = True
+        keep[_best_first(flat, order)[:need]] = True
     # At least `min_units` units keep a weight: the best weight of the best
     # units that have none.
     units = keep.reshape(-1, layer.num_units)
