@@ -353,6 +353,11 @@ def main(argv=None):
                         help="also rewrite benchmarks/RESULTS.md")
     parser.add_argument("--measure-only", action="store_true")
     parser.add_argument("--verbose", action="store_true", help="show TensorFlow's log lines")
+    parser.add_argument("--targets", type=float, nargs="*", default=None,
+                        help="DKDP's unstructured targets (default: the protocol's)")
+    parser.add_argument("--structured", nargs="*", default=None,
+                        help="DKDP's structured budgets (default: %s)"
+                        % " ".join(FULL["structured"]))
     args = parser.parse_args(argv)
     date = datetime.date.today().isoformat() + ("-quick" if args.quick else "")
     work = pathlib.Path(args.work or HERE / "work" / date)
@@ -360,6 +365,10 @@ def main(argv=None):
     results = pathlib.Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
     settings = dict(QUICK if args.quick else FULL, quick=args.quick)
+    if args.targets is not None:
+        settings.update(targets=args.targets, extra_targets={})
+    if args.structured is not None:
+        settings["structured"] = args.structured
     start = time.perf_counter()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     write_data(work, args.quick)

@@ -197,8 +197,14 @@ def system_dkdp(run, args):
         model.save(run.dir / f"{stem}-dkdpmodel.keras")
         history = model.history.history
         kept = int(dkdp.count_params(dkdp.budget.deployed(model.teacher)))
+        # The teacher as training left it (the epochs' mean, see
+        # DKDPCallback(average=...)), on the validation images: the last
+        # val_teacher_accuracy is of the last epoch's weights.
+        final_val = float(model.evaluate(run.xv, run.yv, verbose=0,
+                                         batch_size=256, return_dict=True)["teacher_accuracy"])
         base = {"system": "dkdp", "target": 1 - kept / dense_params, "train_s": train_s,
-                "budget": spec,
+                "budget": spec, "averaged_epochs": callback.averaged_epochs,
+                "final_val_teacher_accuracy": round(final_val, 5),
                 "val_teacher_accuracy": [round(float(v), 5) for v in history["val_teacher_accuracy"]],
                 "val_student_accuracy": [round(float(v), 5) for v in history["val_student_accuracy"]],
                 "sparsity": [round(float(v), 5) for v in history["sparsity"]]}

@@ -129,6 +129,15 @@ class DKDPCallback(keras.callbacks.Callback):
             collects them during training).
         log_dir: write TensorBoard summaries here (τ, sparsity per layer,
             importance histograms).
+        average: if True (default), training ends with the teacher's
+            weights averaged over the epoch ends since its masks last
+            changed, when at least two such epochs ended (stochastic weight
+            averaging, Izmailov et al. 2018): at a constant learning rate
+            the weights wander about a minimum, and their mean generalises
+            better than any one of them. BatchNormalization statistics are
+            averaged too; the masks are those all the averaged epochs
+            trained with. With `Adaptive(restore_best=True)` the average
+            takes the place of the best epoch when there is one.
         verbose: 0 silent, 1 one line per pruning event.
 
     Example:
@@ -146,7 +155,8 @@ class DKDPCallback(keras.callbacks.Callback):
                  threshold=None, frequency="epoch", begin=0, end=None,
                  scope="global", normalize="lamp", floors=None,
                  layer_importance=False, unit_multiple=8, student_refresh=None,
-                 calibration_data=None, log_dir=None, verbose=1):
+                 calibration_data=None, log_dir=None, average=True,
+                 verbose=1):
         super().__init__()
         self.importance = importance_lib.get(importance)
         self.granularity = _validation.choice(
@@ -213,6 +223,10 @@ class DKDPCallback(keras.callbacks.Callback):
                     "and needs the tensorboard package: pip install tensorboard."
                 ) from None
         self.log_dir = log_dir
+        if not isinstance(average, bool):
+            raise TypeError(f"average must be True or False, got {average!r}.")
+        self.average = average
+        self.averaged_epochs = 0
         self.verbose = _validation.number("verbose", verbose, low=0, integer=True)
         self.tau = 0.0
         self.events = 0
@@ -336,7 +350,8 @@ class DKDPCallback(keras.callbacks.Callback):
             self.history = []
             self._bn_saved = {}
             self._refresh_params = deployed_counts(self._teacher())[0]
-            for key in [k for k in self._state.keys() if k.startswith("best:")]:
+            for key in [k for k in self._state.keys()
+                        if k.startswith(("best:", "avg:"))]:
                 self._state.remove(key)  # a new fit forgets an old best
             self._save_state(epoch)
         self._keep_good()
@@ -354,6 +369,7 @@ class DKDPCallback(keras.callbacks.Callback):
             )
         elif self.frequency == "epoch" and self._in_window(step):
             self._prune(self.threshold.sparsity_at(step))
+        self._accumulate_average()
         self._save_state(epoch + 1)
 
     def _save_state(self, epochs_done):
@@ -492,15 +508,72 @@ class DKDPCallback(keras.callbacks.Callback):
                 self._adaptive_event(epoch, logs)
         elif self.frequency == "epoch" and self._in_window(step):
             self._prune(self.threshold.sparsity_at(step))
+        self._accumulate_average()
         self._save_state(epoch + 1)
         self._keep_good()
         self._add_logs(logs)
 
     def on_train_end(self, logs=None):
+        self.averaged_epochs = 0
         if isinstance(self.threshold, Adaptive):
             self._adaptive_finish(logs or {})
+        else:
+            self._apply_average()
         if self._writer is not None:
             self._writer.flush()
+
+    # ------------------------------------------------------------ averaging
+    def _accumulate_average(self):
+        """Fold this epoch end's teacher weights into the running mean (in
+        the checkpointed state) if the masks are those the mean is taken
+        with; else start a new mean with these masks (the weights of an
+        epoch end that changed the masks have not trained with them)."""
+        if not self.average:
+            return
+        state = self._state
+        masks = self._current_masks()
+        same = int(state.get("avg:count", -1)) >= 0 and all(
+            np.array_equal(state.get(f"avg:mask:{i}"), masks[layer.name])
+            for i, layer in enumerate(self._layers)
+        )
+        if not same:  # (assigned in place: no new variables per event)
+            for i, layer in enumerate(self._layers):
+                state.set(f"avg:mask:{i}", masks[layer.name])
+            state.set("avg:count", np.int64(0))
+            return
+        count = int(state.get("avg:count")) + 1
+        for i, w in enumerate(self._teacher().get_weights()):
+            if count == 1 or not np.issubdtype(w.dtype, np.floating):
+                mean = w
+            else:
+                mean = state.get(f"avg:w:{i}")
+                mean += (w - mean) / count
+            state.set(f"avg:w:{i}", mean)
+        state.set("avg:count", np.int64(count))
+
+    def _apply_average(self):
+        """Give the teacher the averaged weights; True if it did."""
+        count = int(self._state.get("avg:count", 0))
+        if not self.average or count < 2:
+            return False
+        masks = self._current_masks()
+        if not all(
+            np.array_equal(self._state.get(f"avg:mask:{i}"), masks[layer.name])
+            for i, layer in enumerate(self._layers)
+        ):
+            return False
+        teacher = self._teacher()
+        teacher.set_weights([
+            self._state.get(f"avg:w:{i}") for i in range(len(teacher.weights))
+        ])
+        self.averaged_epochs = count
+        if self.verbose:
+            print(
+                f"DKDP: the teacher now holds the mean of its weights over "
+                f"the last {count} epochs (trained with its final masks).",
+                flush=True,
+            )
+        return True
 
     # -------------------------------------------------------------- scoring
     def _check_weights(self):
@@ -824,7 +897,8 @@ class DKDPCallback(keras.callbacks.Callback):
 
     def _adaptive_finish(self, logs):
         policy = self.threshold
-        self._restore_best()
+        if not self._apply_average():
+            self._restore_best()
         if not self._budget_met():
             scores = self._scores()
             if scores is not None:

@@ -431,13 +431,86 @@ def test_adaptive_ends_with_the_best_epoch_within_the_budget(restore_best):
     # The budget is met from the first event on; epoch 3 is the best.
     values = [0.90, 0.90, 0.90, 0.97, 0.92, 0.91]
     model.fit(x, y, epochs=6, batch_size=32, verbose=0,
-              callbacks=[ScriptedMetric(values), dkdp.DKDPCallback(threshold=policy, verbose=0),
+              callbacks=[ScriptedMetric(values),
+                         dkdp.DKDPCallback(threshold=policy, average=False, verbose=0),
                          Spy()])
     assert policy.budget.is_met(model)
     kept = 3 if restore_best else 5
     for now, then in zip(model.get_weights(), weights[kept]):
         np.testing.assert_array_equal(now, then)
     assert not all(np.array_equal(a, b) for a, b in zip(weights[3], weights[5]))
+
+
+class WeightSpy(keras.callbacks.Callback):
+    """Each epoch end's weights and masks (listed after DKDPCallback)."""
+
+    def on_train_begin(self, logs=None):
+        self.weights, self.masks = [], []
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.weights.append(self.model.get_weights())
+        self.masks.append([l.kernel_mask.numpy().copy()
+                           for l in dkdp.masked_layers(self.model)])
+
+
+def assert_weights_are_the_mean_of(model, snapshots):
+    for i, now in enumerate(model.get_weights()):
+        mean = np.mean([w[i] for w in snapshots], axis=0)
+        np.testing.assert_allclose(now, mean, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("average", [True, False])
+def test_training_ends_with_the_mean_of_the_epochs_since_the_masks_changed(average):
+    x, y = data()  # 128 examples, batch 32: 4 steps per epoch
+    model = plain_model()
+    cb = dkdp.DKDPCallback(threshold=thresholds.ConstantSparsity(0.5), end=4,
+                           average=average, verbose=0)
+    spy = WeightSpy()
+    model.fit(x, y, epochs=5, batch_size=32, verbose=0, callbacks=[cb, spy])
+    assert cb.events == 1  # at the end of epoch 1 only
+    # Epochs 2-5 trained with the masks of that event; epoch 1's weights
+    # were made for other masks and are not in the mean.
+    if average:
+        assert cb.averaged_epochs == 4
+        assert_weights_are_the_mean_of(model, spy.weights[1:])
+    else:
+        assert cb.averaged_epochs == 0
+        for now, last in zip(model.get_weights(), spy.weights[-1]):
+            np.testing.assert_array_equal(now, last)
+    # Different from the last epoch's: the test can tell the two apart.
+    assert not all(np.allclose(a, b) for a, b in zip(spy.weights[-1], spy.weights[-2]))
+    for layer, mask in zip(dkdp.masked_layers(model), spy.masks[-1]):
+        np.testing.assert_array_equal(layer.kernel_mask.numpy(), mask)
+    assert dkdp.sparsity(model) == pytest.approx(0.5, abs=0.01)
+
+
+def test_adaptive_ends_with_the_mean_of_the_epochs_under_its_final_masks():
+    x, y = data()
+    model = plain_model()
+    policy = thresholds.Adaptive(dkdp.Budget(max_params=150), tolerance=0.5,
+                                 finish_by=0.5)
+    spy = WeightSpy()
+    values = [0.90, 0.90, 0.90, 0.97, 0.92, 0.91, 0.90, 0.90]
+    cb = dkdp.DKDPCallback(threshold=policy, verbose=0)
+    model.fit(x, y, epochs=8, batch_size=32, verbose=0,
+              callbacks=[ScriptedMetric(values), cb, spy])
+    assert policy.budget.is_met(model)
+    same = lambda a, b: all(np.array_equal(u, v) for u, v in zip(a, b))  # noqa: E731
+    # The epochs that trained with the final masks: the trailing run of
+    # epoch ends whose masks equal the epoch end's before.
+    epochs = []
+    for e in range(len(spy.masks) - 1, 0, -1):
+        if not (same(spy.masks[e], spy.masks[-1]) and same(spy.masks[e - 1], spy.masks[-1])):
+            break
+        epochs.insert(0, e)
+    assert len(epochs) >= 2, "the budget should be met well before the end"
+    assert cb.averaged_epochs == len(epochs)
+    assert_weights_are_the_mean_of(model, [spy.weights[e] for e in epochs])
+
+
+def test_average_must_be_a_bool():
+    with pytest.raises(TypeError, match="average must be True or False"):
+        dkdp.DKDPCallback(average="yes")
 
 
 def test_adaptive_fills_the_budget_that_a_coarse_unit_step_leaves():

@@ -226,8 +226,10 @@ def quickstart():
               steps;
             * it meets the budget by 75% of the epochs, leaving the last epochs to
               recover;
-            * at the end it keeps the teacher of the best validation epoch within
-              the budget (`restore_best`, on by default).
+            * at the end the teacher takes the mean of its weights over the epochs
+              that trained with the final masks (the callback's `average`, on by
+              default), or, with fewer than two such epochs, the teacher of the
+              best validation epoch within the budget (`restore_best`).
 
             The budget is 10% of the teacher's parameters, counted as the model
             will be deployed: removed units gone, and with them the inputs they
@@ -1219,12 +1221,13 @@ def continual():
             """),
         code("""
             def dkdp_callback():
-                # restore_best=False: every model ends at its last epoch, as the
-                # baseline does (no early stopping on the validation metric).
+                # restore_best=False, average=False: every model ends at its last
+                # epoch, as the baseline does (no early stopping on the
+                # validation metric, no weight averaging).
                 return dkdp.DKDPCallback(
                     importance=dkdp.importance.Taylor(), granularity="unit",
                     threshold=dkdp.thresholds.Adaptive(BUDGET, tolerance=0.01, restore_best=False),
-                    verbose=0)
+                    average=False, verbose=0)
 
 
             steps_a = len(xa) // BATCH
