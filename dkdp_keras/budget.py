@@ -162,16 +162,17 @@ class Budget:
         }
         return {k: v for k, v in named.items() if v is not None}
 
-    def measure(self, model):
+    def measure(self, model, counts=None):
         """The model's measures that this budget limits, as a dict.
 
         A masked model is measured as it will be deployed: compacted
         (`dkdp_keras.compact`), so that the inputs a removed unit fed in the
         next layer count as removed too, then counted over non-zeros.
+        `counts`: `deployed_counts(model)` when the caller has them already.
         """
         limits = self.limits()
         out = {}
-        params, macs = deployed_counts(model)
+        params, macs = deployed_counts(model) if counts is None else counts
         if "params" in limits or "bytes" in limits:
             out["params"] = params
             if "bytes" in limits:
@@ -190,9 +191,9 @@ class Budget:
                 out["latency_ms"] = dense_ms * macs / max(dense_macs, 1)
         return out
 
-    def usage(self, model):
+    def usage(self, model, counts=None):
         """measure / limit for each limit (1.0 = exactly at the budget)."""
-        measured = self.measure(model)
+        measured = self.measure(model, counts)
         return {k: measured[k] / v for k, v in self.limits().items()}
 
     def is_met(self, model):

@@ -926,11 +926,13 @@ class DKDPCallback(keras.callbacks.Callback):
     def _add_logs(self, logs):
         teacher = self._teacher()
         # As exported: removed units gone.
-        logs["kept_params"], logs["kept_macs"] = deployed_counts(teacher)
+        counts = deployed_counts(teacher)
+        logs["kept_params"], logs["kept_macs"] = counts
         logs["tau"] = self.tau
         logs["sparsity"] = self._sparsity()
         if isinstance(self.threshold, Adaptive):
-            logs["budget_usage"] = max(self.threshold.budget.usage(teacher).values())
+            usage = self.threshold.budget.usage(teacher, counts=counts)
+            logs["budget_usage"] = max(usage.values())
 
     def _summaries(self, result):
         if self._writer is None:
