@@ -12,8 +12,9 @@ protocol's data written to WORK/data.npz. Each exported model leaves a
 trained again, so an interrupted run continues with the same command. Then
 this process measures every `.tflite` file in the LiteRT interpreter (test
 accuracy on all test images, bytes, gzip -9 bytes, batch-1 and batch-64
-latency, one thread: median of 500 after 50 warm-up), in one stretch so
-that ratios against `dense` hold, and writes:
+latency, one thread: median of 500 after 50 warm-up, the files of a model
+interleaved in 5 rounds of 100), in one stretch so that ratios against
+`dense` hold, and writes:
 
 - RESULTS/<date>.jsonl: one JSON object per exported model;
 - RESULTS/<date>-<model>-pareto.png: test accuracy against TFLite bytes and
@@ -123,7 +124,7 @@ def measure(work, models, settings):
     """Measure every exported `.tflite` in this one process."""
     import numpy as np
 
-    from dkdp_keras.export import _run, measure_tflite_latency_ms
+    from dkdp_keras.export import _run, measure_tflite_latencies_ms
 
     data = np.load(work / "data.npz")
     xt, yt = data["x_test"].astype("float32") / 255.0, data["y_test"]
@@ -134,6 +135,7 @@ def measure(work, models, settings):
         # Files converted from tf_keras (TFMOT) carry no Keras 3 model: they
         # execute the reference architecture densely, zeros included.
         dense_macs = dkdp.count_macs(getattr(dkdp.zoo, model)(), nonzero=False)
+        mine = []
         for meta in sorted((work / model).glob("*.json")):
             record = json.loads(meta.read_text())
             record.setdefault("macs", dense_macs)
@@ -145,12 +147,17 @@ def measure(work, models, settings):
                 "tflite_test_acc": float(np.mean(np.argmax(logits, -1) == yt)),
                 "tflite_bytes": len(blob),
                 "tflite_gzip_bytes": len(gzip.compress(blob, compresslevel=9)),
-                "lat_b1_ms": measure_tflite_latency_ms(
-                    path, runs=settings["runs"], warmup=settings["warmup"], batch=1),
-                "lat_b64_ms": measure_tflite_latency_ms(
-                    path, runs=settings["runs"] // 5, warmup=settings["warmup"] // 5 or 1,
-                    batch=64),
             })
+            mine.append((record, path))
+        # Latencies of all of the model's files interleaved in rounds: a
+        # drift of the machine's speed during the pass hits every file.
+        paths = [p for _, p in mine]
+        b1 = measure_tflite_latencies_ms(paths, runs=settings["runs"],
+                                         warmup=settings["warmup"], batch=1)
+        b64 = measure_tflite_latencies_ms(paths, runs=settings["runs"] // 5,
+                                          warmup=settings["warmup"] // 5 or 1, batch=64)
+        for (record, _), one, many in zip(mine, b1, b64):
+            record.update({"lat_b1_ms": one, "lat_b64_ms": many})
             print(f"measured {model} {record['file']}: acc {record['tflite_test_acc']:.4f}, "
                   f"{record['tflite_bytes']:,} B, b1 {record['lat_b1_ms']:.3f} ms", flush=True)
             rows.append(record)
@@ -310,7 +317,8 @@ def write_report(rows, failures, results, date, argv, elapsed, path):
         "Fashion-MNIST, 55,000 training / 5,000 validation / 10,000 test images; Adam 1e-3, "
         "batch 128, 15 epochs, seed 0 for every system. Latency: LiteRT interpreter, one "
         "thread, median of 500 invocations (batch 64: 100) after warm-up, every file measured "
-        "in the same process; ratios are against `dense` of the same run. "
+        "in the same process, a model's files interleaved in 5 rounds; ratios are against "
+        "`dense` of the same run. "
         f"Raw figures: `benchmarks/results/{date}.jsonl`.",
         "",
     ]

@@ -150,3 +150,47 @@ def test_sparse_int8_that_litert_cannot_run_is_explained_and_removed(tmp_path):
     assert not path.exists()
     dense = dkdp.export_tflite(model, path, quantize="int8", representative_data=x)
     assert dense.top1_agreement >= 0.99
+
+
+def test_latencies_of_several_files_are_measured_interleaved(monkeypatch):
+    """Each file gets its warm-up, then `runs` timed invocations spread over
+    rounds that visit every file in turn (a machine whose speed drifts
+    during the pass slows every file alike); each figure is the median of
+    that file's own invocations."""
+    from dkdp_keras import export
+
+    calls = []
+    now = [0.0]  # a fake clock: each invocation lasts its file's cost (s)
+
+    class FakeInterpreter:
+        def __init__(self, name, cost):
+            self.name, self.cost = name, cost
+
+        def get_input_details(self):
+            return [{"shape": np.array([1, 4]), "index": 0, "dtype": np.float32}]
+
+        def resize_tensor_input(self, index, shape):
+            pass
+
+        def allocate_tensors(self):
+            pass
+
+        def set_tensor(self, index, value):
+            pass
+
+        def invoke(self):
+            calls.append(self.name)
+            now[0] += self.cost
+
+    costs = {"a.tflite": 1, "b.tflite": 3}
+    monkeypatch.setattr(export, "_interpreter", lambda path: FakeInterpreter(path, costs[path]))
+    monkeypatch.setattr(export.time, "perf_counter", lambda: now[0])
+    medians = export.measure_tflite_latencies_ms(["a.tflite", "b.tflite"], runs=7,
+                                                 warmup=2, rounds=3)
+    assert medians == [1000.0, 3000.0]
+    timed = calls[4:]  # after the two files' warm-ups
+    assert calls[:4] == ["a.tflite"] * 2 + ["b.tflite"] * 2
+    # 7 runs in 3 rounds: 3, 2, 2 per file, the files taking turns.
+    assert timed == (["a.tflite"] * 3 + ["b.tflite"] * 3 + ["a.tflite"] * 2
+                     + ["b.tflite"] * 2 + ["a.tflite"] * 2 + ["b.tflite"] * 2)
+    assert export.measure_tflite_latency_ms("a.tflite", runs=5, warmup=1) == 1000.0
