@@ -228,7 +228,7 @@ def quickstart():
               recover;
             * at the end the teacher takes the mean of its weights over the epochs
               that trained with the final masks (the callback's `average`, on by
-              default), or, with fewer than two such epochs, the teacher of the
+              default), or, with fewer than three such epochs, the teacher of the
               best validation epoch within the budget (`restore_best`).
 
             The budget is 10% of the teacher's parameters, counted as the model
