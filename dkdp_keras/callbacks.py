@@ -140,10 +140,11 @@ class DKDPCallback(keras.callbacks.Callback):
             generalises better than any one of them. With fewer, the first
             epoch after a pruning event, still recovering from it, weighs
             too much in the mean (two epochs after a 90% prune of the
-            reference CNN: 69% test accuracy, against >75% for the last). BatchNormalization statistics are
-            averaged too; the masks are those all the averaged epochs
-            trained with. With `Adaptive(restore_best=True)` the average
-            takes the place of the best epoch when there is one.
+            reference CNN: 69% test accuracy, against >75% for the last).
+            BatchNormalization statistics are averaged too; the masks are
+            those all the averaged epochs trained with. With
+            `Adaptive(restore_best=True)` the average takes the place of
+            the best epoch when there is one.
         verbose: 0 silent, 1 one line per pruning event.
 
     Example:
@@ -538,10 +539,7 @@ class DKDPCallback(keras.callbacks.Callback):
             return
         state = self._state
         masks = self._current_masks()
-        same = int(state.get("avg:count", -1)) >= 0 and all(
-            np.array_equal(state.get(f"avg:mask:{i}"), masks[layer.name])
-            for i, layer in enumerate(self._layers)
-        )
+        same = int(state.get("avg:count", -1)) >= 0 and self._averaged_with(masks)
         if not same:  # (assigned in place: no new variables per event)
             for i, layer in enumerate(self._layers):
                 state.set(f"avg:mask:{i}", masks[layer.name])
@@ -557,16 +555,19 @@ class DKDPCallback(keras.callbacks.Callback):
             state.set(f"avg:w:{i}", mean)
         state.set("avg:count", np.int64(count))
 
+    def _averaged_with(self, masks):
+        """True if the running mean is taken under these masks."""
+        return all(
+            np.array_equal(self._state.get(f"avg:mask:{i}"), masks[layer.name])
+            for i, layer in enumerate(self._layers)
+        )
+
     def _apply_average(self):
         """Give the teacher the averaged weights; True if it did."""
         count = int(self._state.get("avg:count", 0))
         if not self.average or count < MIN_AVERAGED_EPOCHS:
             return False
-        masks = self._current_masks()
-        if not all(
-            np.array_equal(self._state.get(f"avg:mask:{i}"), masks[layer.name])
-            for i, layer in enumerate(self._layers)
-        ):
+        if not self._averaged_with(self._current_masks()):
             return False
         teacher = self._teacher()
         teacher.set_weights([
