@@ -359,7 +359,7 @@ class DKDPCallback(keras.callbacks.Callback):
             self._refresh_params = deployed_counts(self._teacher())[0]
             for key in [k for k in self._state.keys()
                         if k.startswith(("best:", "avg:"))]:
-                self._state.remove(key)  # a new fit forgets an old best
+                self._state.remove(key)  # a new fit forgets an old best and mean
             self._save_state(epoch)
         self._keep_good()
 
@@ -562,6 +562,13 @@ class DKDPCallback(keras.callbacks.Callback):
             for i, layer in enumerate(self._layers)
         )
 
+    def _teacher_from_state(self, prefix):
+        """Set the teacher's weights to those kept under `prefix:i`."""
+        teacher = self._teacher()
+        teacher.set_weights([
+            self._state.get(f"{prefix}:{i}") for i in range(len(teacher.weights))
+        ])
+
     def _apply_average(self):
         """Give the teacher the averaged weights; True if it did."""
         count = int(self._state.get("avg:count", 0))
@@ -569,10 +576,7 @@ class DKDPCallback(keras.callbacks.Callback):
             return False
         if not self._averaged_with(self._current_masks()):
             return False
-        teacher = self._teacher()
-        teacher.set_weights([
-            self._state.get(f"avg:w:{i}") for i in range(len(teacher.weights))
-        ])
+        self._teacher_from_state("avg:w")
         self.averaged_epochs = count
         if self.verbose:
             print(
@@ -889,10 +893,7 @@ class DKDPCallback(keras.callbacks.Callback):
             return
         if (best > policy.last_value) != policy.higher_is_better:
             return
-        teacher = self._teacher()
-        teacher.set_weights([
-            self._state.get(f"best:w:{i}") for i in range(len(teacher.weights))
-        ])
+        self._teacher_from_state("best:w")
         if self.verbose:
             print(
                 f"DKDP: restored the teacher of the best epoch within the "
