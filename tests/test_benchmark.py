@@ -97,3 +97,30 @@ def test_an_interrupted_run_continues_without_training_again(quick_run):
         capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "done already, skipped" in proc.stdout
+
+
+def test_training_seconds_end_with_the_last_callback_not_with_fit(monkeypatch):
+    # The benchmark's training time includes every callback's end-of-training
+    # work (DKDP's final averaging) and stops there: what `fit` does after
+    # its callbacks (the tf.data iterator's teardown) is not training.
+    import time
+
+    import keras
+    import numpy as np
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import train_keras3
+
+    class SlowEnd(keras.callbacks.Callback):
+        def on_train_end(self, logs=None):
+            time.sleep(0.3)
+
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile(optimizer="sgd", loss="mse")
+    timer = train_keras3.TrainTimer()
+    model.fit(np.zeros((8, 2)), np.zeros((8, 1)), epochs=1, verbose=0,
+              callbacks=[SlowEnd(), timer])
+    time.sleep(0.5)  # after fit: not counted
+    elapsed = time.perf_counter() - timer.start
+    assert timer.seconds >= 0.3
+    assert timer.seconds <= elapsed - 0.5
