@@ -545,18 +545,17 @@ class DKDPCallback(keras.callbacks.Callback):
             return
         state = self._state
         masks = self._current_masks()
-        same = int(state.get("avg:count", -1)) >= 0 and self._averaged_with(masks)
+        same = "avg:seen" in state and self._averaged_with(masks)
         if not same:  # (assigned in place: no new variables per event)
             for i, layer in enumerate(self._layers):
                 state.set(f"avg:mask:{i}", masks[layer.name])
-            state.set("avg:count", np.int64(0))
             state.set("avg:seen", np.int64(0))
             return
-        seen = int(state.get("avg:seen", 0)) + 1
+        seen = int(state.get("avg:seen")) + 1
         state.set("avg:seen", np.int64(seen))
-        if seen <= AVERAGE_BURN_IN:
+        count = seen - AVERAGE_BURN_IN  # epoch ends in the mean
+        if count < 1:
             return
-        count = int(state.get("avg:count")) + 1
         for i, w in enumerate(self._teacher().get_weights()):
             if count == 1 or not np.issubdtype(w.dtype, np.floating):
                 mean = w
@@ -564,7 +563,6 @@ class DKDPCallback(keras.callbacks.Callback):
                 mean = state.get(f"avg:w:{i}")
                 mean += (w - mean) / count
             state.set(f"avg:w:{i}", mean)
-        state.set("avg:count", np.int64(count))
 
     def _averaged_with(self, masks):
         """True if the running mean is taken under these masks."""
@@ -582,7 +580,7 @@ class DKDPCallback(keras.callbacks.Callback):
 
     def _apply_average(self):
         """Give the teacher the averaged weights; True if it did."""
-        count = int(self._state.get("avg:count", 0))
+        count = int(self._state.get("avg:seen", 0)) - AVERAGE_BURN_IN
         if not self.average or count < MIN_AVERAGED_EPOCHS:
             return False
         if not self._averaged_with(self._current_masks()):
