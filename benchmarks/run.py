@@ -174,16 +174,27 @@ def measure(work, models, settings):
     return rows
 
 
+def _tick_label(value, unit):
+    """A log-axis tick written plainly: "0.02" (ms), "300 kB", "1 MB"."""
+    if unit == "bytes":
+        return f"{value / 1e6:g} MB" if value >= 1e6 else f"{value / 1e3:g} kB"
+    return f"{value:g}"
+
+
 def pareto_plot(rows, model, path):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib import ticker
 
     colors = {"dense": "black", "tfmot": "tab:orange", "kd": "tab:blue", "dkdp": "tab:red"}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, key, label in ((axes[0], "tflite_bytes", "TFLite file bytes (log)"),
-                           (axes[1], "lat_b1_ms", "batch-1 latency, ms (log)")):
+    # File sizes span two decades, latencies about one: ticks at 1 and 3, or
+    # at 1, 2 and 5, of each decade keep the labels apart.
+    for ax, key, unit, subs, label in (
+            (axes[0], "tflite_bytes", "bytes", (1.0, 3.0), "TFLite file size (log)"),
+            (axes[1], "lat_b1_ms", "ms", (1.0, 2.0, 5.0), "batch-1 latency, ms (log)")):
         for system, color in colors.items():
             pts = [r for r in rows if r["model"] == model and r["system"] == system]
             if not pts:
@@ -194,6 +205,12 @@ def pareto_plot(rows, model, path):
                 ax.annotate(r["variant"], (r[key], 100 * r["tflite_test_acc"]),
                             fontsize=6, xytext=(3, 2), textcoords="offset points")
         ax.set_xscale("log")
+        # Written plainly: by default every minor tick is labelled "2x10^-2"
+        # and on a short log axis the labels overlap.
+        ax.xaxis.set_major_locator(ticker.LogLocator(subs=subs))
+        ax.xaxis.set_major_formatter(ticker.FuncFormatter(
+            lambda v, _, unit=unit: _tick_label(v, unit)))
+        ax.xaxis.set_minor_formatter(ticker.NullFormatter())
         ax.set_xlabel(label)
         ax.set_ylabel("TFLite test accuracy, %")
         ax.grid(alpha=0.3)
