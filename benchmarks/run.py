@@ -262,14 +262,15 @@ def checks(rows):
                 drop = 100 * (d["test_acc"] - top["test_acc"])
                 out.append((f"{model}: ≤10% of dense's non-zero parameters at ≤0.5 pp below "
                             f"dense: best {top['variant']} {top['nonzero_params']:,} params, "
-                            f"{drop:+.2f} pp below", drop <= 0.5))
+                            f"{-drop:+.2f} pp vs dense", drop <= 0.5))
             fast = [r for r in dk if r["lat_b1_x_dense"] <= 0.2]
             top = max(fast, key=lambda r: r["test_acc"], default=None)
             if top:
                 drop = 100 * (d["test_acc"] - top["test_acc"])
                 out.append((f"{model}: compacted float32 at ≤0.2× dense batch-1 latency and "
                             f"≤1 pp below dense: {top['variant']} at "
-                            f"{top['lat_b1_x_dense']:.2f}×, {drop:+.2f} pp below", drop <= 1.0))
+                            f"{top['lat_b1_x_dense']:.2f}×, {-drop:+.2f} pp vs dense",
+                            drop <= 1.0))
             else:
                 out.append((f"{model}: no DKDP float32 model at ≤0.2× dense latency", False))
             small = [r for r in pick(model, "dkdp") if r["quantize"] == "int8"
@@ -279,7 +280,7 @@ def checks(rows):
                 drop = 100 * (d["test_acc"] - top["tflite_test_acc"])
                 out.append((f"{model}: full-int8 file ≤1/50 of dense ({d['tflite_bytes'] / 50:,.0f} B)"
                             f" at ≤1 pp below dense: {top['tflite_bytes']:,} B, "
-                            f"{drop:+.2f} pp below", drop <= 1.0))
+                            f"{-drop:+.2f} pp vs dense", drop <= 1.0))
             else:
                 out.append((f"{model}: no DKDP int8 file at ≤1/50 of dense", False))
             kd = pick(model, "kd")
