@@ -190,8 +190,6 @@ def pareto_plot(rows, model, path):
 
     colors = {"dense": "black", "tfmot": "tab:orange", "kd": "tab:blue", "dkdp": "tab:red"}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    # File sizes span two decades, latencies about one: ticks at 1 and 3, or
-    # at 1, 2 and 5, of each decade keep the labels apart.
     for ax, key, unit, subs, label in (
             (axes[0], "tflite_bytes", "bytes", (1.0, 3.0), "TFLite file size (log)"),
             (axes[1], "lat_b1_ms", "ms", (1.0, 2.0, 5.0), "batch-1 latency, ms (log)")):
@@ -205,8 +203,9 @@ def pareto_plot(rows, model, path):
                 ax.annotate(r["variant"], (r[key], 100 * r["tflite_test_acc"]),
                             fontsize=6, xytext=(3, 2), textcoords="offset points")
         ax.set_xscale("log")
-        # Written plainly: by default every minor tick is labelled "2x10^-2"
-        # and on a short log axis the labels overlap.
+        # Plain labels ("300 kB", "0.02") at 1-3 ticks per decade for sizes (two
+        # decades) and 1-2-5 for latencies (about one): matplotlib's default
+        # labels every minor tick "2x10^-2", and on a short axis they overlap.
         ax.xaxis.set_major_locator(ticker.LogLocator(subs=subs))
         ax.xaxis.set_major_formatter(ticker.FuncFormatter(
             lambda v, _, unit=unit: _tick_label(v, unit)))
