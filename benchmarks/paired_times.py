@@ -51,10 +51,11 @@ def one_run(args):
     if args.system == "dense":
         model = run.build()
     else:
+        # As the benchmark builds its unstructured runs (system_dkdp).
         model = dkdp.DKDPModel(run.build())
-        budget = dkdp.Budget(max_params=int((1 - args.target) * run.build().count_params()))
-        callback = dkdp.DKDPCallback(importance="magnitude", granularity="weight",
-                                     threshold=dkdp.thresholds.Adaptive(budget), verbose=0)
+        budget, _ = tk.structured_budget(f"params:{1 - args.target:g}", run.build())
+        defaults = argparse.Namespace(importance=None, initial_step=None, finish_by=None)
+        callback, _ = tk.dkdp_callback("weight", budget, defaults)
         original = callback.on_epoch_end
 
         def timed(epoch, logs=None):
