@@ -613,8 +613,9 @@ def importance():
             that they part, and the table (units kept when 90% of the weights go)
             shows where. In this one-shot test, the criteria that measure a unit's
             effect on the output (output contribution) or its weights (magnitude)
-            hold up best, and the gradient alone does worst: a unit can have large
-            gradients because it is not doing its job yet. Taylor, the default of
+            hold up best, and the two gradient-based ones, gradient and Taylor, do
+            worst: a unit can have large gradients because it is not doing its
+            job yet. Taylor, the default of
             `DKDPCallback`, is built for gradual pruning, where its statistics are
             refreshed between small steps, rather than for a 90% cut at once.
 
