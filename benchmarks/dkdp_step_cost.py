@@ -27,6 +27,8 @@ without optimizers.)
 
 import argparse
 import os
+import pathlib
+import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -36,6 +38,9 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import dkdp_keras as dkdp  # noqa: E402
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from train_keras3 import compile_  # noqa: E402  (the protocol's optimizer, loss, metrics)
 
 SYSTEMS = ("dense", "masked", "dkdp-tiny", "dkdp")
 
@@ -57,9 +62,7 @@ def build(system, model_name):
     else:
         student = tiny_student if system == "dkdp-tiny" else "auto"
         model = dkdp.DKDPModel(teacher, student=student)
-    model.compile(optimizer=keras.optimizers.Adam(1e-3),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  metrics=["accuracy"], jit_compile=False)
+    compile_(model)
     if isinstance(model, dkdp.DKDPModel):
         model.request_statistics(())
     return model
