@@ -4,6 +4,7 @@ import dataclasses
 import gzip
 import os
 import pathlib
+import secrets
 import tempfile
 import time
 
@@ -54,6 +55,13 @@ class ExportReport:
 def _check_path(path):
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a file path, got {path!r}.")
+    text = os.fspath(path)
+    # pathlib drops a trailing separator: "out/" would become the file "out".
+    if text.endswith(tuple(s for s in (os.sep, os.altsep) if s)) or os.path.isdir(text):
+        raise IsADirectoryError(
+            f"path must be a file, but {text!r} is a directory: pass a file "
+            f"path such as {os.path.join(text, 'model.tflite')!r}."
+        )
     path = pathlib.Path(path)
     if path.suffix != ".tflite":
         raise ValueError(
@@ -69,6 +77,47 @@ def _check_path(path):
     if not os.access(parent, os.W_OK):
         raise PermissionError(f"The directory {str(parent)!r} is not writable.")
     return path
+
+
+def _same_length(name, x, y):
+    """An (x, y) pair must hold as many labels as inputs: numpy would
+    otherwise broadcast one label against every prediction."""
+    if y is None:
+        return
+    if y.ndim == 0:
+        raise ValueError(
+            f"{name} has {len(x)} inputs (x) but a single label (y) of shape (): "
+            f"pass one label per input, an array of length {len(x)}."
+        )
+    if len(y) != len(x):
+        raise ValueError(
+            f"{name} has {len(x)} inputs (x) but {len(y)} labels (y): pass "
+            "an (x, y) pair with one label per input (or x alone)."
+        )
+
+
+def _class_labels(name, y, output_shape):
+    """Class indices, one per prediction, from labels given as indices
+    (shape of the output without its class axis, or with a class axis of 1)
+    or one-hot rows (the output's shape)."""
+    def same(a, b):
+        return len(a) == len(b) and all(
+            i is None or j is None or int(i) == int(j) for i, j in zip(a, b)
+        )
+
+    per_example = tuple(y.shape[1:])
+    classes = output_shape[:-1]
+    if same(per_example, output_shape) and output_shape[-1] not in (None, 1):
+        return y.argmax(-1)
+    if same(per_example, classes):
+        return y
+    if same(per_example, classes + (1,)):
+        return y[..., 0]
+    raise ValueError(
+        f"{name} has labels of shape {per_example} per example, but with the "
+        f"model's output of shape {output_shape} they must be class indices "
+        f"of shape {classes} or one-hot rows of shape {output_shape}."
+    )
 
 
 def _as_arrays(data, name):
@@ -210,12 +259,15 @@ def export_tflite(model, path, quantize=None, representative_data=None,
     `tf.lite.TFLiteConverter.from_saved_model`; the file is then run in the
     LiteRT interpreter (`ai_edge_litert`) at batch 1 on the check data and
     compared with the Keras model. A failed check raises `ValueError`
-    naming the figures; nothing is left at `path` then.
+    naming the figures; nothing new is left at `path` then (a file already
+    there is kept), nor when the check is interrupted.
 
     Args:
         model: a Keras Sequential/Functional model (or a DKDPModel: the
             model it serves is exported).
         path: the output file, ending in `.tflite`; its directory must exist.
+            The file is written under a temporary name beside it and moved
+            to `path` only when the check passes.
         quantize: None or "none" (float32), "dynamic" (dynamic-range int8
             weights), "float16" (float16 weights) or "int8" (full integer,
             needs `representative_data`).
@@ -226,7 +278,8 @@ def export_tflite(model, path, quantize=None, representative_data=None,
             (for unstructured pruning). With quantize="int8" the file it
             writes does not run in LiteRT's default CPU delegate (XNNPACK
             refuses its sparse int8 kernels), which the check reports.
-        check_data: inputs (or an (x, y) pair, to also report accuracy) to
+        check_data: inputs (or an (x, y) pair, to also report accuracy;
+            y: class indices or one-hot rows, one per input) to
             compare TFLite with Keras on; default: 64 examples of the
             representative data, else 64 uniform random inputs.
         int8_io: with "int8", int8 model inputs and outputs as well.
@@ -246,7 +299,9 @@ def export_tflite(model, path, quantize=None, representative_data=None,
     quantize = "none" if quantize in (None, "none") else quantize
     if not isinstance(int8_io, bool) or (int8_io and quantize != "int8"):
         raise ValueError("int8_io=True needs quantize='int8'.")
-    rep_x, _ = _as_arrays(representative_data, "representative_data")
+    rep_x, rep_y = _as_arrays(representative_data, "representative_data")
+    if rep_x is not None:
+        _same_length("representative_data", rep_x, rep_y)
     if quantize == "int8" and rep_x is None:
         raise ValueError(
             "quantize='int8' needs representative_data: a few hundred typical "
@@ -282,13 +337,24 @@ def export_tflite(model, path, quantize=None, representative_data=None,
             f"check_data has examples of shape {tuple(check_x.shape[1:])}, the "
             f"model takes {expected_shape}."
         )
+    labels = None
+    if check_y is not None:
+        _same_length("check_data", check_x, check_y)
+        labels = _class_labels("check_data", check_y,
+                               tuple(model.outputs[0].shape)[1:])
 
     flatbuffer = _convert(model, quantize, rep_x, sparsity, int8_io, fixed_batch)
-    path.write_bytes(flatbuffer)
+    # The file is written and checked under a temporary name in the same
+    # directory, and moved to `path` only once the check passed: a failure
+    # or an interrupt (KeyboardInterrupt is no Exception) leaves no
+    # unchecked file at `path`, and an earlier file there untouched.
+    staging = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     try:
+        with open(staging, "xb") as f:  # the umask's permissions, unlike mkstemp
+            f.write(flatbuffer)
         keras_out = np.asarray(model.predict(check_x, verbose=0), "float32")
         try:
-            lite_out = _run(path, check_x)
+            lite_out = _run(staging, check_x)
         except RuntimeError as error:
             hint = ""
             if sparsity and quantize != "none":
@@ -315,12 +381,11 @@ def export_tflite(model, path, quantize=None, representative_data=None,
                 f"class for {agree:.1%} of {len(check_x)} inputs (required "
                 f"{min_top1_agreement:.1%}); max abs diff {diff:.3g}."
             )
-    except Exception:
-        path.unlink(missing_ok=True)
-        raise
+        os.replace(staging, path)
+    finally:
+        staging.unlink(missing_ok=True)
     accuracy = None
-    if check_y is not None:
-        labels = check_y.argmax(-1) if check_y.ndim > 1 else check_y.reshape(-1)
+    if labels is not None:
         accuracy = float(np.mean(lite_out.argmax(-1) == labels))
     return ExportReport(
         path=str(path),

@@ -1,5 +1,7 @@
 """TFLite/LiteRT export: parity with Keras, quantisation, sizes, errors."""
 
+import pathlib
+
 import keras
 import numpy as np
 import pytest
@@ -194,3 +196,101 @@ def test_latencies_of_several_files_are_measured_interleaved(monkeypatch):
     assert timed == (["a.tflite"] * 3 + ["b.tflite"] * 3 + ["a.tflite"] * 2
                      + ["b.tflite"] * 2 + ["a.tflite"] * 2 + ["b.tflite"] * 2)
     assert export.measure_tflite_latency_ms("a.tflite", runs=5, warmup=1) == 1000.0
+
+
+def _linear_classifier():
+    """6 inputs -> 3 logits whose arg-max is the arg-max of x[:, :3]: an
+    output that depends on the input, so an accuracy figure means something."""
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(3)], name="linear")
+    kernel = np.zeros((6, 3), "float32")
+    kernel[:3, :3] = np.eye(3)
+    model.layers[0].set_weights([kernel, np.zeros(3, "float32")])
+    return model
+
+
+def test_reported_accuracy_is_the_true_one_for_every_label_layout(tmp_path):
+    model = _linear_classifier()
+    rng = np.random.default_rng(1)
+    x = rng.random((64, 6)).astype("float32")
+    truth = x[:, :3].argmax(-1)
+    flip = rng.random(64) < 0.25
+    y = np.where(flip, (truth + 1) % 3, truth)
+    expected = float(np.mean(truth == y))
+    assert 0.3 < expected < 1.0
+    for labels in (y, y[:, None], np.eye(3)[y]):  # (n,), (n, 1), one-hot (n, 3)
+        report = dkdp.export_tflite(model, tmp_path / "m.tflite", check_data=(x, labels),
+                                    latency_runs=1)
+        assert report.accuracy == pytest.approx(expected), labels.shape
+
+
+@pytest.mark.parametrize("labels,text", [
+    (np.zeros(1, "int64"), r"check_data has 64 inputs \(x\) but 1 labels \(y\)"),
+    (np.zeros(10, "int64"), r"check_data has 64 inputs \(x\) but 10 labels \(y\)"),
+    (np.int64(0), r"check_data has 64 inputs \(x\) but a single label"),
+    (np.zeros((64, 4)), r"check_data has labels of shape \(4,\) per example.*output of shape \(3,\)"),
+])
+def test_check_labels_must_match_the_inputs_before_conversion(tmp_path, monkeypatch, labels, text):
+    from dkdp_keras import export
+
+    def no_conversion(*args):
+        raise AssertionError("converted before checking the labels")
+
+    monkeypatch.setattr(export, "_convert", no_conversion)
+    x = np.zeros((64, 6), "float32")
+    with pytest.raises(ValueError, match=text):
+        dkdp.export_tflite(_linear_classifier(), tmp_path / "m.tflite", check_data=(x, labels))
+    with pytest.raises(ValueError, match=r"representative_data has 64 inputs \(x\) but 3 labels"):
+        dkdp.export_tflite(_linear_classifier(), tmp_path / "m.tflite", quantize="int8",
+                           representative_data=(x, np.zeros(3)))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_interrupted_check_leaves_nothing_at_the_path(tmp_path, monkeypatch):
+    from dkdp_keras import export
+
+    def interrupted(path, x):
+        assert pathlib.Path(path).exists() and pathlib.Path(path) != tmp_path / "m.tflite"
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export, "_run", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        dkdp.export_tflite(_linear_classifier(), tmp_path / "m.tflite")
+    assert list(tmp_path.iterdir()) == []  # no file, no stray temporary one
+
+
+def test_a_failed_check_leaves_an_earlier_file_untouched(tmp_path, monkeypatch):
+    from dkdp_keras import export
+
+    path = tmp_path / "m.tflite"
+    path.write_bytes(b"an earlier export")
+    monkeypatch.setattr(export, "_run", lambda path, x: np.full((len(x), 3), 1e3, "float32"))
+    with pytest.raises(ValueError, match="differs from Keras"):
+        dkdp.export_tflite(_linear_classifier(), path)
+    assert path.read_bytes() == b"an earlier export"
+
+    def interrupted(path, x):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export, "_run", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        dkdp.export_tflite(_linear_classifier(), path)
+    assert path.read_bytes() == b"an earlier export"
+    assert [p.name for p in tmp_path.iterdir()] == ["m.tflite"]
+    monkeypatch.undo()
+    report = dkdp.export_tflite(_linear_classifier(), path, latency_runs=1)
+    assert path.stat().st_size == report.bytes  # a passing check replaces it
+    assert [p.name for p in tmp_path.iterdir()] == ["m.tflite"]
+
+
+def test_a_directory_is_refused_with_the_fix(tmp_path):
+    (tmp_path / "out.tflite").mkdir()
+    for path, shown in [(tmp_path / "out.tflite", "out.tflite"),
+                        (str(tmp_path / "new") + "/", "new/"),
+                        (str(tmp_path / "out.tflite") + "/", "out.tflite/"),
+                        (tmp_path, tmp_path.name)]:
+        with pytest.raises(IsADirectoryError,
+                           match=rf"path must be a file, but .*{shown}' is a directory: "
+                                 r"pass a file path such as '.*model.tflite'"):
+            dkdp.export_tflite(_linear_classifier(), path)
+    assert [p.name for p in tmp_path.iterdir()] == ["out.tflite"]
+    assert list((tmp_path / "out.tflite").iterdir()) == []
