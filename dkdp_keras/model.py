@@ -4,7 +4,7 @@ import keras
 import tensorflow as tf
 from keras import ops
 
-from dkdp_keras import _validation
+from dkdp_keras import _data_checks, _validation
 from dkdp_keras.distillation import (
     check_hyperparameters,
     feature_layer_names,
@@ -670,6 +670,8 @@ class DKDPModel(keras.Model):
         return {m.name: m.result() for m in self.metrics}
 
     def fit(self, *args, **kwargs):
+        # Bad labels and validation data, before the first step.
+        _data_checks.check_fit(self, args, kwargs)
         try:
             return super().fit(*args, **kwargs)
         except tf.errors.InvalidArgumentError as error:

@@ -194,3 +194,96 @@ def test_export_checks_its_representative_data(tmp_path):
     with pytest.raises(TypeError, match="sparsity must be True or False, got 'yes'"):
         dkdp.export_tflite(model, tmp_path / "m.tflite", sparsity="yes")
     assert not (tmp_path / "m.tflite").exists()
+
+
+XF = np.random.default_rng(0).random((8, 6)).astype("float32")
+YF = np.array([0, 1, 2, 0, 1, 2, 0, 1], "int64")
+
+
+def _ds(*parts, batch=4):
+    import tensorflow as tf
+
+    return tf.data.Dataset.from_tensor_slices(parts if len(parts) > 1 else parts[0]).batch(batch)
+
+
+def _with(y, i, value):
+    y = y.astype(type(value)).copy()
+    y[i] = value
+    return y
+
+
+@pytest.mark.parametrize("loss,data,kwargs,text", [
+    # Labels out of the output layer's range, under a sparse loss given as
+    # an object, a name or a function.
+    (CE, (XF, _with(YF, 3, 7)), {}, r"y holds the label 7, but the teacher 'mlp' has 3 "
+     r"outputs: a sparse categorical crossentropy takes class indices 0 to 2\. Fix the "
+     r"labels, or give the teacher's last layer one unit per class"),
+    ("sparse_categorical_crossentropy", (XF, _with(YF, 0, -1)), {}, r"y holds the label -1"),
+    (keras.losses.sparse_categorical_crossentropy, (XF, _with(YF, 0, 1.5)), {},
+     r"y holds the label 1.5, .* class indices 0 to 2"),
+    # NaN labels, whatever the loss.
+    (CE, (XF, _with(YF, 5, NAN)), {}, r"y holds 1 NaN or Inf labels \(the first in "
+     r"example 5\): drop or fix those examples before fit"),
+    ("mse", (XF, np.where(np.eye(3)[YF] > 0, NAN, 0.0)), {}, "y holds 8 NaN or Inf labels"),
+    # One-hot labels with a sparse loss.
+    (CE, (XF, np.eye(3, dtype="float32")[YF]), {}, r"y looks one-hot \(shape \(8, 3\), one "
+     r"column per class of the teacher 'mlp'\), but the loss is a sparse categorical "
+     r"crossentropy, which takes class indices: pass y.argmax\(-1\), or compile with "
+     r"loss=keras.losses.CategoricalCrossentropy\(\)"),
+    # Datasets: without labels; bad labels in the first batch.
+    (CE, (_ds(XF),), {}, r"x is a tf.data dataset that yields inputs only, without labels: "
+     r"DKDPModel.fit needs \(inputs, labels\) batches, for example tf.data.Dataset.zip"),
+    (CE, (_ds(XF, _with(YF, 1, 9)),), {}, r"x \(its first batch\) holds the label 9"),
+    (CE, (_ds(XF, np.eye(3)[YF]),), {}, r"x \(its first batch\) looks one-hot"),
+    # Arrays without labels.
+    (CE, (XF,), {}, r"fit got inputs x without labels y: .* pass y="),
+    # validation_data, found before the first epoch instead of after it.
+    (CE, (XF, YF), dict(validation_data=(XF[:, :5], YF)), r"validation_data has examples of "
+     r"shape \(5,\), but the teacher 'mlp' takes \(6,\): validation examples must be shaped "
+     r"like the training examples"),
+    (CE, (XF, YF), dict(validation_data=(XF, YF[:3])), r"validation_data has 8 inputs \(x\) "
+     r"but 3 labels \(y\): pass one label per input"),
+    (CE, (XF, YF), dict(validation_data=(XF, _with(YF, 0, 3))),
+     r"validation_data holds the label 3"),
+    (CE, (XF, YF), dict(validation_data=_ds(XF[:, :4], YF)), r"validation_data has examples of "
+     r"shape \(4,\)"),
+    (CE, (XF, YF), dict(validation_data=_ds(XF)), r"validation_data is a tf.data dataset that "
+     r"yields inputs only"),
+])
+def test_fit_refuses_bad_data_before_the_first_step(loss, data, kwargs, text):
+    model = dkdp.DKDPModel(mlp())
+    model.compile(optimizer="adam", loss=loss)
+    with pytest.raises(ValueError, match=text):
+        model.fit(*data, batch_size=4, epochs=1, verbose=0, **kwargs)
+    assert int(model.optimizer.iterations.numpy()) == 0
+
+
+def test_good_data_passes_the_checks_and_generators_are_not_read():
+    from dkdp_keras import _data_checks
+
+    model = dkdp.DKDPModel(mlp())
+    model.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True, ignore_class=-1))
+    # -1 is the ignored class; (n, 1) labels are class indices, not one-hot.
+    model.fit(XF, _with(YF, 0, -1)[:, None], validation_data=_ds(XF, YF), epochs=1, verbose=0)
+
+    read = []
+
+    def batches():
+        read.append(1)
+        yield XF, _with(YF, 0, 7)
+
+    class Batches(keras.utils.PyDataset):
+        def __len__(self):
+            return 1
+
+        def __getitem__(self, i):
+            read.append(i)
+            return XF, _with(YF, 0, 7)
+
+    generator = batches()
+    _data_checks.check_fit(model, (generator,), dict(validation_data=Batches()))
+    assert read == []
+    one_hot = dkdp.DKDPModel(mlp())
+    one_hot.compile(optimizer="adam", loss=keras.losses.CategoricalCrossentropy(from_logits=True))
+    one_hot.fit(XF, np.eye(3)[YF], validation_data=(XF, np.eye(3)[YF]), epochs=1, verbose=0)
