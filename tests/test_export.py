@@ -227,7 +227,8 @@ def test_reported_accuracy_is_the_true_one_for_every_label_layout(tmp_path):
     (np.zeros(1, "int64"), r"check_data has 64 inputs \(x\) but 1 labels \(y\)"),
     (np.zeros(10, "int64"), r"check_data has 64 inputs \(x\) but 10 labels \(y\)"),
     (np.int64(0), r"check_data has 64 inputs \(x\) but a single label"),
-    (np.zeros((64, 4)), r"check_data has labels of shape \(4,\) per example.*output of shape \(3,\)"),
+    (np.zeros((64, 4)),
+     r"check_data has labels of shape \(4,\) per example.*output of shape \(3,\)"),
 ])
 def test_check_labels_must_match_the_inputs_before_conversion(tmp_path, monkeypatch, labels, text):
     from dkdp_keras import export
