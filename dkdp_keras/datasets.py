@@ -6,7 +6,9 @@ images as float32 in [0, 1] of shape (N, 28, 28, 1) and integer labels.
 
 Where the data comes from, first found first served:
 
-1. a `.npz` file given as the name (keys x_train, y_train, x_test, y_test);
+1. a `.npz` file given as the name (keys x_train, y_train, x_test, y_test;
+   refused with a ValueError unless the images are finite numbers of one
+   shape in both splits, with one label, a class index >= 0, per image);
 2. the original IDX files (``train-images-idx3-ubyte.gz`` ...) in
    `data_dir`, in ``$DKDP_DATA_DIR/<name>/`` or ``$DKDP_DATA_DIR``, or in
    ``/usr/share/datasets/<name-with-dashes>/`` (Debian's
@@ -20,8 +22,10 @@ images, no download): a tiny offline set for quick runs and tests, shape
 """
 
 import gzip
+import importlib.util
 import os
 import pathlib
+import zipfile
 
 import numpy as np
 
@@ -92,22 +96,106 @@ def _from_idx(directory):
 
 
 def _from_npz(path):
-    with np.load(path) as data:
+    try:
+        data = np.load(path)
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile) as error:
+        raise ValueError(
+            f"{path} is not a readable .npz file ({_reason(error)}): save the "
+            "dataset with numpy.savez(path, x_train=..., y_train=..., "
+            "x_test=..., y_test=...)."
+        ) from None
+    if not hasattr(data, "files"):  # a plain .npy array under a .npz name
+        raise ValueError(
+            f"{path} holds one array, not the arrays x_train, y_train, x_test "
+            "and y_test: save it with numpy.savez(path, x_train=..., ...)."
+        )
+    with data:
         missing = {"x_train", "y_train", "x_test", "y_test"} - set(data.files)
         if missing:
             raise ValueError(
                 f"{path} lacks the arrays {sorted(missing)}; a dataset .npz "
                 "holds x_train, y_train, x_test and y_test."
             )
-        x_train, x_test = data["x_train"], data["x_test"]
-        if x_train.dtype == np.uint8:
-            x_train, x_test = x_train / 255.0, x_test / 255.0
-        if x_train.ndim == 3:
-            x_train, x_test = x_train[..., None], x_test[..., None]
-        return (
-            (x_train.astype("float32"), data["y_train"].astype("int64")),
-            (x_test.astype("float32"), data["y_test"].astype("int64")),
+        try:
+            arrays = {k: data[k] for k in ("x_train", "y_train", "x_test", "y_test")}
+        except (OSError, EOFError, ValueError, zipfile.BadZipFile) as error:
+            raise ValueError(
+                f"{path} is not a readable .npz file ({_reason(error)})."
+            ) from None
+    x_train, x_test = (_images(path, k, arrays[k]) for k in ("x_train", "x_test"))
+    y_train, y_test = (_labels(path, k, arrays[k]) for k in ("y_train", "y_test"))
+    for x_name, x, y_name, y in (("x_train", x_train, "y_train", y_train),
+                                 ("x_test", x_test, "y_test", y_test)):
+        if len(x) != len(y):
+            raise ValueError(
+                f"{path}: {x_name} has {len(x)} examples but {y_name} has "
+                f"{len(y)} labels; each example needs one label."
+            )
+    if x_test.shape[1:] != x_train.shape[1:]:
+        raise ValueError(
+            f"{path}: x_test's examples have shape {x_test.shape[1:]} but "
+            f"x_train's have {x_train.shape[1:]}; both splits need images of one shape."
         )
+    return (x_train, y_train), (x_test, y_test)
+
+
+def _reason(error):
+    return str(error).splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+def _images(path, name, x):
+    """One split's images as float32: uint8 scaled to [0, 1], a channel
+    axis added to (N, H, W); refused when empty, not numbers, or not finite."""
+    if x.ndim < 2 or len(x) == 0:
+        raise ValueError(
+            f"{path}: {name} has shape {x.shape}; it must hold at least one "
+            "example, as (N, height, width) or (N, height, width, channels)."
+        )
+    if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_) \
+            or np.issubdtype(x.dtype, np.complexfloating):
+        raise ValueError(f"{path}: {name} has dtype {x.dtype}; images must be real numbers.")
+    if np.issubdtype(x.dtype, np.floating):
+        bad = ~np.isfinite(x)
+        if bad.any():
+            first = int(np.argmax(bad.reshape(len(x), -1).any(axis=1)))
+            raise ValueError(
+                f"{path}: {name} holds {int(bad.sum())} NaN or infinite values "
+                f"(the first in example {first}); fix or drop those examples."
+            )
+    x = x / 255.0 if x.dtype == np.uint8 else x
+    if x.ndim == 3:
+        x = x[..., None]
+    return x.astype("float32")
+
+
+def _labels(path, name, y):
+    """One split's labels as int64 class indices, shape (N,); (N, 1) is
+    flattened; refused when not whole numbers >= 0."""
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.ndim != 1:
+        raise ValueError(
+            f"{path}: {name} has shape {y.shape}; labels are one class index per "
+            "example, shape (N,) (for one-hot labels, save y.argmax(axis=1))."
+        )
+    if not (np.issubdtype(y.dtype, np.integer) or np.issubdtype(y.dtype, np.floating)
+            or y.dtype == np.bool_):
+        raise ValueError(f"{path}: {name} has dtype {y.dtype}; labels must be integers.")
+    if np.issubdtype(y.dtype, np.floating):
+        whole = np.isfinite(y) & (y == np.round(y))
+        if not whole.all():
+            first = int(np.argmin(whole))
+            raise ValueError(
+                f"{path}: {name} holds labels that are not whole numbers "
+                f"({y[first].item()} at example {first}); labels are class indices 0, 1, 2, ..."
+            )
+    if len(y) and y.min() < 0:
+        first = int(np.argmax(y < 0))
+        raise ValueError(
+            f"{path}: {name} holds negative labels ({y[first].item()} at example "
+            f"{first}); labels are class indices 0, 1, 2, ..."
+        )
+    return y.astype("int64")
 
 
 def _from_digits():
@@ -150,6 +238,27 @@ def _from_tfds(name, data_dir, download):
     )
 
 
+def _not_here(name, data_dir, tfds_installed=True):
+    """What is missing for dataset `name` and what brings it, in one line."""
+    where = data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")
+    offline = ""
+    if name == "fashion_mnist":
+        offline = ("install the Debian package dataset-fashion-mnist (its IDX files go "
+                   f"to {SYSTEM_DIR / 'fashion-mnist'}), put the four IDX files in "
+                   "$DKDP_DATA_DIR, or ")
+    elif name in IDX_DATASETS:
+        offline = "put the four IDX files (train-images-idx3-ubyte.gz, ...) in $DKDP_DATA_DIR, or "
+    build = (f"prepare it once with a network: tfds build {name} (in Python: "
+             f"load({name!r}, download=True)); or pass a .npz with x_train, y_train, "
+             "x_test and y_test.")
+    if not tfds_installed:
+        return (f"Dataset {name!r} is not on this machine, and tensorflow-datasets, "
+                f"which provides it, is not installed: {offline}pip install "
+                f"tensorflow-datasets and {build}")
+    return (f"Dataset {name!r} is not on this machine (tensorflow-datasets has not "
+            f"prepared it in {where}): {offline}{build}")
+
+
 def load(name="fashion_mnist", as_numpy=False, data_dir=None, download=False):
     """Load a dataset as ``((x_train, y_train), (x_test, y_test))``.
 
@@ -183,6 +292,10 @@ def load(name="fashion_mnist", as_numpy=False, data_dir=None, download=False):
         else:
             try:
                 result = _from_tfds(name, data_dir, download)
+            except ImportError:
+                if importlib.util.find_spec("tensorflow_datasets") is not None:
+                    raise  # installed, but broken: its own error says why
+                raise FileNotFoundError(_not_here(name, data_dir, tfds_installed=False)) from None
             except Exception as error:  # tfds raises many kinds
                 if "not found" in str(error).lower() and "dataset" in str(error).lower():
                     raise ValueError(
@@ -192,12 +305,7 @@ def load(name="fashion_mnist", as_numpy=False, data_dir=None, download=False):
                     ) from None
                 raise
     if result is None:
-        raise FileNotFoundError(
-            f"Dataset {name!r} is not on this machine: install the Debian "
-            "package dataset-fashion-mnist, put the IDX files in "
-            "$DKDP_DATA_DIR, pass a .npz, use 'digits', or allow "
-            "download=True."
-        )
+        raise FileNotFoundError(_not_here(name, data_dir))
     if as_numpy:
         return result
     import tensorflow as tf
