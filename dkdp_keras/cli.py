@@ -18,12 +18,15 @@ last completed epoch, with the batches the uninterrupted run would have seen.
 
 import argparse
 import json
+import math
 import os
 import pathlib
 import re
 import shutil
 import sys
+import tempfile
 import time
+import zipfile
 
 DATASETS = ("fashion_mnist", "mnist", "cifar10", "digits")
 MODELS = ("reference_cnn", "lenet_300_100")
@@ -101,17 +104,106 @@ def _parser():
     return parser
 
 
+def _check_keras_file(path):
+    """`path` is a .keras archive (a zip with config.json), checked without
+    TensorFlow: Keras reports an empty or corrupt file as "File not found"."""
+    if not os.path.isfile(path):
+        raise UsageError(f"no model file at {path!r}")
+    try:
+        size = os.path.getsize(path)
+        if size == 0:
+            problem = "it is empty (0 bytes)"
+        elif not zipfile.is_zipfile(path):
+            problem = f"it is corrupt ({size:,} bytes, not a zip archive)"
+        else:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+            problem = None if "config.json" in names else "it is a zip without config.json"
+    except (OSError, zipfile.BadZipFile) as error:
+        problem = f"it cannot be read ({_first_line(error)})"
+    if problem:
+        raise UsageError(
+            f"{path!r} is not a readable .keras archive: {problem}; save the model "
+            "again with model.save('NAME.keras')"
+        )
+
+
 def _load_keras(path):
+    _check_keras_file(path)
     import keras
 
     import dkdp_keras  # noqa: F401  (registers the masked layers)
 
-    if not os.path.isfile(path):
-        raise UsageError(f"no model file at {path!r}")
     try:
         return keras.saving.load_model(path)
     except Exception as error:  # unreadable, not a .keras file, ...
-        raise UsageError(f"cannot read {path!r} as a Keras model: {error}") from None
+        raise UsageError(
+            f"cannot read {path!r} as a Keras model: {_first_line(error)}"
+        ) from None
+
+
+def _check_out_dir(flag, path):
+    """`path` is, or can be made, a directory this process writes in.
+    Checked with a probe directory, created and removed at once, in `path`
+    or its nearest existing parent: os.access alone says yes to root for
+    places such as /sys and /proc, where nobody can create a directory."""
+    out = pathlib.Path(path)
+    try:
+        if out.exists() and not out.is_dir():
+            raise UsageError(
+                f"{flag} {path} is a file, not a directory: choose a directory "
+                "(it is created if missing)"
+            )
+        existing = out.absolute()
+        while not existing.exists():
+            existing = existing.parent
+        if not existing.is_dir():
+            raise UsageError(
+                f"{flag} {path} is inside {existing}, which is a file: choose a "
+                "directory path"
+            )
+        _probe(existing, flag, path)
+    except OSError as error:  # e.g. a parent that cannot be listed
+        raise UsageError(f"{flag} {path} cannot be used: {_first_line(error)}") from None
+
+
+def _probe(directory, flag, path):
+    """UsageError unless a directory can be created (and removed) in `directory`."""
+    if pathlib.Path(path).absolute() == directory:
+        lead = f"{flag} {path} is not writable"
+    else:
+        lead = f"{flag} {path} cannot be created there: {directory} is not writable"
+    reason = "permission denied"
+    writable = os.access(directory, os.W_OK | os.X_OK)
+    if writable:
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=".dkdp-probe-", dir=directory))
+        except OSError as error:
+            writable, reason = False, error.strerror or _first_line(error)
+    if not writable:
+        raise UsageError(f"{lead} ({reason}): choose a directory you can write to")
+
+
+def _check_out_file(flag, path, suffix):
+    """`path` names a file (not a directory) with `suffix`, in an existing
+    directory this process writes in."""
+    target = pathlib.Path(path)
+    if target.is_dir():
+        raise UsageError(
+            f"{flag} {path} is a directory: give the file to write, for example "
+            f"{target / ('model' + suffix)}"
+        )
+    if target.suffix != suffix:
+        raise UsageError(
+            f"{flag} must end in {suffix}, got {path} (for example "
+            f"{target.with_suffix(suffix)})"
+        )
+    parent = target.absolute().parent
+    if not parent.is_dir():
+        raise UsageError(
+            f"{flag} {path}: its directory {parent} does not exist: create it first"
+        )
+    _probe(parent, flag, path)
 
 
 def _data(name, quick):
@@ -123,8 +215,13 @@ def _data(name, quick):
         )
     try:
         (x, y), (xt, yt) = datasets.load(name, as_numpy=True)
-    except (FileNotFoundError, ValueError) as error:
-        raise UsageError(str(error)) from None
+    except (FileNotFoundError, ValueError, ImportError) as error:
+        raise UsageError(_first_line(error)) from None
+    if len(x) < 10:  # a tenth of the training set validates
+        raise UsageError(
+            f"dataset {name!r} has {len(x)} training examples; dkdp run needs at "
+            "least 10 (the last tenth validates)"
+        )
     (x, y), (xv, yv) = datasets.validation_split(x, y, size=min(5000, len(x) // 10))
     if quick:
         x, y, xv, yv, xt, yt = x[:10000], y[:10000], xv[:2000], yv[:2000], xt[:2000], yt[:2000]
@@ -144,11 +241,39 @@ def _teacher(name, input_shape, classes):
                 "another --model"
             ) from None
     if name.endswith(".keras"):
+        import dkdp_keras as dkdp
+
         model = _load_keras(name)
-        if tuple(model.inputs[0].shape[1:]) != tuple(input_shape):
+        if isinstance(model, dkdp.DKDPModel):
             raise UsageError(
-                f"model {name!r} takes inputs of shape {tuple(model.inputs[0].shape[1:])}, "
+                f"--model {name!r} is a saved DKDPModel (a teacher with its student), "
+                "not a model to compress: pass a plain Keras model, such as the "
+                "teacher_compact.keras or student.keras of the same run"
+            )
+        try:
+            inputs, outputs = list(model.inputs), list(model.outputs)
+        except (AttributeError, TypeError, ValueError):
+            raise UsageError(
+                f"--model {name!r} is a {type(model).__name__} without a graph of "
+                "inputs and outputs: dkdp run takes a Sequential or Functional model"
+            ) from None
+        if len(inputs) != 1 or len(outputs) != 1:
+            raise UsageError(
+                f"--model {name!r} has {len(inputs)} input(s) and {len(outputs)} "
+                "outputs; dkdp run trains a classifier with one input and one output "
+                "(logits, one per class): keep one head, or concatenate the heads"
+            )
+        if tuple(inputs[0].shape[1:]) != tuple(input_shape):
+            raise UsageError(
+                f"model {name!r} takes inputs of shape {tuple(inputs[0].shape[1:])}, "
                 f"the dataset has {tuple(input_shape)}"
+            )
+        out_shape = tuple(outputs[0].shape[1:])
+        if len(out_shape) != 1 or out_shape[0] is None or out_shape[0] < classes:
+            raise UsageError(
+                f"--model {name!r} outputs shape {out_shape}, but the dataset's labels "
+                f"are 0 to {classes - 1}: the model needs one output of shape "
+                f"({classes},) or more, the logits of the classes"
             )
         return model
     raise UsageError(f"unknown model {name!r}: use one of {', '.join(MODELS)} or a .keras path")
@@ -203,8 +328,8 @@ def _check_run_args(args):
         raise UsageError(
             f"unknown model {args.model!r}: use one of {', '.join(MODELS)} or a .keras path"
         )
-    if args.model.endswith(".keras") and not os.path.isfile(args.model):
-        raise UsageError(f"no model file at {args.model!r}")
+    if args.model.endswith(".keras"):
+        _check_keras_file(args.model)
     if args.importance.lower() not in IMPORTANCE:
         raise UsageError(
             f"Unknown importance criterion {args.importance!r}; known names: "
@@ -218,8 +343,26 @@ def _check_run_args(args):
         value = getattr(args, name)
         if value is not None and not value > 0:
             raise UsageError(f"--{name.replace('_', '-')} must be > 0, got {value:g}")
+        if value is not None and not math.isfinite(value):
+            raise UsageError(
+                f"--{name.replace('_', '-')} must be a finite number, got {value:g}: "
+                "give the budget itself, for example --max-params 60000"
+            )
         if value is not None and float(value).is_integer():
             setattr(args, name, int(value))
+    if not (math.isfinite(args.lambda_kd) and args.lambda_kd >= 0):
+        raise UsageError(
+            f"--lambda-kd must be a finite number >= 0 (the weight of the distillation "
+            f"loss; 0 turns it off), got {args.lambda_kd:g}"
+        )
+    if not (math.isfinite(args.temperature) and args.temperature > 0):
+        raise UsageError(
+            f"--temperature must be a finite number > 0 (the distillation softmax "
+            f"temperature; 1 is none, 4 the default), got {args.temperature:g}"
+        )
+    if not 0 <= args.seed < 2**32:
+        raise UsageError(f"--seed must be in 0 .. 2**32 - 1 (4294967295), got {args.seed}")
+    _check_out_dir("--out", args.out)
 
 
 def _explicit_run_options(argv):
@@ -413,17 +556,21 @@ def cmd_run(args):
                   max_macs=args.max_macs, max_latency_ms=args.max_latency_ms)
     if all(v is None for v in limits.values()):
         limits["max_params"] = dense_params // 10
-    budget = dkdp.Budget(**{k: v for k, v in limits.items() if v is not None})
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    model = dkdp.DKDPModel(teacher, lambda_kd=args.lambda_kd, temperature=args.temperature)
     try:
+        budget = dkdp.Budget(**{k: v for k, v in limits.items() if v is not None})
+        model = dkdp.DKDPModel(teacher, lambda_kd=args.lambda_kd,
+                               temperature=args.temperature)
         budget.check_feasible(model.teacher)
-    except ValueError as error:
-        raise UsageError(str(error)) from None
-    out.mkdir(parents=True, exist_ok=True)
-    if not resuming:
-        _clear_finished(out)
-        (out / "settings.json").write_text(json.dumps(_saved_settings(args), indent=2))
+    except (ValueError, TypeError) as error:
+        raise UsageError(_first_line(error)) from None
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if not resuming:
+            _clear_finished(out)
+            (out / "settings.json").write_text(json.dumps(_saved_settings(args), indent=2))
+    except OSError as error:  # checked up front; this is a race or a full disk
+        raise UsageError(f"--out {args.out}: {_first_line(error)}") from None
     print(f"dkdp run: {args.model} on {args.dataset}, {len(x):,} training images, "
           f"{args.epochs} epochs, budget {budget}"
           + ("" if args.no_dense else ", after a dense baseline"), flush=True)
@@ -570,6 +717,7 @@ def _size_plot(rows, path, quantize):
 
 
 def cmd_export(args):
+    _check_out_file("--out", args.out, ".tflite")
     import dkdp_keras as dkdp
 
     model = _load_keras(args.model)
@@ -583,13 +731,15 @@ def cmd_export(args):
         report = dkdp.export_tflite(
             model, args.out, quantize=None if args.quantize == "none" else args.quantize,
             fixed_batch=args.fixed_batch, **kwargs)
-    except (ValueError, FileNotFoundError, PermissionError) as error:
-        raise UsageError(str(error)) from None
+    except (ValueError, OSError) as error:  # a bad path, unwritable, ...
+        raise UsageError(_first_line(error)) from None
     print(json.dumps(report.as_dict(), indent=2))
     return 0
 
 
 def cmd_inspect(args):
+    if args.out is not None:
+        _check_out_dir("--out", args.out)
     import dkdp_keras as dkdp
 
     model = _load_keras(args.model)

@@ -2,6 +2,8 @@
 tiny run resumed to its end; a quick real run."""
 
 import json
+import os
+import pathlib
 import subprocess
 import sys
 
@@ -32,6 +34,195 @@ def test_bad_input_is_one_line_and_status_two(argv, text, capsys, tmp_path):
     assert cli.main(argv + (["--out", str(tmp_path)] if argv[0] == "run" else [])) == 2
     err = capsys.readouterr().err.strip()
     assert text in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+#: A run that would be short if a check let it start (old code trained).
+SHORT = ["--dataset", "digits", "--model", "lenet_300_100", "--epochs", "1", "--no-dense",
+         "--quantize", "none"]
+
+
+@pytest.fixture(scope="module")
+def bad(tmp_path_factory):
+    """A directory of bad inputs: tiny .npz files (8×8 digits) and .keras files."""
+    d = tmp_path_factory.mktemp("bad")
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images, labels = (digits.images * (255 / 16)).astype(np.uint8), digits.target
+
+    def npz(name, **change):
+        arrays = dict(x_train=images[:200], y_train=labels[:200],
+                      x_test=images[-40:], y_test=labels[-40:])
+        arrays.update(change)
+        np.savez(d / name, **arrays)
+
+    x = images[:200] / 255.0
+    x[7, 3, 3] = np.nan
+    npz("nan.npz", x_train=x)
+    npz("lengths.npz", y_train=labels[:150])
+    negative = labels[:200].copy()
+    negative[5] = -1
+    npz("negative.npz", y_train=negative)
+    npz("test_shape.npz", x_test=images[-40:, :6, :6])
+    npz("few.npz", x_train=images[:6], y_train=labels[:6])
+    inputs = keras.Input((8, 8, 1))
+    flat = keras.layers.Flatten()(inputs)
+    keras.Model(inputs, [keras.layers.Dense(10)(flat), keras.layers.Dense(2)(flat)]).save(
+        d / "two_outputs.keras")
+    keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(),
+                      keras.layers.Dense(3)]).save(d / "three_classes.keras")
+    one = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(),
+                            keras.layers.Dense(12, activation="relu"), keras.layers.Dense(10)])
+    one.save(d / "one.keras")
+    import dkdp_keras as dkdp
+
+    dkdp.DKDPModel(one).save(d / "dkdp_model.keras")
+    (d / "empty.keras").write_bytes(b"")
+    (d / "corrupt.keras").write_bytes((d / "one.keras").read_bytes()[:300])  # truncated
+    (d / "a_file").write_text("not a directory")
+    (d / "dir.tflite").mkdir()
+    return d
+
+
+@pytest.mark.parametrize(
+    "argv,text",
+    [
+        # --out: a file, under a file, a place where nothing can be created.
+        (["run", *SHORT, "--out", "{d}/a_file"],
+         "--out {d}/a_file is a file, not a directory: choose a directory"),
+        (["run", *SHORT, "--out", "{d}/a_file/run"],
+         "--out {d}/a_file/run is inside {d}/a_file, which is a file"),
+        (["run", *SHORT, "--out", "/sys/dkdp_run"],  # sysfs: no mkdir, even for root
+         "--out /sys/dkdp_run cannot be created there: /sys is not writable (Operation "
+         "not permitted): choose a directory you can write to"),
+        # Numbers out of range.
+        (["run", *SHORT, "--lambda-kd", "-1", "--out", "{o}"],
+         "--lambda-kd must be a finite number >= 0 (the weight of the distillation loss; "
+         "0 turns it off), got -1"),
+        (["run", *SHORT, "--lambda-kd", "nan", "--out", "{o}"], "--lambda-kd must be"),
+        (["run", *SHORT, "--temperature", "0", "--out", "{o}"],
+         "--temperature must be a finite number > 0 (the distillation softmax "
+         "temperature; 1 is none, 4 the default), got 0"),
+        (["run", *SHORT, "--max-params", "1e400", "--out", "{o}"],
+         "--max-params must be a finite number, got inf: give the budget itself"),
+        (["run", *SHORT, "--max-macs", "inf", "--out", "{o}"],
+         "--max-macs must be a finite number, got inf"),
+        (["run", *SHORT, "--seed", "-1", "--out", "{o}"],
+         "--seed must be in 0 .. 2**32 - 1 (4294967295), got -1"),
+        (["run", *SHORT, "--seed", str(2**32), "--out", "{o}"], "got 4294967296"),
+        # Datasets: each found before the first step (old code: in it, or after it).
+        (["run", *SHORT, "--dataset", "{d}/lengths.npz", "--out", "{o}"],
+         "{d}/lengths.npz: x_train has 200 examples but y_train has 150 labels; each "
+         "example needs one label"),
+        (["run", *SHORT, "--dataset", "{d}/negative.npz", "--out", "{o}"],
+         "{d}/negative.npz: y_train holds negative labels (-1 at example 5); labels are "
+         "class indices 0, 1, 2, ..."),
+        (["run", *SHORT, "--dataset", "{d}/test_shape.npz", "--out", "{o}"],
+         "{d}/test_shape.npz: x_test's examples have shape (6, 6, 1) but x_train's have "
+         "(8, 8, 1); both splits need images of one shape"),
+        (["run", *SHORT, "--dataset", "{d}/few.npz", "--out", "{o}"],
+         "has 6 training examples; dkdp run needs at least 10"),
+        # Models.
+        (["run", *SHORT, "--model", "{d}/two_outputs.keras", "--out", "{o}"],
+         "--model '{d}/two_outputs.keras' has 1 input(s) and 2 outputs; dkdp run trains a "
+         "classifier with one input and one output"),
+        (["run", *SHORT, "--model", "{d}/three_classes.keras", "--out", "{o}"],
+         "--model '{d}/three_classes.keras' outputs shape (3,), but the dataset's labels "
+         "are 0 to 9"),
+        (["run", *SHORT, "--model", "{d}/dkdp_model.keras", "--out", "{o}"],
+         "--model '{d}/dkdp_model.keras' is a saved DKDPModel (a teacher with its "
+         "student), not a model to compress: pass a plain Keras model, such as the "
+         "teacher_compact.keras or student.keras of the same run"),
+        (["run", *SHORT, "--model", "{d}/empty.keras", "--out", "{o}"],
+         "'{d}/empty.keras' is not a readable .keras archive: it is empty (0 bytes); "
+         "save the model again"),
+        (["run", *SHORT, "--model", "{d}/corrupt.keras", "--out", "{o}"],
+         "'{d}/corrupt.keras' is not a readable .keras archive: it is corrupt (300 bytes, "
+         "not a zip archive)"),
+        (["export", "{d}/empty.keras", "--out", "{d}/m.tflite"],
+         "'{d}/empty.keras' is not a readable .keras archive: it is empty"),
+        (["inspect", "{d}/corrupt.keras"], "'{d}/corrupt.keras' is not a readable .keras"),
+        # export --out and inspect --out.
+        (["export", "{d}/one.keras", "--out", "{d}"],
+         "--out {d} is a directory: give the file to write, for example {d}/model.tflite"),
+        (["export", "{d}/one.keras", "--out", "{d}/dir.tflite"],
+         "--out {d}/dir.tflite is a directory"),
+        (["export", "{d}/one.keras", "--out", "/sys/m.tflite"],
+         "--out /sys/m.tflite cannot be created there: /sys is not writable"),
+        (["inspect", "{d}/dkdp_model.keras", "--out", "/sys/dkdp_plots"],
+         "--out /sys/dkdp_plots cannot be created there: /sys is not writable"),
+        (["inspect", "{d}/dkdp_model.keras", "--out", "{d}/a_file"],
+         "--out {d}/a_file is a file, not a directory"),
+    ],
+)
+def test_bad_files_and_values_are_one_line_and_status_two(argv, text, bad, capsys,
+                                                          tmp_path):
+    out = tmp_path / "o"
+    assert cli.main([a.format(d=bad, o=out) for a in argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert text.format(d=bad) in err, err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not out.exists()  # refused before the run directory is made
+    assert not list(bad.glob(".dkdp-probe-*")) and not list(pathlib.Path("/sys").glob(
+        ".dkdp-probe-*"))
+
+
+def test_nan_in_the_data_is_refused_before_the_run_starts(bad, tmp_path, capsys):
+    argv = ["run", *SHORT, "--dataset", str(bad / "nan.npz"), "--out", str(tmp_path / "o")]
+    for _ in range(2):  # a rerun is refused for the data, not as an interrupted run
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert f"{bad}/nan.npz: x_train holds 1 NaN or infinite values (the first in " \
+            "example 7); fix or drop those examples" in err
+        assert len(err.splitlines()) == 1 and "Traceback" not in err
+        assert not (tmp_path / "o" / "settings.json").exists()
+
+
+def test_an_unwritable_out_directory_is_one_line(tmp_path, capsys, monkeypatch):
+    # As root, chmod does not keep anyone out: os.access answers for the
+    # user, and the test stands in for a directory this user may not write.
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if pathlib.Path(p) == locked
+                        else real(p, mode, **kw))
+    for argv, text in (
+        (["run", *SHORT, "--out", str(locked)], f"--out {locked} is not writable"),
+        (["run", *SHORT, "--out", str(locked / "run")],
+         f"--out {locked / 'run'} cannot be created there: {locked} is not writable"),
+        (["inspect", "m.keras", "--out", str(locked)], f"--out {locked} is not writable"),
+        (["export", "m.keras", "--out", str(locked / "m.tflite")],
+         f"--out {locked / 'm.tflite'} cannot be created there: {locked} is not writable"),
+    ):
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert f"{text} (permission denied): choose a directory you can write to" in err, err
+        assert len(err.splitlines()) == 1
+    assert list(locked.iterdir()) == []
+
+
+def test_out_check_leaves_nothing_behind(tmp_path):
+    cli._check_out_dir("--out", str(tmp_path))
+    cli._check_out_dir("--out", str(tmp_path / "new" / "run"))
+    cli._check_out_file("--out", str(tmp_path / "m.tflite"), ".tflite")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_offline_cifar10_says_what_is_missing_and_what_fixes_it(tmp_path, capsys,
+                                                                monkeypatch):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    empty = tmp_path / "tfds"  # tensorflow-datasets' data directory, without cifar10
+    monkeypatch.setenv("TFDS_DATA_DIR", str(empty))
+    monkeypatch.setattr(tfds.core.constants, "DATA_DIR", str(empty))
+    assert cli.main(["run", "--dataset", "cifar10", "--epochs", "1", "--no-dense",
+                     "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"dkdp run: Dataset 'cifar10' is not on this machine (tensorflow-datasets has "
+        f"not prepared it in {empty}): prepare it once with a network: tfds build cifar10 "
+        "(in Python: load('cifar10', download=True)); or pass a .npz with x_train, "
+        "y_train, x_test and y_test.")
+    assert not (tmp_path / "o").exists()
 
 
 def _digits_npz(path, train=256, test=64, size=8):
