@@ -10,9 +10,14 @@ from keras import ops
 
 from dkdp_keras import _validation
 from dkdp_keras import importance as importance_lib
-from dkdp_keras.budget import count_params, deployed_counts
-from dkdp_keras.graph import batchnorm_after, output_unit_layers
-from dkdp_keras.prunable import masked_layers, sync_batchnorm
+from dkdp_keras.budget import count_macs, count_params, deployed, deployed_counts
+from dkdp_keras.graph import batchnorm_after, output_unit_layers, shared_layer_reader
+from dkdp_keras.prunable import (
+    is_kernel_layer,
+    iter_layers,
+    masked_layers,
+    sync_batchnorm,
+)
 from dkdp_keras.state import pruning_state
 from dkdp_keras.thresholds.mechanism import NORMALIZE, Floors, MaskPool
 from dkdp_keras.thresholds.schedules import (
@@ -30,6 +35,9 @@ HISTORY = ("step", "tau", "sparsity", "kept_params")
 AVERAGE_BURN_IN = 1
 #: Epoch ends after those that `DKDPCallback(average=True)` needs to average.
 MIN_AVERAGED_EPOCHS = 2
+#: `batchnorm_momentum="auto"`: the weight an epoch's BatchNormalization
+#: moving statistics may keep of what they were before it.
+BN_SETTLE = 0.05
 
 
 class StudentRefresh:
@@ -150,6 +158,17 @@ class DKDPCallback(keras.callbacks.Callback):
             those all the averaged epochs trained with. With
             `Adaptive(restore_best=True)` the average takes the place of
             the best epoch when there is one.
+        validation_data: `(x, y)` on which the end of training checks the
+            weight average against the last epoch (and `Adaptive`'s best
+            epoch) for a plain model; a DKDPModel uses the validation data
+            of its `fit`. Without any, a model with BatchNormalization keeps
+            its last epoch and one without takes the mean unchecked.
+        batchnorm_momentum: "auto" (default): when an epoch has too few
+            steps for BatchNormalization's moving statistics to settle
+            (momentum ** steps_per_epoch > 0.05, as with Keras' 0.99 and
+            fewer than 300 steps), every BatchNormalization layer of the
+            model trains this fit with momentum 0.05 ** (1 / steps), and
+            gets its own back after training. None: left as it is.
         verbose: 0 silent, 1 one line per pruning event.
 
     Example:
@@ -168,7 +187,7 @@ class DKDPCallback(keras.callbacks.Callback):
                  scope="global", normalize="lamp", floors=None,
                  layer_importance=False, unit_multiple=8, student_refresh=None,
                  calibration_data=None, log_dir=None, average=True,
-                 verbose=1):
+                 validation_data=None, batchnorm_momentum="auto", verbose=1):
         super().__init__()
         self.importance = importance_lib.get(importance)
         self.granularity = _validation.choice(
@@ -181,6 +200,7 @@ class DKDPCallback(keras.callbacks.Callback):
                 f"{threshold!r}."
             )
         self.threshold = threshold
+        self._default_threshold = threshold is None
         if frequency != "epoch":
             _validation.number("frequency", frequency, low=1, integer=True)
         self.frequency = frequency
@@ -239,6 +259,26 @@ class DKDPCallback(keras.callbacks.Callback):
             raise TypeError(f"average must be True or False, got {average!r}.")
         self.average = average
         self.averaged_epochs = 0
+        if validation_data is not None and not (
+            isinstance(validation_data, (tuple, list)) and len(validation_data) == 2
+        ):
+            raise TypeError(
+                "validation_data must be a pair (x, y), got "
+                f"{type(validation_data).__name__}."
+            )
+        if validation_data is not None:
+            x, y = validation_data
+            validation_data = (
+                _validation.examples("validation_data x", x, y=y), y
+            )
+        self.validation_data = validation_data
+        if batchnorm_momentum not in ("auto", None):
+            raise ValueError(
+                "batchnorm_momentum must be 'auto' or None, got "
+                f"{batchnorm_momentum!r}."
+            )
+        self.batchnorm_momentum = batchnorm_momentum
+        self.final = None  # what training ended with (`_finish`)
         self.verbose = _validation.number("verbose", verbose, low=0, integer=True)
         self.tau = 0.0
         self.events = 0
@@ -247,6 +287,7 @@ class DKDPCallback(keras.callbacks.Callback):
         self._state = None
         self._run_started = False
         self._epochs_done = 0
+        self._stale = False  # statistics predate the current masks
 
     # ------------------------------------------------------------ plumbing
     def _teacher(self):
@@ -268,6 +309,7 @@ class DKDPCallback(keras.callbacks.Callback):
         self._state = pruning_state(model)
 
     def on_train_begin(self, logs=None):
+        self._claim_model()
         teacher = self._teacher()
         self._layers = masked_layers(teacher)
         if not self._layers:
@@ -297,6 +339,18 @@ class DKDPCallback(keras.callbacks.Callback):
                 ("gradient", "activation") if needs is None else needs,
                 gradient_statistics=self._gradient_statistics(),
             )
+        if self.granularity == "unit":
+            shared = shared_layer_reader(teacher)
+            if shared is not None:
+                raise ValueError(
+                    f"Model '{teacher.name}' calls a layer at more than one "
+                    f"place (a shared layer; layer '{shared}' reads the output "
+                    "of its second call), and unit pruning cannot remove a "
+                    "unit from one call of a layer but not from the other: "
+                    "compaction and export would fail after training. Use "
+                    "DKDPCallback(granularity='weight'), or give each call "
+                    "its own layer."
+                )
         self._protect = (
             output_unit_layers(teacher) if self.granularity == "unit" else set()
         )
@@ -305,19 +359,18 @@ class DKDPCallback(keras.callbacks.Callback):
         self._run_started = False
         self._good = None
         epochs = self.params.get("epochs") or 1
-        steps = self.params.get("steps") or 1
         self._epochs = epochs
-        self._total_steps = epochs * steps
-        if self.threshold is None:
-            self.threshold = PolynomialDecay(
-                0.0, 0.8, self.begin,
-                max(self.begin + 1, int(0.7 * self._total_steps)),
-            )
+        self._epoch_start_step = self._step()
+        if self._default_threshold:
+            # Built per fit from its own length (`_default_schedule`).
+            self.threshold = self._default_schedule(self.params.get("steps"))
         self._dense_params = count_params(teacher, nonzero=False)
         self._refresh_params = deployed_counts(teacher)[0]
         if isinstance(self.threshold, Adaptive):
             self.threshold.budget.check_feasible(teacher)
+            self._check_budget_reachable()
             self.threshold.start(teacher, epochs)
+        self._settle_batchnorm()
         if self.log_dir and self._writer is None:
             import tensorflow as tf
 
@@ -338,6 +391,125 @@ class DKDPCallback(keras.callbacks.Callback):
             names += [n for n in found if n not in names]
         return tuple(names)
 
+    def _claim_model(self):
+        """Refuse a second DKDPCallback in the same fit: both would prune
+        the same masks and overwrite each other's state. (Callbacks of one
+        fit share one `params` dict; a callback left over from an earlier
+        fit, or one that crashed, has another.)"""
+        holder = getattr(self.model, "_dkdp_callback", None)
+        if holder is not None and holder[1] is not self and holder[0] is self.params:
+            raise ValueError(
+                "Two DKDPCallbacks were given to one fit of model "
+                f"'{self.model.name}': they would prune the same masks and "
+                "overwrite each other's state. Pass one DKDPCallback (one "
+                "criterion can combine several: importance.Combined)."
+            )
+        object.__setattr__(self.model, "_dkdp_callback", (self.params, self))
+
+    def _default_schedule(self, steps):
+        """`PolynomialDecay(0, 0.8)` from `begin` to 70% of this fit's
+        steps; None while the steps per epoch are unknown (data of unknown
+        length): it is then built at the first epoch end, from the steps
+        that epoch took, and no pruning happens before it."""
+        if not steps:
+            return None
+        total = self._epochs * int(steps)
+        return PolynomialDecay(
+            0.0, 0.8, self.begin, max(self.begin + 1, int(0.7 * total)),
+        )
+
+    def _check_budget_reachable(self):
+        """Refuse, before training, a budget that the strongest pruning this
+        callback can do (0.999 sparsity, what the budget search tries last,
+        with the floors, the protected output units and `unit_multiple`)
+        does not meet, naming the smallest value each limit could have."""
+        budget = self.threshold.budget
+        scores = [
+            ops.convert_to_numpy(importance_lib.Magnitude().score(l, self.granularity))
+            for l in self._layers
+        ]
+        pool = MaskPool(
+            self._layers, scores, granularity=self.granularity,
+            scope=self.scope, normalize=self.normalize, floors=self.floors,
+            protect_units=self._protect, unit_multiple=self.unit_multiple,
+        )
+        usage = self._floor_usage(pool.masks(0.999).masks, budget)
+        over = {k: v for k, v in usage.items() if v > 1.0}
+        if not over:
+            return
+        limits = budget.limits()
+        fixes = ", ".join(
+            f"max_{k}={limits[k]:g} (the strongest pruning leaves "
+            f"{limits[k] * usage[k]:.4g})" for k in over
+        )
+        raise ValueError(
+            f"The budget {budget} cannot be met by pruning model "
+            f"'{self._teacher().name}' at granularity '{self.granularity}': "
+            f"{fixes}; what pruning can never remove (the output layer's "
+            "units and biases, normalisation layers, the units and weights "
+            "every layer keeps by its floors) is more. Allow at least that "
+            "much, or lower the floors (thresholds.Floors)."
+        )
+
+    def _floor_usage(self, masks, budget):
+        """Budget usage of the teacher compacted under `masks`, counting
+        every parameter it keeps but the zeros of its kernels: before
+        training, biases and normalisation offsets are zeros that training
+        makes non-zero."""
+        saved = self._current_masks()
+        teacher = self._teacher()
+        self._assign(masks, batchnorm=False)
+        sync_batchnorm(teacher)
+        try:
+            small = deployed(teacher)
+        finally:
+            self._assign(saved, batchnorm=False)
+            sync_batchnorm(teacher)
+        params = 0
+        for layer in iter_layers(small):
+            kernel = getattr(layer, "kernel", None) if is_kernel_layer(layer) else None
+            for variable in layer.weights:
+                values = ops.convert_to_numpy(variable)
+                params += (int(np.count_nonzero(values)) if variable is kernel
+                           else values.size)
+        return budget.usage(teacher, counts=(params, count_macs(small)))
+
+    def _settle_batchnorm(self):
+        """`batchnorm_momentum="auto"`: lower the momentum of every
+        BatchNormalization layer for this fit when an epoch has too few
+        steps for its moving statistics to follow the weights (momentum **
+        steps > BN_SETTLE), so that the statistics inference uses, and
+        every decision validates with, are mostly this epoch's (with
+        Keras' 0.99 and 41 steps an epoch, 66% of them were still the
+        initial 0 and 1 after one epoch, 9% after six). Restored after
+        training."""
+        self._momenta = {}
+        steps = self.params.get("steps")
+        if self.batchnorm_momentum != "auto" or not steps:
+            return
+        target = BN_SETTLE ** (1.0 / int(steps))
+        for layer in iter_layers(self.model):
+            if isinstance(layer, keras.layers.BatchNormalization) and (
+                layer.momentum > target
+            ):
+                self._momenta[id(layer)] = (layer, layer.momentum)
+                layer.momentum = target
+        if self._momenta:
+            self.model.make_train_function(force=True)
+            if self.verbose:
+                print(
+                    f"DKDP: {int(steps)} steps an epoch are too few for "
+                    "BatchNormalization's moving statistics at momentum "
+                    f"{max(m for _, m in self._momenta.values()):g}; this fit "
+                    f"trains with momentum {target:.3f}.",
+                    flush=True,
+                )
+
+    def _restore_batchnorm(self):
+        for layer, momentum in getattr(self, "_momenta", {}).values():
+            layer.momentum = momentum
+        self._momenta = {}
+
     # ---------------------------------------------------------------- state
     def on_epoch_begin(self, epoch, logs=None):
         # The first epoch of this fit: every on_train_begin has run, so a
@@ -345,6 +517,19 @@ class DKDPCallback(keras.callbacks.Callback):
         if not self._run_started:
             self._run_started = True
             self._begin_run(epoch)
+        self._reset_stale_statistics()
+        self._epoch_start_step = self._step()
+
+    def _reset_stale_statistics(self):
+        """Start new running statistics if the masks changed since they
+        were collected. Done when training goes on (this epoch's begin, or
+        the step after a step-scheduled event), not at the event: a pruning
+        event after the last epoch (`Adaptive`'s prune to the budget in
+        `on_train_end`) still scores from the last epoch's statistics."""
+        if self._stale:
+            for layer in self._layers:
+                layer.reset_statistics()
+            self._stale = False
 
     def _begin_run(self, epoch):
         saved = self._state.get("epoch")
@@ -361,12 +546,24 @@ class DKDPCallback(keras.callbacks.Callback):
             self.events = 0
             self.history = []
             self._bn_saved = {}
+            self._stale = False
             self._refresh_params = deployed_counts(self._teacher())[0]
             for key in [k for k in self._state.keys()
                         if k.startswith(("best:", "avg:"))]:
                 self._state.remove(key)  # a new fit forgets an old best and mean
             self._save_state(epoch)
         self._keep_good()
+
+    def _seed_generators(self):
+        """The model's `keras.random.SeedGenerator`s (Dropout, noise
+        layers, ...), in a fixed order."""
+        found = []
+        for layer in iter_layers(self.model):
+            for name in sorted(vars(layer)):
+                value = vars(layer)[name]
+                if isinstance(value, keras.random.SeedGenerator):
+                    found.append(value)
+        return found
 
     def _replay_epoch_end(self, epoch):
         step = self._step()
@@ -379,7 +576,8 @@ class DKDPCallback(keras.callbacks.Callback):
                 "BackupAndRestore in callbacks.",
                 stacklevel=2,
             )
-        elif self.frequency == "epoch" and self._in_window(step):
+        elif (self.frequency == "epoch" and self.threshold is not None
+              and self._in_window(step)):
             self._prune(self.threshold.sparsity_at(step))
         self._accumulate_average()
         self._save_state(epoch + 1)
@@ -392,6 +590,11 @@ class DKDPCallback(keras.callbacks.Callback):
         state.set("events", np.int64(self.events))
         state.set("tau", np.float64(self.tau))
         state.set("refresh_params", np.int64(self._refresh_params))
+        state.set("stale_statistics", np.int64(self._stale))
+        # Dropout's random streams: Keras saves no seed generator, and a
+        # resumed run must draw the masks the uninterrupted run would.
+        for i, generator in enumerate(self._seed_generators()):
+            state.set(f"seed:{i}", ops.convert_to_numpy(generator.state))
         state.set("history", np.array(
             [[h[k] for k in HISTORY] for h in self.history], "float64"
         ).reshape(-1, len(HISTORY)))
@@ -422,6 +625,11 @@ class DKDPCallback(keras.callbacks.Callback):
         self._refresh_params = int(
             state.get("refresh_params", self._refresh_params)
         )
+        self._stale = bool(state.get("stale_statistics", 0))
+        for i, generator in enumerate(self._seed_generators()):
+            value = state.get(f"seed:{i}")
+            if value is not None and value.shape == tuple(generator.state.shape):
+                generator.state.assign(value)
         self.history = [
             dict(zip(HISTORY, (int(r[0]), float(r[1]), float(r[2]), int(r[3]))))
             for r in state.get("history", np.zeros((0, len(HISTORY))))
@@ -453,14 +661,36 @@ class DKDPCallback(keras.callbacks.Callback):
         # Only step-scheduled pruning acts here; reading the loss every step
         # would force a device sync per step, so divergence is caught at
         # each pruning event (weights) and each epoch end (loss) instead.
-        if self.frequency == "epoch" or isinstance(self.threshold, Adaptive):
+        if self.frequency == "epoch" or self.threshold is None or isinstance(
+            self.threshold, Adaptive
+        ):
             return
         step = self._step()
         if step % self.frequency == 0 and self._in_window(step):
             self._check_loss(logs)
             if self._prune(self.threshold.sparsity_at(step)) is not None:
+                self._reset_stale_statistics()
                 self._save_state(self._epochs_done)
                 self._keep_good()
+
+    def _no_step_trained(self, epoch, logs):
+        """An epoch whose every step was skipped (`DKDPModel(on_nonfinite=
+        "skip")` and NaN/Inf in every batch): its training logs are means of
+        no step, so they read NaN, not 0; no pruning decision is made."""
+        for key in list(logs):
+            if not key.startswith("val_") and key != "skipped_steps":
+                logs[key] = float("nan")
+        warnings.warn(
+            f"DKDPCallback: epoch {epoch + 1} applied no training step: the "
+            "losses or gradients of every step were NaN or Inf, and "
+            "DKDPModel(on_nonfinite='skip') skipped them all. Nothing was "
+            "pruned at its end. Check the data for NaN/Inf, lower the "
+            "learning rate or clip gradients (optimizer clipnorm=1.0).",
+            stacklevel=3,
+        )
+        if self.verbose:
+            print(f"\nDKDP epoch {epoch + 1}: every training step was skipped "
+                  "(NaN/Inf); no pruning decision.", flush=True)
 
     def _check_loss(self, logs):
         if logs and "loss" in logs:
@@ -515,7 +745,14 @@ class DKDPCallback(keras.callbacks.Callback):
         self._check_loss(logs)
         self._check_weights()
         step = self._step()
-        if isinstance(self.threshold, Adaptive):
+        trained = step > self._epoch_start_step
+        if not trained:
+            self._no_step_trained(epoch, logs)
+        elif self.threshold is None:  # the default schedule, length now known
+            self.threshold = self._default_schedule(step - self._epoch_start_step)
+        if not trained:
+            pass  # nothing was learnt to decide from
+        elif isinstance(self.threshold, Adaptive):
             if self._in_window(step):
                 self._adaptive_event(epoch, logs)
         elif self.frequency == "epoch" and self._in_window(step):
@@ -526,13 +763,40 @@ class DKDPCallback(keras.callbacks.Callback):
         self._add_logs(logs)
 
     def on_train_end(self, logs=None):
+        self._restore_batchnorm()
+        if not self._run_started and not self._resume_after_last_epoch():
+            return
         self.averaged_epochs = 0
-        if isinstance(self.threshold, Adaptive):
-            self._adaptive_finish(logs or {})
-        else:
-            self._apply_average()
+        self._finish()
+        self._reset_stale_statistics()  # the prune to the budget read them
+        self._drop_dead_state()
         if self._writer is not None:
             self._writer.flush()
+
+    def _resume_after_last_epoch(self):
+        """A fit resumed after its last epoch (`BackupAndRestore` holding a
+        run whose every epoch had ended) runs no epoch: the state is read
+        back here, so that training ends as the uninterrupted run did."""
+        saved = self._state.get("epoch")
+        if saved is None or int(saved) == 0:
+            return False
+        self._run_started = True
+        self._begin_run(int(saved))
+        return True
+
+    def _drop_dead_state(self):
+        """Forget what only a run in progress needs (the running mean, the
+        best epoch's weights, the last good masks): a `.keras` file saved
+        after `fit` would carry them as dead weight. Checkpoints written
+        during the run (at epoch ends) keep them, so a resumed run ends as
+        the uninterrupted one."""
+        for key in self._state.keys():
+            if key.startswith(("avg:", "best:", "adaptive:good:")):
+                self._state.remove(key)
+        if "adaptive:has_good" in self._state:
+            self._state.set("adaptive:has_good", np.int64(0))
+        if isinstance(self.threshold, Adaptive):
+            self.threshold.last_good_masks = None
 
     # ------------------------------------------------------------ averaging
     def _accumulate_average(self):
@@ -578,22 +842,183 @@ class DKDPCallback(keras.callbacks.Callback):
             self._state.get(f"{prefix}:{i}") for i in range(len(teacher.weights))
         ])
 
-    def _apply_average(self):
-        """Give the teacher the averaged weights; True if it did."""
+    def _average_count(self):
+        """Epochs in the running mean if it may replace the teacher (enough
+        of them, under the current masks), else 0."""
         count = int(self._state.get("avg:seen", 0)) - AVERAGE_BURN_IN
         if not self.average or count < MIN_AVERAGED_EPOCHS:
-            return False
+            return 0
         if not self._averaged_with(self._current_masks()):
-            return False
-        self._teacher_from_state("avg:w")
-        self.averaged_epochs = count
-        if self.verbose:
-            print(
-                f"DKDP: the teacher now holds the mean of its weights over "
-                f"the last {count} epochs (trained with its final masks).",
-                flush=True,
+            return 0
+        return count
+
+    # ---------------------------------------------------------- the finish
+    def _finish(self):
+        """The teacher training ends with: the last epoch's, the mean of its
+        weights (`average`) or the best epoch's within the budget
+        (`Adaptive(restore_best=True)`), whichever validates best; then,
+        with `Adaptive`, a prune to the budget if it is still not met.
+
+        With validation data (a DKDPModel's `fit` hands its own over, a
+        plain model's comes from `validation_data=`), the last epoch and the
+        mean are evaluated on it, so a mean that validates worse than what
+        it would replace does not replace it (a mean over epochs whose
+        BatchNormalization statistics were still settling can be far
+        worse). Without validation data, a model without BatchNormalization
+        takes the mean unchecked, one with it keeps its last epoch."""
+        adaptive = isinstance(self.threshold, Adaptive)
+        policy = self.threshold if adaptive else None
+        within = self._budget_met() if adaptive else True
+        monitor = policy.monitor if adaptive else None
+        higher = policy.higher_is_better if adaptive else True
+        data = self._validation_data()
+        values, notes = {}, []
+        if data is not None:
+            monitor, higher, last = self._validate(data, monitor)
+        else:
+            last = policy.last_value if adaptive else None
+        if within:
+            values["last"] = last
+        best = self._state.get("best:value") if adaptive else None
+        if best is not None and policy.restore_best:
+            values["best"] = float(best)
+        count = self._average_count() if within else 0
+        if count:
+            if data is not None:
+                saved = self._teacher().get_weights()
+                self._teacher_from_state("avg:w")
+                values["average"] = self._validate(data, monitor)[2]
+                self._teacher().set_weights(saved)
+            elif self._has_batchnorm():
+                notes.append(
+                    "the mean of its weights was not taken: without "
+                    "validation data it cannot be checked, and averaged "
+                    "BatchNormalization statistics can be far off"
+                )
+            else:
+                values["average"] = None  # unchecked
+        kept = self._choose(values, higher)
+        self.final = {"kept": kept, "monitor": monitor, "values": values,
+                      "averaged_epochs": count if kept == "average" else 0}
+        if kept == "average":
+            self._teacher_from_state("avg:w")
+            self.averaged_epochs = count
+        elif kept == "best":
+            self._teacher_from_state("best:w")
+            policy.last_value = values["best"]
+        elif kept == "last" and adaptive and values.get("last") is not None:
+            policy.last_value = values["last"]
+        self._report_finish(kept, count, monitor, values, notes)
+        if adaptive:
+            self._meet_budget_after_training()
+
+    @staticmethod
+    def _choose(values, higher):
+        """The key of `values` to keep: an unchecked mean (value None) if
+        there is one, else the best value; ties go to the mean, then to the
+        last epoch (no change)."""
+        if "average" in values and values["average"] is None:
+            return "average"
+        order = [k for k in ("average", "last", "best")
+                 if k in values and values[k] is not None]
+        if not order:
+            return "last" if "last" in values else None
+        sign = 1.0 if higher else -1.0
+        return max(order, key=lambda k: (sign * values[k], -order.index(k)))
+
+    def _report_finish(self, kept, count, monitor, values, notes):
+        if not self.verbose:
+            return
+        def show(key):
+            value = values.get(key)
+            return "" if value is None else f" ({monitor} {value:.4f})"
+        what = {
+            "average": f"the mean of its weights over the last {count} epochs "
+                       "(trained with its final masks)",
+            "best": "the weights of the best epoch within the budget",
+            "last": "the weights of the last epoch",
+        }
+        if kept is None:
+            return
+        others = [f"{what[k].split(' (')[0]}{show(k)}" for k in values if k != kept]
+        line = f"DKDP: the teacher ends with {what[kept]}{show(kept)}"
+        if others:
+            line += " (also considered: " + "; ".join(others) + ")"
+        if notes:
+            line += "; " + "; ".join(notes)
+        print(line + ".", flush=True)
+
+    def _validation_data(self):
+        data = self.validation_data
+        if data is not None:
+            return {"x": data[0], "y": data[1], "batch_size": None, "steps": None}
+        return getattr(self.model, "_fit_validation", None)
+
+    def _validate(self, data, monitor):
+        """(monitor, higher is better, value) of the teacher as it is now,
+        evaluated on `data`. `monitor` None: accuracy if the model tracks
+        it, else the loss."""
+        results = self.model.evaluate(
+            data["x"], data["y"], batch_size=data.get("batch_size"),
+            steps=data.get("steps"), verbose=0, return_dict=True,
+        )
+        def lookup(name):  # as the epoch logs read it (_monitor_value)
+            key = name[len("val_"):] if name.startswith("val_") else name
+            for candidate in (key, "teacher_" + key):
+                if candidate in results:
+                    return float(ops.convert_to_numpy(results[candidate]))
+            return None
+        if monitor is None:
+            for name, higher in (("val_accuracy", True), ("val_loss", False)):
+                value = lookup(name)
+                if value is not None:
+                    return name, higher, value
+            return None, True, None
+        higher = self.threshold.higher_is_better if isinstance(
+            self.threshold, Adaptive) else "loss" not in monitor
+        return monitor, higher, lookup(monitor)
+
+    def _has_batchnorm(self):
+        return any(isinstance(layer, keras.layers.BatchNormalization)
+                   for layer in iter_layers(self._teacher()))
+
+    def _meet_budget_after_training(self):
+        """`Adaptive`: prune to the budget if the teacher training ended
+        with is not within it, and say honestly where that left it."""
+        policy = self.threshold
+        if not self._budget_met():
+            scores = self._scores()
+            if scores is not None:
+                self._prune(self._sparsity_for_budget(scores), scores,
+                            fill=policy.fill_budget)
+            usage = self.threshold.budget.usage(self._teacher())
+            if max(usage.values()) <= 1.0:
+                warnings.warn(
+                    "Adaptive: the budget was not met during training, so the "
+                    "teacher was pruned to it after the last epoch with no "
+                    "training to recover: evaluate it, or train longer "
+                    "(Adaptive(finish_by=...)).",
+                    stacklevel=3,
+                )
+            else:
+                warnings.warn(
+                    "Adaptive: the budget is NOT met: the teacher uses "
+                    + ", ".join(f"{k} {v:.3g}x" for k, v in usage.items())
+                    + " of its limits after the strongest pruning the floors "
+                    "allow. Loosen the budget or lower the floors.",
+                    stacklevel=3,
+                )
+                return
+        fall = policy.final_fall()
+        if fall is not None and fall > policy.tolerance:
+            warnings.warn(
+                f"Adaptive: the budget is met, but {policy.monitor} ended "
+                f"{fall:.4f} below its best before pruning "
+                f"({policy.reference:.4f}), more than the tolerance "
+                f"{policy.tolerance}. Train longer, loosen the budget or "
+                "raise the tolerance.",
+                stacklevel=3,
             )
-        return True
 
     # -------------------------------------------------------------- scoring
     def _check_weights(self):
@@ -711,8 +1136,7 @@ class DKDPCallback(keras.callbacks.Callback):
         return result
 
     def _after_masks_changed(self, before, result):
-        for layer in self._layers:
-            layer.reset_statistics()
+        self._stale = True
         self.tau = (
             float(np.mean(list(result.tau.values())))
             if isinstance(result.tau, dict) else float(result.tau or 0.0)
@@ -759,14 +1183,14 @@ class DKDPCallback(keras.callbacks.Callback):
                 print(f"DKDP: student rebuilt ({refresh.strategy!r}).", flush=True)
 
     # ------------------------------------------------------------- adaptive
-    def _measure_with(self, masks):
+    def _measure_with(self, masks, budget=None):
         """Budget usage of the teacher if it had `masks` (restored after)."""
         saved = self._current_masks()
         teacher = self._teacher()
         self._assign(masks, batchnorm=False)
         sync_batchnorm(teacher)  # channel masks follow, so compaction sees it
         try:
-            return self.threshold.budget.usage(teacher)
+            return (budget or self.threshold.budget).usage(teacher)
         finally:
             self._assign(saved, batchnorm=False)
             sync_batchnorm(teacher)
@@ -848,8 +1272,7 @@ class DKDPCallback(keras.callbacks.Callback):
         action = policy.observe(epoch, value)
         if action == "backoff":
             self._assign(policy.last_good_masks)
-            for layer in self._layers:
-                layer.reset_statistics()
+            self._stale = True
             if self.verbose:
                 print(
                     f"\nDKDP epoch {epoch + 1}: {policy.monitor} fell to "
@@ -891,53 +1314,6 @@ class DKDPCallback(keras.callbacks.Callback):
             self._state.set("best:value", np.float64(value))
             for i, w in enumerate(self._teacher().get_weights()):
                 self._state.set(f"best:w:{i}", w)
-
-    def _restore_best(self):
-        policy = self.threshold
-        best = self._state.get("best:value")
-        if not policy.restore_best or best is None or policy.last_value is None:
-            return
-        best = float(best)
-        if best == policy.last_value:
-            return
-        if (best > policy.last_value) != policy.higher_is_better:
-            return
-        self._teacher_from_state("best:w")
-        if self.verbose:
-            print(
-                f"DKDP: restored the teacher of the best epoch within the "
-                f"budget ({policy.monitor} {best:.4f}; the last epoch had "
-                f"{policy.last_value:.4f}).",
-                flush=True,
-            )
-        policy.last_value = best
-
-    def _adaptive_finish(self, logs):
-        policy = self.threshold
-        if not self._apply_average():
-            self._restore_best()
-        if not self._budget_met():
-            scores = self._scores()
-            if scores is not None:
-                self._prune(self._sparsity_for_budget(scores), scores,
-                            fill=policy.fill_budget)
-            warnings.warn(
-                "Adaptive: the budget was not met during training, so the "
-                "teacher was pruned to it after the last epoch with no "
-                "training to recover: evaluate it, or train longer "
-                "(Adaptive(finish_by=...)).",
-                stacklevel=2,
-            )
-        fall = policy.final_fall()
-        if fall is not None and fall > policy.tolerance:
-            warnings.warn(
-                f"Adaptive: the budget is met, but {policy.monitor} ended "
-                f"{fall:.4f} below its best before pruning "
-                f"({policy.reference:.4f}), more than the tolerance "
-                f"{policy.tolerance}. Train longer, loosen the budget or "
-                "raise the tolerance.",
-                stacklevel=2,
-            )
 
     # ------------------------------------------------------------- logging
     def _add_logs(self, logs):

@@ -156,6 +156,16 @@ def width_copy(model, width, name=None):
         name: name of the copy (default: `<model.name>_w<width>`).
     """
     check_graph_model(model)
+    shared = shared_layer_reader(model)
+    if shared is not None:
+        raise ValueError(
+            f"student='auto' builds a narrower copy of the teacher, and model "
+            f"'{model.name}' calls a layer at more than one place (layer "
+            f"'{shared}' reads the output of its second call): a narrower "
+            "copy would feed the shared layer inputs of two widths. Pass "
+            "student= a Keras model of your own (the teacher's input and "
+            "output shapes) or a callable teacher -> student."
+        )
     keep = output_unit_layers(model)
 
     def clone_function(layer):
@@ -174,3 +184,28 @@ def width_copy(model, width, name=None):
     )
     copy.name = name or f"{model.name}_w{width:g}"
     return copy
+
+
+def shared_layer_reader(model):
+    """The name of the first layer of `model` that reads the output of a
+    layer's second call (a layer shared between places of the graph), or
+    None when every layer is called once. Nested models are looked into."""
+    view = rewired(model)
+    if not is_wired(view):
+        produced = {id(t) for t in view.inputs}
+        for layer in view.layers:
+            try:
+                inputs, outputs = _flat(layer.input), _flat(layer.output)
+            except (AttributeError, ValueError):
+                return layer.name
+            if not isinstance(layer, keras.layers.InputLayer) and any(
+                id(t) not in produced for t in inputs
+            ):
+                return layer.name
+            produced.update(id(t) for t in outputs)
+    for layer in view.layers:
+        if isinstance(layer, keras.Model):
+            found = shared_layer_reader(layer)
+            if found is not None:
+                return found
+    return None

@@ -61,6 +61,35 @@ def _replicas():
     return 1 if context is None else context.num_replicas_in_sync
 
 
+def _refuse_several_workers(strategy):
+    """Raise when `strategy` spans several workers (machines or processes).
+
+    Keras 3's own `fit` and `evaluate` fail there before the first step,
+    with any model (keras-team/keras#20585, open as of Keras 3.15/3.16-dev):
+    `TensorFlowTrainer._maybe_symbolic_build` hands the nested first batch
+    to `Strategy.reduce`, which the collective strategy cannot convert
+    ("Attempt to convert a value (PerReplica...) to a Tensor"), and
+    `reduce_per_replica` then reduces the step's scalar logs along axis 0
+    (tensorflow/tensorflow#72388). The first is a private part of `fit`
+    that runs before any method a model can override, so DKDPModel refuses
+    up front instead. One worker (no TF_CONFIG) trains as MirroredStrategy.
+    Drop this check once Keras reduces both per tensor with axis=None."""
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return
+    local = len(strategy.extended.worker_devices)
+    if strategy.num_replicas_in_sync <= local:
+        return  # a single worker
+    raise NotImplementedError(
+        "DKDPModel cannot train under tf.distribute.MultiWorkerMirroredStrategy "
+        f"across several workers ({strategy.num_replicas_in_sync} replicas, "
+        f"{local} on this worker): Keras {keras.__version__}'s own fit() and "
+        "evaluate() fail there before the first step, with any model "
+        "(https://github.com/keras-team/keras/issues/20585, open: 'ValueError: "
+        "Attempt to convert a value (PerReplica:...) to a Tensor'). Train on "
+        "one machine with tf.distribute.MirroredStrategy() (all its GPUs)."
+    )
+
+
 _MEAN_REDUCTIONS = ("sum_over_batch_size", "mean", "mean_with_sample_weight")
 
 
@@ -95,13 +124,15 @@ def _all_finite(tensors):
 def _maybe_update(finite, update, args):
     """`update(*args)` when `finite`, else nothing, on every replica.
 
-    On one device a `tf.cond`. Under a distribution strategy the optimizers
-    synchronise replicas (merge_call), which cannot happen inside a branch
-    taken in replica context; the branch is then taken in cross-replica
-    context and runs the update on each replica, as Keras'
-    LossScaleOptimizer does."""
+    Without a strategy a `tf.cond`. Under a distribution strategy the
+    optimizers and the assignments to mirrored variables synchronise
+    replicas (merge_call), which cannot happen inside a branch taken in
+    replica context; the branch is then taken in cross-replica context and
+    runs the update on each replica, as Keras' LossScaleOptimizer does. That
+    holds for one replica too (`MirroredStrategy()` on a machine with one
+    GPU or only a CPU, a single-worker `MultiWorkerMirroredStrategy`)."""
     context = tf.distribute.get_replica_context()
-    if context is None or context.num_replicas_in_sync == 1:
+    if context is None or not tf.distribute.has_strategy():
         tf.cond(finite, lambda: update(*args), lambda: tf.constant(False))
         return
 
@@ -455,6 +486,8 @@ class DKDPModel(keras.Model):
             **kwargs: other `keras.Model.compile` arguments
                 (`steps_per_execution`, `run_eagerly`, ...).
         """
+        # Before anything else: Keras 3 cannot fit across workers.
+        _refuse_several_workers(self.distribute_strategy)
         if optimizer is not None:
             if teacher_optimizer is not None or student_optimizer is not None:
                 raise ValueError(
