@@ -162,6 +162,40 @@ def _head(tree, fraction):
     )
 
 
+def fit_validation(*args, **kwargs):
+    """The validation data of a `fit(*args, **kwargs)` call, as keyword
+    arguments of `evaluate` (`x`, `y`, `batch_size`, `steps`), or None.
+
+    `validation_data` as given; with `validation_split` and array inputs,
+    the last fraction of the arrays, as Keras' `fit` takes it."""
+    import inspect
+    import math
+
+    import numpy as np
+
+    try:
+        bound = inspect.signature(keras.Model.fit).bind(None, *args, **kwargs)
+    except TypeError:
+        return None  # fit itself will say what is wrong
+    given = bound.arguments
+    batch_size = given.get("validation_batch_size") or given.get("batch_size")
+    data = given.get("validation_data")
+    if data is not None:
+        if isinstance(data, (tuple, list)):
+            if len(data) not in (2, 3):
+                return None
+            return {"x": data[0], "y": data[1], "batch_size": batch_size,
+                    "steps": given.get("validation_steps")}
+        return {"x": data, "y": None, "batch_size": None,
+                "steps": given.get("validation_steps")}
+    split = given.get("validation_split") or 0.0
+    x, y = given.get("x"), given.get("y")
+    if not split or y is None or not hasattr(x, "shape") or not hasattr(y, "shape"):
+        return None
+    start = int(math.floor(int(np.shape(x)[0]) * (1.0 - split)))
+    return {"x": x[start:], "y": y[start:], "batch_size": batch_size, "steps": None}
+
+
 def _clone_optimizer(optimizer):
     return optimizer.__class__.from_config(optimizer.get_config())
 
@@ -705,6 +739,9 @@ class DKDPModel(keras.Model):
     def fit(self, *args, **kwargs):
         # Bad labels and validation data, before the first step.
         _data_checks.check_fit(self, args, kwargs)
+        # DKDPCallback validates the weight average on the data fit
+        # validates on (a plain object attribute: Keras tracks none of it).
+        object.__setattr__(self, "_fit_validation", fit_validation(*args, **kwargs))
         try:
             return super().fit(*args, **kwargs)
         except tf.errors.InvalidArgumentError as error:
