@@ -28,7 +28,7 @@ from dkdp_keras.thresholds.schedules import (
 
 
 #: What each `DKDPCallback.history` record holds.
-HISTORY = ("step", "tau", "sparsity", "kept_params")
+HISTORY = ("step", "tau", "sparsity", "kept_params", "before")
 
 #: Epoch ends after a pruning event that `DKDPCallback(average=True)` leaves
 #: out of the mean: the teacher is still recovering from the event.
@@ -279,6 +279,7 @@ class DKDPCallback(keras.callbacks.Callback):
             )
         self.batchnorm_momentum = batchnorm_momentum
         self.final = None  # what training ended with (`_finish`)
+        self.last_decision = None  # what the last event decided from
         self.verbose = _validation.number("verbose", verbose, low=0, integer=True)
         self.tau = 0.0
         self.events = 0
@@ -333,6 +334,17 @@ class DKDPCallback(keras.callbacks.Callback):
                 "calibration_data=(x, y) to DKDPCallback, or train a "
                 "DKDPModel."
             )
+        frozen = [l.name for l in self._layers if not l.trainable]
+        if frozen and "gradient" in (getattr(self.importance, "requires", None) or ()):
+            raise ValueError(
+                f"{type(self.importance).__name__} reads gradient statistics, "
+                f"and layer{'s' if len(frozen) > 1 else ''} "
+                f"{', '.join(repr(n) for n in frozen)} of model '{teacher.name}' "
+                f"{'are' if len(frozen) > 1 else 'is'} frozen (trainable=False): "
+                "a frozen layer gets no gradients to collect. Unfreeze it "
+                "(layer.trainable = True, or the model containing it), or use "
+                "a criterion that needs none, such as importance='magnitude'."
+            )
         if self._is_dkdp():
             needs = getattr(self.importance, "requires", None)
             self.model.request_statistics(
@@ -367,6 +379,7 @@ class DKDPCallback(keras.callbacks.Callback):
         self._dense_params = count_params(teacher, nonzero=False)
         self._refresh_params = deployed_counts(teacher)[0]
         if isinstance(self.threshold, Adaptive):
+            self._check_monitor()
             self.threshold.budget.check_feasible(teacher)
             self._check_budget_reachable()
             self.threshold.start(teacher, epochs)
@@ -417,6 +430,52 @@ class DKDPCallback(keras.callbacks.Callback):
         return PolynomialDecay(
             0.0, 0.8, self.begin, max(self.begin + 1, int(0.7 * total)),
         )
+
+    def _check_monitor(self):
+        """A DKDPModel knows before training what its epoch logs will hold
+        (its metrics, with `val_` when fit has validation data): refuse a
+        monitor they will not have now, not at the first epoch's end. (A
+        plain model's logs can be written by other callbacks too; there it
+        is checked at the first epoch end.)"""
+        if not self._is_dkdp():
+            return
+        monitor = self.threshold.monitor
+        names = {m.name for m in self.model.metrics}
+        validated = getattr(self.model, "_fit_validation", None) is not None
+        base = monitor[len("val_"):] if monitor.startswith("val_") else None
+        if base is not None:
+            found = validated and (base in names or "teacher_" + base in names)
+        else:
+            found = monitor in names
+        if found:
+            return
+        logged = sorted(names) + (sorted("val_" + n for n in names) if validated else [])
+        why = (
+            "fit has no validation data: pass validation_data= or "
+            "validation_split= to fit, or " if base is not None and not validated
+            else ""
+        )
+        raise ValueError(
+            f"Adaptive watches {monitor!r}, which the epoch logs will not have "
+            f"(they will have {logged}): {why}set Adaptive(monitor=...) to one "
+            "of them."
+        )
+
+    def check_budget(self, model):
+        """Raise `ValueError` if this callback's `Adaptive` budget cannot be
+        met by its pruning of `model` (a DKDPModel or a masked model), as
+        `fit` would at its start: for callers that train other things
+        first (a dense baseline) and want to know before."""
+        if not isinstance(self.threshold, Adaptive):
+            return
+        self.set_model(model)
+        teacher = self._teacher()
+        self._layers = masked_layers(teacher)
+        self._protect = (
+            output_unit_layers(teacher) if self.granularity == "unit" else set()
+        )
+        self.threshold.budget.check_feasible(teacher)
+        self._check_budget_reachable()
 
     def _check_budget_reachable(self):
         """Refuse, before training, a budget that the strongest pruning this
@@ -548,8 +607,9 @@ class DKDPCallback(keras.callbacks.Callback):
             self._bn_saved = {}
             self._stale = False
             self._refresh_params = deployed_counts(self._teacher())[0]
+            self.last_decision = None
             for key in [k for k in self._state.keys()
-                        if k.startswith(("best:", "avg:"))]:
+                        if k.startswith(("best:", "avg:", "decision:"))]:
                 self._state.remove(key)  # a new fit forgets an old best and mean
             self._save_state(epoch)
         self._keep_good()
@@ -631,9 +691,11 @@ class DKDPCallback(keras.callbacks.Callback):
             if value is not None and value.shape == tuple(generator.state.shape):
                 generator.state.assign(value)
         self.history = [
-            dict(zip(HISTORY, (int(r[0]), float(r[1]), float(r[2]), int(r[3]))))
+            dict(zip(HISTORY, (int(r[0]), float(r[1]), float(r[2]), int(r[3]),
+                               float(r[4]) if len(r) > 4 else float("nan"))))
             for r in state.get("history", np.zeros((0, len(HISTORY))))
         ]
+        self.last_decision = self._decision_from_state()
         self._bn_saved = {}
         for i, layer in enumerate(self._layers):
             for kind in ("mean", "var"):
@@ -791,7 +853,7 @@ class DKDPCallback(keras.callbacks.Callback):
         during the run (at epoch ends) keep them, so a resumed run ends as
         the uninterrupted one."""
         for key in self._state.keys():
-            if key.startswith(("avg:", "best:", "adaptive:good:")):
+            if key.startswith(("avg:", "best:", "adaptive:good:", "decision:")):
                 self._state.remove(key)
         if "adaptive:has_good" in self._state:
             self._state.set("adaptive:has_good", np.int64(0))
@@ -1132,8 +1194,39 @@ class DKDPCallback(keras.callbacks.Callback):
         if fill:
             result = self._pool[1].fill(result, self._fits_budget)
         self._assign(result.masks)
+        self._keep_decision(scores, result)
         self._after_masks_changed(before, result)
         return result
+
+    def _keep_decision(self, scores, result):
+        """What this event decided from, for a report to show: the
+        criterion's scores at the event's granularity (before the
+        normalisation that makes one τ fit all layers) and the masks they
+        gave. Kept in the checkpointed state while the run goes on."""
+        self.last_decision = {
+            "step": self._step(),
+            "criterion": type(self.importance).__name__,
+            "granularity": self.granularity,
+            "scores": {l.name: np.asarray(a) for l, a in zip(self._layers, scores)},
+            "masks": {name: np.asarray(m) for name, m in result.masks.items()},
+        }
+        for i, (layer, values) in enumerate(zip(self._layers, scores)):
+            self._state.set(f"decision:scores:{i}", np.asarray(values, "float32"))
+        self._state.set("decision:step", np.int64(self.last_decision["step"]))
+
+    def _decision_from_state(self):
+        if "decision:step" not in self._state:
+            return None
+        scores = {l.name: self._state.get(f"decision:scores:{i}")
+                  for i, l in enumerate(self._layers)}
+        if any(v is None for v in scores.values()):
+            return None
+        # The masks the decision gave: those of the event, read back from
+        # the layers when it was the last change (else unknown).
+        return {"step": int(self._state.get("decision:step")),
+                "criterion": type(self.importance).__name__,
+                "granularity": self.granularity, "scores": scores,
+                "masks": None}
 
     def _after_masks_changed(self, before, result):
         self._stale = True
@@ -1148,6 +1241,7 @@ class DKDPCallback(keras.callbacks.Callback):
             "tau": self.tau,
             "sparsity": result.sparsity,
             "kept_params": deployed_counts(teacher)[0],
+            "before": before,
         }
         self.history.append(record)
         if self.verbose:

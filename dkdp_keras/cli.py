@@ -561,7 +561,11 @@ def cmd_run(args):
         budget = dkdp.Budget(**{k: v for k, v in limits.items() if v is not None})
         model = dkdp.DKDPModel(teacher, lambda_kd=args.lambda_kd,
                                temperature=args.temperature)
-        budget.check_feasible(model.teacher)
+        callback = dkdp.DKDPCallback(
+            importance=criterion, granularity=args.granularity,
+            threshold=dkdp.thresholds.Adaptive(budget, tolerance=0.005))
+        # Before the dense baseline trains: what fit would refuse at its start.
+        callback.check_budget(model)
     except (ValueError, TypeError) as error:
         raise UsageError(_first_line(error)) from None
     try:
@@ -593,9 +597,6 @@ def cmd_run(args):
 
     keras.utils.set_random_seed(args.seed)
     model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=loss, metrics=["accuracy"])
-    callback = dkdp.DKDPCallback(
-        importance=criterion, granularity=args.granularity,
-        threshold=dkdp.thresholds.Adaptive(budget, tolerance=0.005))
     print("dkdp run: DKDP (pruned teacher and student)", flush=True)
     log = _fit(model, "dkdp", data, args, out, extra_callbacks=[callback],
                resuming=resuming)
@@ -634,7 +635,10 @@ def cmd_run(args):
                "dense_history": dense_log.history if dense_log is not None else None,
                "tau_events": callback.history,
                "models": rows}
-    summary = dkdp.report.importance_summary(model, criterion="magnitude", out_dir=out)
+    # The scores the run's own criterion gave at its last decision, kept
+    # against pruned; per-layer counts as the compacted teacher ships them.
+    summary = dkdp.report.importance_summary(
+        model, criterion=criterion, out_dir=out, decision=callback.last_decision)
     _history_plot(history, out / "training.png",
                   dense_log.history if dense_log is not None else None)
     _size_plot(rows, out / "size_accuracy.png", args.quantize)
@@ -643,17 +647,18 @@ def cmd_run(args):
                  f"| {r['model']} | {r['params']:,} | {r['macs']:,} | {r['tflite_acc']:.2%} "
                  f"| {r['agreement']:.2%} | {r['tflite_bytes']:,} | {r['latency_ms']:.3f} |\n"
                  for r in rows))
-    tau = ", ".join(f"{h['tau']:.3g}@{h['step']}" for h in callback.history) or "none"
-    tau_epochs = ", ".join(f"{v:.3g}" for v in history.get("tau", []))
+    steps = int((len(x) + args.batch_size - 1) // args.batch_size)
+    events = _events_table(callback.history, steps, callback.normalize)
     (out / "report.md").write_text(
         f"# dkdp run\n\n{table}\nDense teacher: {dense_params:,} parameters. "
         f"Training: {train_s:.0f} s. Files: `.tflite` ({args.quantize}), "
         "accuracy on the test split.\n\n"
         f"Settings: `{json.dumps(metrics['settings'], default=str)}`\n\n"
-        f"τ over pruning events (value@step): {tau}\n\n"
-        f"τ at each epoch end: {tau_epochs}\n\n"
+        f"## Pruning events\n\n{events}\n"
         "![accuracy against size](size_accuracy.png)\n\n"
-        f"## Layers\n\n{summary.markdown}\n"
+        f"## Layers\n\n{summary.title}; units and weights as the compacted "
+        f"teacher ships them (a removed unit's inputs to the next layer go "
+        f"too).\n\n{summary.markdown}\n"
         "![training](training.png)\n![layers](layer_sparsity.png)\n"
         "![importance](importance_histograms.png)\n")
     # Last: metrics.json marks the run finished (--resume refuses it then).
@@ -663,6 +668,40 @@ def cmd_run(args):
     print("\n" + table + f"\nWrote {out}/report.md, metrics.json, plots, .keras and "
           ".tflite files.")
     return 0
+
+
+def _events_table(history, steps_per_epoch, normalize):
+    """The pruning events as a Markdown table a reader can follow: when,
+    how much of what was kept each removed, what was left, and τ."""
+    if not history:
+        return "No pruning event.\n"
+    lines = ["| event | after epoch (step) | sparsity of the masks | removed of "
+             "the kept weights | kept parameters (compacted) | τ |",
+             "|---:|---:|---:|---:|---:|---:|"]
+    previous = 0.0
+    for i, h in enumerate(history, 1):
+        before = h.get("before")
+        before = previous if before is None or before != before else before
+        after = h["sparsity"]
+        removed = (after - before) / (1.0 - before) if before < 1.0 else 0.0
+        epoch = h["step"] / max(1, steps_per_epoch)
+        when = f"{epoch:.0f}" if float(epoch).is_integer() else f"{epoch:.2f}"
+        lines.append(f"| {i} | {when} ({h['step']:,}) | {before:.1%} -> {after:.1%} | "
+                     f"{removed:+.1%} | {h['kept_params']:,} | {h['tau']:.3g} |")
+        previous = after
+    unit = {
+        "lamp": "a LAMP score (Lee et al. 2021): within each layer an entry's "
+                "squared score over the sum of the squares of the entries at "
+                "least as important, so each layer's best entry scores 1 and "
+                "one τ fits all layers; entries below τ were pruned",
+        "mean": "a score divided by its layer's mean: 1 is as important as the "
+                "layer's average entry; entries below τ were pruned",
+        "l2": "a score divided by its layer's L2 norm; entries below τ were pruned",
+        "none": "the criterion's raw score; entries below τ were pruned",
+    }.get(normalize, "")
+    return ("\n".join(lines) + f"\n\nτ is {unit}. The last event's 'removed' "
+            "can be negative: the event that reaches the budget takes the best "
+            "pruned units back while the budget holds.\n")
 
 
 def _pyplot():

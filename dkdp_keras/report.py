@@ -3,6 +3,7 @@ pruned, as a table and as PNG plots."""
 
 import pathlib
 
+import keras
 import numpy as np
 from keras import ops
 
@@ -10,21 +11,29 @@ from dkdp_keras import importance as importance_lib
 from dkdp_keras.prunable import masked_layers
 
 
-def importance_summary(model, criterion="magnitude", out_dir=None):
+def importance_summary(model, criterion="magnitude", out_dir=None, decision=None):
     """Per-layer importance and sparsity of a masked model.
 
     Args:
         model: a masked model (or a DKDPModel: its teacher is summarised).
         criterion: the importance criterion whose scores are shown
-            (its name, an object or a callable).
+            (its name, an object or a callable), when no `decision` is given.
         out_dir: if given, `layer_sparsity.png` (kept weights and units per
-            layer) and `importance_histograms.png` (the distribution of unit
-            scores in each layer, pruned units apart) are written there.
+            layer) and `importance_histograms.png` (the distribution of the
+            scores in each layer, kept against pruned) are written there.
+        decision: a `DKDPCallback.last_decision`: show the scores the run's
+            own criterion gave at its last pruning event, the ones the masks
+            were decided from, instead of scoring the model now (scores of
+            the trained, masked model say nothing about why a pruned unit
+            was chosen: a masked unit scores 0 by construction).
 
     Returns:
         A `Summary`: `rows` (one dict per layer: layer, type, units,
-        kept_units, weights, kept_weights, sparsity, mean_score), `markdown`
-        (the table as text) and `plots` (paths of the PNG files).
+        kept_units, weights, kept_weights, sparsity, shipped_units,
+        shipped_weights, mean_score), `markdown` (the table as text) and
+        `plots` (paths of the PNG files). `kept_*` count the masks;
+        `shipped_*` count the compacted model (`dkdp_keras.compact`), which
+        also drops the inputs that removed units of the layer before fed.
     """
     model = getattr(model, "teacher", model)
     layers = masked_layers(model)
@@ -34,15 +43,26 @@ def importance_summary(model, criterion="magnitude", out_dir=None):
             "with dkdp_keras.prunable(model) (a stripped or compacted model "
             "has its importance baked in)."
         )
-    criterion = importance_lib.get(criterion)
-    criterion.prepare(model)
-    rows, unit_scores = [], []
+    if decision is None:
+        criterion = importance_lib.get(criterion)
+        criterion.prepare(model)
+        name, granularity, step = type(criterion).__name__, "unit", None
+    else:
+        name, granularity = decision["criterion"], decision["granularity"]
+        step = decision["step"]
+    shipped = _shipped(model)
+    rows, layer_scores = [], []
     for layer in layers:
         mask = ops.convert_to_numpy(layer.kernel_mask)
         units = mask.reshape(-1, layer.num_units).max(axis=0) > 0
-        scores = np.asarray(ops.convert_to_numpy(criterion.score(layer, "unit")))
-        unit_scores.append((scores, units))
+        if decision is None:
+            scores = np.asarray(ops.convert_to_numpy(criterion.score(layer, "unit")))
+        else:
+            scores = np.asarray(decision["scores"][layer.name], "float64")
+        kept = units if scores.shape == units.shape else mask.reshape(scores.shape) > 0
+        layer_scores.append((scores.ravel(), kept.ravel()))
         kept_weights = int(np.count_nonzero(mask))
+        ship_units, ship_weights = shipped.get(layer.name, (None, None))
         rows.append({
             "layer": layer.name,
             "type": type(layer).__name__.replace("Masked", ""),
@@ -51,32 +71,69 @@ def importance_summary(model, criterion="magnitude", out_dir=None):
             "weights": int(mask.size),
             "kept_weights": kept_weights,
             "sparsity": 1.0 - kept_weights / mask.size,
-            "mean_score": float(scores[units].mean()) if units.any() else 0.0,
+            "shipped_units": ship_units,
+            "shipped_weights": ship_weights,
+            "mean_score": float(scores[kept].mean()) if kept.any() else 0.0,
         })
-    summary = Summary(rows, type(criterion).__name__)
+    summary = Summary(rows, name, granularity, step)
     if out_dir is not None:
-        summary.plots = _plot(rows, unit_scores, pathlib.Path(out_dir),
-                              summary.criterion)
+        summary.plots = _plot(rows, layer_scores, pathlib.Path(out_dir), summary)
     return summary
+
+
+def _shipped(model):
+    """Layer name -> (units, non-zero kernel weights) in `compact(model)`."""
+    import warnings
+
+    from dkdp_keras.compaction import compact
+    from dkdp_keras.prunable import iter_layers
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        small = compact(model)
+    out = {}
+    for layer in iter_layers(small):
+        kernel = getattr(layer, "kernel", None)
+        if kernel is None:
+            continue
+        values = ops.convert_to_numpy(kernel)
+        units = int(values.shape[-1])
+        if isinstance(layer, keras.layers.DepthwiseConv2D) or isinstance(
+            layer, getattr(keras.layers, "DepthwiseConv1D", ())
+        ):
+            units = int(values.shape[-2] * values.shape[-1])
+        out[layer.name] = (units, int(np.count_nonzero(values)))
+    return out
 
 
 class Summary:
     """The result of `importance_summary`."""
 
-    def __init__(self, rows, criterion):
+    def __init__(self, rows, criterion, granularity="unit", step=None):
         self.rows = rows
         self.criterion = criterion
+        self.granularity = granularity
+        self.step = step
         self.plots = []
 
     @property
+    def title(self):
+        at = "" if self.step is None else f" at the pruning decision of step {self.step}"
+        return f"{self.criterion} scores of each {self.granularity}{at}"
+
+    @property
     def markdown(self):
-        head = (f"| layer | type | kept units | kept weights | sparsity | "
-                f"mean {self.criterion} (kept units) |\n"
-                "|---|---|---:|---:|---:|---:|\n")
+        head = (f"| layer | type | kept units | shipped units | shipped weights | "
+                f"kept weights (masks) | mean {self.criterion} ({self.granularity}s "
+                "kept) |\n|---|---|---:|---:|---:|---:|---:|\n")
+
+        def count(value):
+            return "?" if value is None else f"{value:,}"
+
         body = "".join(
             f"| {r['layer']} | {r['type']} | {r['kept_units']}/{r['units']} | "
-            f"{r['kept_weights']:,}/{r['weights']:,} | {r['sparsity']:.1%} | "
-            f"{r['mean_score']:.4g} |\n"
+            f"{count(r['shipped_units'])} | {count(r['shipped_weights'])} | "
+            f"{r['kept_weights']:,}/{r['weights']:,} | {r['mean_score']:.4g} |\n"
             for r in self.rows
         )
         return head + body
@@ -85,7 +142,7 @@ class Summary:
         return self.markdown
 
 
-def _plot(rows, unit_scores, out_dir, criterion):
+def _plot(rows, layer_scores, out_dir, summary):
     # Figures made without pyplot: the caller's matplotlib backend (a
     # notebook's inline plots) stays as it was, and nothing is left open.
     from matplotlib.figure import Figure
@@ -95,9 +152,11 @@ def _plot(rows, unit_scores, out_dir, criterion):
     fig = Figure(figsize=(max(5, 1.2 * len(rows)), 3.5))
     ax = fig.subplots()
     x = np.arange(len(rows))
-    ax.bar(x - 0.2, [1 - r["sparsity"] for r in rows], 0.4, label="kept weights")
+    shipped = [(r["shipped_weights"] if r["shipped_weights"] is not None
+                else r["kept_weights"]) / r["weights"] for r in rows]
+    ax.bar(x - 0.2, shipped, 0.4, label="weights shipped (compacted)")
     ax.bar(x + 0.2, [r["kept_units"] / r["units"] for r in rows], 0.4,
-           label="kept units")
+           label="units kept")
     ax.set_xticks(x, names, rotation=30, ha="right")
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("fraction kept")
@@ -111,16 +170,32 @@ def _plot(rows, unit_scores, out_dir, criterion):
     nrows = int(np.ceil(len(rows) / cols))
     fig = Figure(figsize=(3.2 * cols, 2.6 * nrows))
     axes = fig.subplots(nrows, cols, squeeze=False)
-    for ax, row, (scores, kept) in zip(axes.flat, rows, unit_scores):
-        bins = 30
-        ax.hist(scores[kept], bins=bins, color="tab:blue", label="kept")
-        if (~kept).any():
-            ax.hist(scores[~kept], bins=bins, color="tab:red", label="pruned")
+    for ax, row, (scores, kept) in zip(axes.flat, rows, layer_scores):
+        # Entries pruned before the decision score exactly 0 (a masked
+        # entry scores nothing); they are counted, not drawn.
+        earlier = ~kept & (scores == 0)
+        now = ~kept & ~earlier
+        shown = scores[kept | now]
+        log = shown.size and shown.min() > 0 and shown.max() > 1e3 * shown.min()
+        if not shown.size:
+            bins = 30
+        elif log:
+            bins = np.geomspace(shown.min(), shown.max(), 31)
+            ax.set_xscale("log")
+        else:
+            bins = np.histogram_bin_edges(shown, 30)
+        ax.hist(scores[kept], bins=bins, color="tab:blue", alpha=0.8,
+                label=f"kept ({int(kept.sum()):,})")
+        if now.any():
+            ax.hist(scores[now], bins=bins, color="tab:red", alpha=0.8,
+                    label=f"pruned ({int(now.sum()):,})")
+        if earlier.any():
+            ax.plot([], [], " ", label=f"pruned before: {int(earlier.sum()):,}")
         ax.set_title(row["layer"], fontsize=9)
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(rows):]:
         ax.axis("off")
-    fig.suptitle(f"Unit importance ({criterion})")
+    fig.suptitle(summary.title + ": kept (blue) and pruned (red)")
     fig.tight_layout()
     hist = out_dir / "importance_histograms.png"
     fig.savefig(hist, dpi=100)

@@ -365,3 +365,115 @@ def test_a_run_with_dropout_resumes_exactly(tmp_path):
     fit(resumed, callbacks())
     for a, b in zip(straight.weights, resumed.weights):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=0, atol=1e-6, err_msg=a.path)
+
+
+# --- 12. The report shows what was decided from ---------------------------
+def test_the_summary_shows_the_scores_of_the_decision_and_what_ships(tmp_path):
+    from tests.conftest import small_cnn
+
+    keras.utils.set_random_seed(0)
+    x = np.random.default_rng(0).normal(size=(96, 8, 8, 2)).astype("float32")
+    y = (x[:, 0, 0, 0] > 0).astype("int64") + (x[:, 1, 1, 1] > 0)
+    model = compiled(dkdp.DKDPModel(small_cnn()))
+    cb = dkdp.DKDPCallback(importance="taylor", granularity="unit", verbose=0,
+                           threshold=thresholds.ConstantSparsity(0.5))
+    model.fit(x, y, epochs=2, batch_size=32, verbose=0, callbacks=[cb])
+    decision = cb.last_decision
+    assert decision["criterion"] == "Taylor" and decision["step"] == 6
+    summary = dkdp.report.importance_summary(model, decision=decision, out_dir=tmp_path)
+    assert summary.title == "Taylor scores of each unit at the pruning decision of step 6"
+    small = model.compact_teacher()
+    for layer, row in zip(dkdp.masked_layers(model.teacher), summary.rows):
+        scores = decision["scores"][layer.name]
+        kept = layer.kernel_mask.numpy().reshape(-1, layer.num_units).max(0) > 0
+        # The scores the masks came from: within a layer, every unit the
+        # decision pruned scored at most what every kept unit did (masked
+        # units scored 0 by construction in a summary made after fit).
+        if (~kept).any() and (scores[~kept] > 0).any():
+            assert scores[~kept].max() <= scores[kept].min()
+        assert row["mean_score"] == pytest.approx(float(scores[kept].mean()))
+        # Counts as shipped: the compacted layer's kernel.
+        kernel = small.get_layer(layer.name).kernel.numpy()
+        assert row["shipped_weights"] == int(np.count_nonzero(kernel))
+    # Some layer ships fewer weights than its masks keep: inputs from the
+    # removed units of the layer before went too.
+    assert any(r["shipped_weights"] < r["kept_weights"] for r in summary.rows)
+    assert "shipped weights" in summary.markdown
+    assert all(p.stat().st_size > 5000 for p in summary.plots)
+
+
+def test_the_cli_report_lists_events_in_units_a_reader_follows():
+    from dkdp_keras.cli import _events_table
+
+    history = [
+        {"step": 41, "tau": 1.8e-8, "sparsity": 0.225, "kept_params": 66_000, "before": 0.0},
+        {"step": 82, "tau": 4.1e-4, "sparsity": 0.40, "kept_params": 40_000,
+         "before": float("nan")},
+    ]
+    table = _events_table(history, 41, "lamp")
+    assert "| 1 | 1 (41) | 0.0% -> 22.5% | +22.5% | 66,000 | 1.8e-08 |" in table
+    # Without its own 'before' (an old checkpoint), the last event's sparsity.
+    assert "| 2 | 2 (82) | 22.5% -> 40.0% | +22.6% | 40,000 | 0.00041 |" in table
+    assert "LAMP score" in table and "each layer's best entry scores 1" in table
+    assert _events_table([], 41, "lamp") == "No pruning event.\n"
+
+
+# --- 3. A short run on small data means something ------------------------
+@pytest.mark.slow
+def test_the_quick_digits_run_beats_chance_by_far(tmp_path):
+    """246 steps at BatchNormalization's momentum 0.99 left its moving
+    variance 18x too large, and every model of the run at chance (10%)."""
+    import json
+
+    from dkdp_keras import cli
+
+    out = tmp_path / "run"
+    assert cli.main(["run", "--quick", "--dataset", "digits", "--no-dense",
+                     "--quantize", "none", "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    teacher, student = metrics["models"]
+    assert teacher["tflite_acc"] > 0.8 and student["tflite_acc"] > 0.6
+    assert max(metrics["history"]["val_teacher_accuracy"]) > 0.8
+    report = (out / "report.md").read_text()
+    assert "## Pruning events" in report
+    assert "Taylor scores of each unit at the pruning decision of step" in report
+
+
+def test_the_cli_refuses_a_budget_pruning_cannot_meet_before_any_training(tmp_path, capsys):
+    from dkdp_keras import cli
+
+    out = tmp_path / "run"
+    code = cli.main(["run", "--dataset", "digits", "--model", "lenet_300_100",
+                     "--max-params", "100", "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert "cannot be met by pruning" in err[0] and "leaves" in err[0]
+    assert not (out / "settings.json").exists() and not (out / "dense.keras").exists()
+
+
+# --- Messages that say what is wrong --------------------------------------
+def test_a_monitor_the_logs_will_not_have_is_refused_before_training():
+    x, y = six_feature_data(64)
+    for kwargs, text in [
+        ({}, r"'val_accuracy'.*fit has no validation data: pass validation_data="),
+        ({"validation_split": 0.25}, None),
+    ]:
+        model = compiled(dkdp.DKDPModel(mlp_6_16_16_3()))
+        policy = thresholds.Adaptive(dkdp.Budget(max_params=200),
+                                     monitor="val_accuracy" if text else "val_acc")
+        cb = dkdp.DKDPCallback(threshold=policy, verbose=0)
+        with pytest.raises(ValueError, match=text or r"'val_acc'.*'val_teacher_accuracy'"):
+            model.fit(x, y, epochs=1, verbose=0, callbacks=[cb], **kwargs)
+        assert int(model.optimizer.iterations.numpy()) == 0
+
+
+def test_a_frozen_layer_under_taylor_is_named_as_frozen():
+    x, y = six_feature_data(64)
+    teacher = mlp_6_16_16_3()
+    teacher.layers[0].trainable = False
+    model = compiled(dkdp.DKDPModel(teacher))
+    cb = dkdp.DKDPCallback(importance="taylor", granularity="unit", verbose=0,
+                           threshold=thresholds.ConstantSparsity(0.3))
+    with pytest.raises(ValueError, match=r"layer 'dense\w*' of model .* is frozen \(trainable=False\).*Unfreeze it"):
+        model.fit(x, y, epochs=1, verbose=0, callbacks=[cb])
+    assert int(model.optimizer.iterations.numpy()) == 0

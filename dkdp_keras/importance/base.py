@@ -138,6 +138,15 @@ class Criterion:
                     "DKDPModel does this for its teacher)."
                 )
             steps = getattr(layer, f"{kind}_steps")
+            if kind == "gradient" and not layer.trainable:
+                raise ValueError(
+                    f"{type(self).__name__} reads gradient statistics, and "
+                    f"layer '{layer.name}' is frozen (trainable=False): it "
+                    "gets no gradients to collect. Unfreeze it "
+                    "(layer.trainable = True, or the model containing it), "
+                    "or score it with a criterion that needs none, such as "
+                    "importance='magnitude'."
+                )
             if float(ops.convert_to_numpy(steps)) == 0:
                 how = (
                     "train it with DKDPModel, or call "
