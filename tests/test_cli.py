@@ -379,3 +379,59 @@ def test_bench_hands_its_options_to_the_benchmark_runner(capfd):
     assert "invalid choice: 'nope'" in capfd.readouterr().err
     assert main(["bench", "--help"]) == 0
     assert "PROTOCOL.md" in capfd.readouterr().out
+
+
+def _outcome(out):
+    """What a finished run reports, timings aside."""
+    metrics = json.loads((out / "metrics.json").read_text())
+    rows = [{k: v for k, v in row.items() if k != "latency_ms"} for row in metrics["models"]]
+    return metrics["history"], rows, metrics["tau_events"]
+
+
+@pytest.mark.slow
+def test_a_run_with_dropout_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
+    """reference_cnn has Dropout(0.3): a resumed run drew other dropout masks
+    (Keras saves no seed generator) and ended with other masks and
+    accuracies; a run interrupted during its export resumed to a teacher
+    without its best-epoch restore and averaging."""
+    import dkdp_keras as dkdp
+
+    data = _digits_npz(tmp_path / "digits.npz", train=320)
+    argv = ["run", "--dataset", data, "--epochs", "4", "--batch-size", "32",
+            "--no-dense", "--quantize", "none"]
+    straight = tmp_path / "straight"
+    assert cli.main(argv + ["--out", str(straight)]) == 0
+    expected = _outcome(straight)
+    assert expected[2], "the run should have pruned"
+
+    original = keras.callbacks.BackupAndRestore.on_epoch_begin
+
+    def ctrl_c_at_epoch_2(self, epoch, logs=None):
+        if epoch == 2 and not getattr(ctrl_c_at_epoch_2, "done", False):
+            ctrl_c_at_epoch_2.done = True
+            raise KeyboardInterrupt
+        return original(self, epoch, logs)
+
+    export = dkdp.export_tflite
+
+    def ctrl_c_in_export(*args, **kwargs):
+        if not getattr(ctrl_c_in_export, "done", False):
+            ctrl_c_in_export.done = True
+            raise KeyboardInterrupt
+        return export(*args, **kwargs)
+
+    for name, target, patch in [
+            ("epoch", (keras.callbacks.BackupAndRestore, "on_epoch_begin"), ctrl_c_at_epoch_2),
+            ("export", (dkdp, "export_tflite"), ctrl_c_in_export)]:
+        out = tmp_path / name
+        with monkeypatch.context() as m:
+            m.setattr(*target, patch)
+            assert cli.main(argv + ["--out", str(out)]) == 130
+        assert not (out / "metrics.json").exists()
+        assert cli.main(["run", "--resume", str(out)]) == 0
+        history, rows, events = _outcome(out)
+        assert events == expected[2], name
+        for key, values in expected[0].items():
+            np.testing.assert_allclose(history[key], values, rtol=0, atol=1e-5,
+                                       err_msg=f"{name}: {key}")
+        assert rows == expected[1], name
