@@ -434,4 +434,10 @@ def test_a_run_with_dropout_resumes_to_the_uninterrupted_result(tmp_path, monkey
         for key, values in expected[0].items():
             np.testing.assert_allclose(history[key], values, rtol=0, atol=1e-5,
                                        err_msg=f"{name}: {key}")
-        assert rows == expected[1], name
+        # The files' bytes differ by the layer names in them (numbered per
+        # process: 'dense' against 'dense_12'), nothing else.
+        want = [dict(r) for r in expected[1]]
+        size = lambda rows: [r.pop("tflite_bytes") for r in rows]  # noqa: E731
+        for a, b in zip(size(rows), size(want)):
+            assert a == pytest.approx(b, rel=0.01), name
+        assert rows == want, name
