@@ -1,5 +1,6 @@
 """The tutorial notebooks: each runs end to end in its quick mode, and the
-committed files are what tutorials/_build.py makes, executed without error.
+committed files are what tutorials/_build.py makes from their .py sources,
+executed without error.
 
 Running them takes a minute or two each (slow: CI runs them):
 
@@ -18,6 +19,7 @@ nbclient = pytest.importorskip("nbclient")
 
 TUTORIALS = pathlib.Path(__file__).resolve().parents[1] / "tutorials"
 NOTEBOOKS = sorted(TUTORIALS.glob("[0-9][0-9]_*.ipynb"))
+SOURCES = sorted(TUTORIALS.glob("[0-9][0-9]_*.py"))  # one per notebook
 CELL_TIMEOUT = 600  # seconds; a quick-mode cell takes well under a minute
 
 # Files each notebook must leave in its working directory.
@@ -58,15 +60,24 @@ def test_every_notebook_is_listed():
 
 
 def test_committed_notebooks_match_their_sources():
-    """The .ipynb files are generated: edit tutorials/_build.py, then run it."""
+    """The .ipynb files are generated: edit tutorials/NN_*.py, then run
+    tutorials/_build.py."""
     build = _build_module()
-    for make in build.NOTEBOOKS:
-        name, cells = make()
+    for source in SOURCES:
+        name, cells = source.stem, build.read_cells(source)
         committed = nbformat.read(TUTORIALS / f"{name}.ipynb", as_version=4)
         assert [c.source for c in committed.cells] == [c.source for c in cells], (
-            f"{name}.ipynb differs from tutorials/_build.py: run "
+            f"{name}.ipynb differs from tutorials/{name}.py: run "
             "`python tutorials/_build.py --execute " + name[:2] + "`"
         )
+
+
+def test_committed_notebooks_are_what_the_build_writes(capsys):
+    """Each .ipynb has its .py and is byte for byte what a rebuild writes:
+    cells, ids, metadata and the outputs kept from the last execution."""
+    assert [path.stem for path in SOURCES] == [path.stem for path in NOTEBOOKS]
+    build = _build_module()
+    assert build.main(["--check"]) == 0, capsys.readouterr().err
 
 
 def test_committed_notebooks_carry_their_outputs():
