@@ -40,6 +40,16 @@ MIN_AVERAGED_EPOCHS = 2
 BN_SETTLE = 0.05
 
 
+def _examples_pair(name, data):
+    """`data` checked as None or an `(x, y)` pair of matching examples."""
+    if data is None:
+        return None
+    if not (isinstance(data, (tuple, list)) and len(data) == 2):
+        raise TypeError(f"{name} must be a pair (x, y), got {type(data).__name__}.")
+    x, y = data
+    return _validation.examples(f"{name} x", x, y=y), y
+
+
 class StudentRefresh:
     """When a DKDPModel's student is rebuilt from the pruned teacher.
 
@@ -231,19 +241,7 @@ class DKDPCallback(keras.callbacks.Callback):
                 f"got {student_refresh!r}."
             )
         self.student_refresh = student_refresh
-        if calibration_data is not None and not (
-            isinstance(calibration_data, (tuple, list)) and len(calibration_data) == 2
-        ):
-            raise TypeError(
-                "calibration_data must be a pair (x, y), got "
-                f"{type(calibration_data).__name__}."
-            )
-        if calibration_data is not None:
-            x, y = calibration_data
-            calibration_data = (
-                _validation.examples("calibration_data x", x, y=y), y
-            )
-        self.calibration_data = calibration_data
+        self.calibration_data = _examples_pair("calibration_data", calibration_data)
         if log_dir is not None and not isinstance(log_dir, (str, os.PathLike)):
             raise TypeError(f"log_dir must be a directory path, got {log_dir!r}.")
         if log_dir is not None:
@@ -259,19 +257,7 @@ class DKDPCallback(keras.callbacks.Callback):
             raise TypeError(f"average must be True or False, got {average!r}.")
         self.average = average
         self.averaged_epochs = 0
-        if validation_data is not None and not (
-            isinstance(validation_data, (tuple, list)) and len(validation_data) == 2
-        ):
-            raise TypeError(
-                "validation_data must be a pair (x, y), got "
-                f"{type(validation_data).__name__}."
-            )
-        if validation_data is not None:
-            x, y = validation_data
-            validation_data = (
-                _validation.examples("validation_data x", x, y=y), y
-            )
-        self.validation_data = validation_data
+        self.validation_data = _examples_pair("validation_data", validation_data)
         if batchnorm_momentum not in ("auto", None):
             raise ValueError(
                 "batchnorm_momentum must be 'auto' or None, got "

@@ -15,6 +15,7 @@ import dkdp_keras as dkdp
 from dkdp_keras import thresholds
 from dkdp_keras.state import pruning_state
 from tests.conftest import sign_data
+from tests.test_callbacks import ScriptedMetric
 from tests.test_reliability import Interrupt, Interrupted
 
 CE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -109,17 +110,6 @@ def test_the_smallest_value_the_refusal_names_is_feasible():
 
 
 # --- 6. A resume with no epoch left still ends the run -------------------
-class ScriptedMetric(keras.callbacks.Callback):
-    """Writes a scripted val_accuracy into the epoch logs."""
-
-    def __init__(self, values):
-        super().__init__()
-        self.values = values
-
-    def on_epoch_end(self, epoch, logs=None):
-        logs["val_accuracy"] = self.values[epoch]
-
-
 @pytest.mark.parametrize("ending", ["best", "average"])
 def test_a_resume_after_the_last_epoch_ends_as_the_run_did(tmp_path, ending):
     """Interrupted after the last epoch (a CLI run during its export): the
