@@ -105,3 +105,17 @@ def choice(name, value, allowed):
     if value not in allowed:
         raise ValueError(f"{name} must be one of {tuple(allowed)}, got {value!r}.")
     return value
+
+
+def boolean(name, value):
+    """`value` if it is True or False, else a TypeError naming `name`."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}.")
+    return value
+
+
+def instance(name, value, cls, what):
+    """`value` if it is None or a `cls`, else a TypeError saying `what`."""
+    if value is not None and not isinstance(value, cls):
+        raise TypeError(f"{name} must be {what}, got {value!r}.")
+    return value

@@ -131,3 +131,61 @@ def same_signature(teacher, student):
 def kd_value(kd, teacher_out, student_out):
     """The distillation loss as a float32 scalar."""
     return ops.cast(kd.compute_loss(teacher_out, student_out), "float32")
+
+
+class StudentRefresh:
+    """When a DKDPModel's student is rebuilt from the pruned teacher.
+
+    Args:
+        every: rebuild after every `every` pruning events.
+        shrink: rebuild when the teacher's non-zero parameters have fallen
+            by this factor (> 1) since the last rebuild.
+        strategy: passed to `DKDPModel.refresh_student` ("width",
+            "compact_teacher" or a callable).
+
+    "compact_teacher" and callables change the student's architecture, so
+    weights saved after a rebuild (`BackupAndRestore`) no longer fit a model
+    built as at the start: resume such runs from a `.keras` checkpoint
+    (`ModelCheckpoint`, then `keras.saving.load_model` and
+    `fit(initial_epoch=...)`), which stores the student's architecture too.
+    """
+
+    def __init__(self, every=None, shrink=None, strategy="width"):
+        if every is None and shrink is None:
+            raise ValueError("StudentRefresh needs every= or shrink=.")
+        self.every = (
+            None if every is None
+            else _validation.number("every", every, low=1, integer=True)
+        )
+        self.shrink = (
+            None if shrink is None
+            else _validation.number("shrink", shrink, low=1.0, low_open=True)
+        )
+        if isinstance(strategy, str):
+            _validation.choice("strategy", strategy, ("width", "compact_teacher"))
+        elif not callable(strategy):
+            raise TypeError(
+                "strategy must be 'width', 'compact_teacher' or a callable "
+                f"teacher -> student, got {strategy!r}."
+            )
+        self.strategy = strategy
+
+    @classmethod
+    def get(cls, value):
+        """None, a `StudentRefresh`, or an int k for `StudentRefresh(every=k)`."""
+        if isinstance(value, int) and not isinstance(value, bool):
+            return cls(every=value)
+        return _validation.instance(
+            "student_refresh", value, cls, "None, an int or a StudentRefresh")
+
+    def due(self, events, kept_params, params_at_last):
+        """True when the student is to be rebuilt after pruning event number
+        `events`, the teacher now keeping `kept_params` non-zero parameters
+        and `params_at_last` at the last rebuild."""
+        return (self.every is not None and events % self.every == 0) or (
+            self.shrink is not None and kept_params * self.shrink <= params_at_last
+        )
+
+    def __repr__(self):
+        return (f"StudentRefresh(every={self.every}, shrink={self.shrink}, "
+                f"strategy={self.strategy!r})")

@@ -200,3 +200,22 @@ def _plot(rows, layer_scores, out_dir, summary):
     hist = out_dir / "importance_histograms.png"
     fig.savefig(hist, dpi=100)
     return [bars, hist]
+
+
+def write_summaries(writer, step, tau, result, layers, importance, granularity):
+    """TensorBoard summaries of one pruning event: τ, sparsity overall and
+    per layer, and the layers' importance scores."""
+    import tensorflow as tf
+
+    with writer.as_default(step=step):
+        tf.summary.scalar("dkdp/tau", tau)
+        tf.summary.scalar("dkdp/sparsity", result.sparsity)
+        for layer in layers:
+            mask = result.masks[layer.name]
+            tf.summary.scalar(f"dkdp_layer_sparsity/{layer.name}",
+                              float((mask == 0).mean()))
+            try:
+                scores = importance.score(layer, granularity)
+                tf.summary.histogram(f"dkdp_importance/{layer.name}", scores)
+            except ValueError:
+                pass

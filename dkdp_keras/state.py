@@ -105,3 +105,28 @@ def pruning_state(model):
         state = PruningState()
         object.__setattr__(model, ATTRIBUTE, state)
     return state
+
+
+def _seed_generators(model):
+    """The `keras.random.SeedGenerator`s of `model`'s layers (Dropout, noise
+    layers), in a fixed order."""
+    from dkdp_keras.prunable import iter_layers
+
+    return [value for layer in iter_layers(model)
+            for _, value in sorted(vars(layer).items())
+            if isinstance(value, keras.random.SeedGenerator)]
+
+
+def save_random_state(state, model):
+    """Keep the states of `model`'s random streams in `state`: Keras saves
+    no seed generator, and a resumed run must draw the dropout masks the
+    uninterrupted one would."""
+    for i, generator in enumerate(_seed_generators(model)):
+        state.set(f"seed:{i}", keras.ops.convert_to_numpy(generator.state))
+
+
+def load_random_state(state, model):
+    for i, generator in enumerate(_seed_generators(model)):
+        value = state.get(f"seed:{i}")
+        if value is not None and value.shape == tuple(generator.state.shape):
+            generator.state.assign(value)

@@ -7,8 +7,8 @@ from dkdp_keras.thresholds.mechanism import (
     compute_masks,
     threshold_for_sparsity,
 )
+from dkdp_keras.thresholds.adaptive import Adaptive, sparsity_for_budget
 from dkdp_keras.thresholds.schedules import (
-    Adaptive,
     ConstantSparsity,
     PolynomialDecay,
     SparsityPolicy,
@@ -23,5 +23,6 @@ __all__ = [
     "SparsityPolicy",
     "apply_masks",
     "compute_masks",
+    "sparsity_for_budget",
     "threshold_for_sparsity",
 ]

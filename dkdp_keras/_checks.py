@@ -1,0 +1,107 @@
+"""What `DKDPCallback` refuses before training, each with what to do."""
+
+import os
+
+from dkdp_keras import _validation
+from dkdp_keras.graph import shared_layer_reader
+from dkdp_keras.prunable import masked_layers
+
+
+def one_callback_per_fit(callback):
+    """Refuse a second DKDPCallback in the same fit: both would prune the
+    same masks and overwrite each other's state. (Callbacks of one fit share
+    one `params` dict; one left over from an earlier fit, or one that
+    crashed, has another.)"""
+    model = callback.model
+    holder = getattr(model, "_dkdp_callback", None)
+    if holder is not None and holder[1] is not callback and holder[0] is callback.params:
+        raise ValueError(
+            f"Two DKDPCallbacks were given to one fit of model '{model.name}': "
+            "they would prune the same masks and overwrite each other's state. "
+            "Pass one DKDPCallback (one criterion can combine several: "
+            "importance.Combined)."
+        )
+    object.__setattr__(model, "_dkdp_callback", (callback.params, callback))
+
+
+def _gradient_statistics(callback):
+    """The gradient running means the callback's scoring reads (None: all),
+    so that the training step keeps only those."""
+    read = getattr(callback.importance, "gradient_statistics", None)
+    if read is None:
+        return None
+    names = []
+    granularities = [callback.granularity] + (["layer"] if callback.layer_importance else [])
+    for granularity in granularities:
+        found = read(granularity)
+        if found is None:
+            return None
+        names += [n for n in found if n not in names]
+    return tuple(names)
+
+
+def before_training(callback, teacher):
+    """The teacher's masked layers, once everything the callback needs of
+    it is there; a DKDPModel is told which statistics to collect."""
+    layers = masked_layers(teacher)
+    if not layers:
+        raise ValueError(
+            f"DKDPCallback prunes masked layers, and model '{teacher.name}' has "
+            "none: make it with dkdp_keras.prunable(model) or train a "
+            "dkdp_keras.DKDPModel."
+        )
+    if callback.calibration_data is not None:
+        _validation.examples("calibration_data x", callback.calibration_data[0],
+                             model=teacher)
+    needs = getattr(callback.importance, "requires", None)
+    name = type(callback.importance).__name__
+    if "gradient" in (needs or ()) and not callback._is_dkdp() \
+            and callback.calibration_data is None:
+        raise ValueError(
+            f"{name} needs gradients, which only a DKDPModel collects while "
+            "training: pass calibration_data=(x, y) to DKDPCallback, or train a "
+            "DKDPModel."
+        )
+    frozen = [l.name for l in layers if not l.trainable]
+    if frozen and "gradient" in (needs or ()):
+        raise ValueError(
+            f"{name} reads gradient statistics, and layer{'s' if len(frozen) > 1 else ''} "
+            f"{', '.join(repr(n) for n in frozen)} of model '{teacher.name}' "
+            f"{'are' if len(frozen) > 1 else 'is'} frozen (trainable=False): a "
+            "frozen layer gets no gradients to collect. Unfreeze it "
+            "(layer.trainable = True, or the model containing it), or use a "
+            "criterion that needs none, such as importance='magnitude'."
+        )
+    if callback._is_dkdp():
+        callback.model.request_statistics(
+            ("gradient", "activation") if needs is None else needs,
+            gradient_statistics=_gradient_statistics(callback),
+        )
+    if callback.granularity == "unit":
+        shared = shared_layer_reader(teacher)
+        if shared is not None:
+            raise ValueError(
+                f"Model '{teacher.name}' calls a layer at more than one place (a "
+                f"shared layer; layer '{shared}' reads the output of its second "
+                "call), and unit pruning cannot remove a unit from one call of a "
+                "layer but not from the other: compaction and export would fail "
+                "after training. Use DKDPCallback(granularity='weight'), or give "
+                "each call its own layer."
+            )
+    return layers
+
+
+def log_dir(value):
+    """A directory for TensorBoard summaries, with tensorboard installed."""
+    if value is None:
+        return None
+    if not isinstance(value, (str, os.PathLike)):
+        raise TypeError(f"log_dir must be a directory path, got {value!r}.")
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        raise ImportError(
+            "DKDPCallback(log_dir=...) writes TensorBoard summaries and needs "
+            "the tensorboard package: pip install tensorboard."
+        ) from None
+    return value

@@ -1,0 +1,292 @@
+"""The pruning event, and the only writer of masks during training.
+
+A `Pruner` holds a teacher's masked layers and turns importance scores and
+a target sparsity into masks (`thresholds.MaskPool`: τ, floors, protected
+units), writes them, keeps the BatchNormalization after each layer in step
+with its units, and records what each event decided (the history of τ and
+sparsity, the scores of the last decision). It decides nothing about when
+or how much: that is the threshold policy's, asked by `DKDPCallback`.
+"""
+
+import warnings
+
+import numpy as np
+from keras import ops
+
+from dkdp_keras import importance as importance_lib
+from dkdp_keras.budget import deployed_counts
+from dkdp_keras.graph import batchnorm_after
+from dkdp_keras.prunable import sync_batchnorm
+from dkdp_keras.thresholds.mechanism import MaskPool
+
+#: What each record of `Pruner.history` holds.
+HISTORY = ("step", "tau", "sparsity", "kept_params", "before")
+
+
+class Pruner:
+    """Scores -> τ -> masks for the masked layers of one teacher.
+
+    Args:
+        teacher: the masked model whose layers are pruned.
+        layers: its masked layers, in the model's order.
+        importance: a criterion (`dkdp_keras.importance`).
+        granularity, scope, normalize, floors, layer_importance,
+            unit_multiple: as `DKDPCallback` takes them.
+        protect_units: names of layers whose units are never removed.
+        calibration: `(x, y, loss)` to collect gradients from before each
+            scoring (a plain model has no training step that does), or None.
+    """
+
+    def __init__(self, teacher, layers, importance, granularity="weight",
+                 scope="global", normalize="lamp", floors=None, protect_units=(),
+                 layer_importance=False, unit_multiple=1, calibration=None):
+        self.teacher = teacher
+        self.layers = layers
+        self.importance = importance
+        self.granularity = granularity
+        self.scope = scope
+        self.normalize = normalize
+        self.floors = floors
+        self.protect_units = protect_units
+        self.layer_importance = layer_importance
+        self.unit_multiple = unit_multiple
+        self.calibration = calibration
+        self.batchnorms = batchnorm_after(teacher)
+        self._pool = None
+        self.reset()
+
+    def reset(self):
+        """Forget every event (a new run)."""
+        self.tau = 0.0
+        self.events = 0
+        self.history = []  # one dict per event, keys HISTORY
+        self.last_decision = None
+        self.bn_saved = {}  # layer name -> {"mean", "var"} of removed units
+        # The running statistics predate the current masks: reset when
+        # training goes on (`reset_stale_statistics`), not at the event, so
+        # that a prune after the last epoch still scores from them.
+        self.stale = False
+
+    # ----------------------------------------------------------- reading
+    def current_masks(self):
+        return {l.name: ops.convert_to_numpy(l.kernel_mask).copy() for l in self.layers}
+
+    def sparsity(self):
+        """Fraction of the layers' kernel entries the masks zero."""
+        zeros = total = 0
+        for layer in self.layers:
+            mask = ops.convert_to_numpy(layer.kernel_mask)
+            zeros += mask.size - int(np.count_nonzero(mask))
+            total += mask.size
+        return zeros / total
+
+    def nonfinite_layer(self):
+        """The name of the first layer whose kernel holds NaN/Inf, or None."""
+        for layer in self.layers:
+            if not np.all(np.isfinite(ops.convert_to_numpy(layer.kernel))):
+                return layer.name
+        return None
+
+    # ----------------------------------------------------------- scoring
+    def scores(self):
+        """The criterion's scores of every layer (numpy), or None (with a
+        warning) when some are not finite: then no event should act."""
+        if self.calibration is not None and "gradient" in (
+            getattr(self.importance, "requires", None) or ("gradient",)
+        ):
+            for layer in self.layers:
+                layer.reset_statistics()
+            x, y, loss = self.calibration
+            importance_lib.collect_gradients(self.teacher, x, y, loss)
+        self.importance.prepare(self.teacher)
+        arrays = [
+            np.asarray(ops.convert_to_numpy(self.importance.score(l, self.granularity)))
+            for l in self.layers
+        ]
+        bad = [l.name for l, a in zip(self.layers, arrays) if not np.all(np.isfinite(a))]
+        if bad:
+            warnings.warn(
+                f"DKDPCallback: importance scores of {', '.join(bad)} contain "
+                "NaN or Inf; this pruning event is skipped and the masks are "
+                "unchanged.",
+                stacklevel=3,
+            )
+            return None
+        return arrays
+
+    def _layer_weights(self):
+        if not self.layer_importance:
+            return None
+        values = np.array([
+            float(ops.convert_to_numpy(self.importance.score(l, "layer")))
+            for l in self.layers
+        ])
+        mean = values.mean()
+        if not np.all(np.isfinite(values)) or mean <= 0:
+            return None
+        return {l.name: v / mean for l, v in zip(self.layers, values)}
+
+    def pool(self, scores):
+        """The `MaskPool` of `scores`: normalised and sorted once per
+        scoring, cut at every sparsity an event tries."""
+        if self._pool is None or self._pool[0] is not scores:
+            self._pool = (scores, MaskPool(
+                self.layers, scores, granularity=self.granularity,
+                scope=self.scope, normalize=self.normalize, floors=self.floors,
+                protect_units=self.protect_units,
+                layer_weights=self._layer_weights(),
+                unit_multiple=self.unit_multiple,
+            ))
+        return self._pool[1]
+
+    def masks_for(self, sparsity, scores):
+        return self.pool(scores).masks(sparsity)
+
+    # ----------------------------------------------------------- writing
+    def assign(self, masks, batchnorm=True):
+        """Write `masks`; with `batchnorm`, the BatchNormalization after
+        each layer follows its units (see `_sync_batchnorm`)."""
+        for layer in self.layers:
+            if batchnorm:  # read before the mask changes
+                was_dead = ops.convert_to_numpy(layer.unit_mask()) == 0
+            layer.kernel_mask.assign(masks[layer.name])
+            if batchnorm:
+                self._sync_batchnorm(layer, masks[layer.name], was_dead)
+
+    def measure_with(self, masks, measure):
+        """`measure(teacher)` as if the teacher had `masks` (restored after)."""
+        saved = self.current_masks()
+        self.assign(masks, batchnorm=False)
+        sync_batchnorm(self.teacher)  # channel masks follow, so compaction sees it
+        try:
+            return measure(self.teacher)
+        finally:
+            self.assign(saved, batchnorm=False)
+            sync_batchnorm(self.teacher)
+
+    def _sync_batchnorm(self, layer, mask, was_dead):
+        """Keep the BatchNormalization after a layer in step with its units.
+
+        A removed unit feeds exact zeros to it: a MaskedBatchNormalization's
+        channel mask then zeroes its output as well. For a plain one, in
+        training the batch mean and variance are 0 and it outputs beta;
+        setting its moving mean and variance to 0 makes inference output
+        the same beta, instead of a constant from before pruning. A unit
+        that comes back (a back-off) gets its saved statistics."""
+        bn = self.batchnorms.get(layer.name)
+        if bn is None:
+            return
+        dead = mask.reshape(-1, layer.num_units).max(axis=0) == 0
+        saved = self.bn_saved.setdefault(layer.name, {})
+        for key, var in (("mean", bn.moving_mean), ("var", bn.moving_variance)):
+            values = ops.convert_to_numpy(var).copy()
+            store = saved.setdefault(key, np.zeros_like(values))
+            newly_dead, revived = dead & ~was_dead, ~dead & was_dead
+            store[newly_dead] = values[newly_dead]
+            values[revived] = store[revived]
+            values[dead] = 0.0
+            var.assign(values)
+        if hasattr(bn, "channel_mask"):
+            bn.channel_mask.assign((~dead).astype("float32"))
+
+    def restore(self, masks):
+        """Go back to earlier masks (a back-off): not an event."""
+        self.assign(masks)
+        self.stale = True
+
+    def prune(self, sparsity, scores, step, fits=None):
+        """One pruning event to `sparsity` from `scores`; with `fits` (masks
+        -> bool), pruned units then come back while it holds
+        (`MaskPool.fill`). Returns `(result, record)`."""
+        before = self.sparsity()
+        result = self.masks_for(sparsity, scores)
+        if fits is not None:
+            result = self.pool(scores).fill(result, fits)
+        self.assign(result.masks)
+        self.last_decision = {
+            "step": step,
+            "criterion": type(self.importance).__name__,
+            "granularity": self.granularity,
+            "scores": {l.name: np.asarray(a) for l, a in zip(self.layers, scores)},
+            "masks": {name: np.asarray(m) for name, m in result.masks.items()},
+        }
+        self.stale = True
+        self.tau = (
+            float(np.mean(list(result.tau.values())))
+            if isinstance(result.tau, dict) else float(result.tau or 0.0)
+        )
+        self.events += 1
+        record = {
+            "step": step,
+            "tau": self.tau,
+            "sparsity": result.sparsity,
+            "kept_params": deployed_counts(self.teacher)[0],
+            "before": before,
+        }
+        self.history.append(record)
+        return result, record
+
+    def reset_stale_statistics(self):
+        """Start new running statistics if the masks changed since they
+        were collected (call when training goes on)."""
+        if self.stale:
+            for layer in self.layers:
+                layer.reset_statistics()
+            self.stale = False
+
+    # ------------------------------------------------------------- state
+    # Layers are keyed by position: their names are numbered per process
+    # ("dense_12"), their order is the model's.
+    def save(self, state):
+        state.set("events", np.int64(self.events))
+        state.set("tau", np.float64(self.tau))
+        state.set("stale_statistics", np.int64(self.stale))
+        state.set("history", np.array(
+            [[h[k] for k in HISTORY] for h in self.history], "float64"
+        ).reshape(-1, len(HISTORY)))
+        position = {layer.name: i for i, layer in enumerate(self.layers)}
+        for name, saved in self.bn_saved.items():
+            for kind, values in saved.items():
+                state.set(f"bn_{kind}:{position[name]}", values)
+        decision = self.last_decision
+        if decision is not None:
+            for i, layer in enumerate(self.layers):
+                state.set(f"decision:scores:{i}",
+                          np.asarray(decision["scores"][layer.name], "float32"))
+            state.set("decision:step", np.int64(decision["step"]))
+
+    def load(self, state):
+        self.events = int(state.get("events", 0))
+        self.tau = float(state.get("tau", 0.0))
+        self.stale = bool(state.get("stale_statistics", 0))
+        self.history = [
+            dict(zip(HISTORY, (int(r[0]), float(r[1]), float(r[2]), int(r[3]),
+                               float(r[4]) if len(r) > 4 else float("nan"))))
+            for r in state.get("history", np.zeros((0, len(HISTORY))))
+        ]
+        self.bn_saved = {}
+        for i, layer in enumerate(self.layers):
+            for kind in ("mean", "var"):
+                values = state.get(f"bn_{kind}:{i}")
+                if values is not None:
+                    self.bn_saved.setdefault(layer.name, {})[kind] = values
+        self.last_decision = None
+        if "decision:step" in state:
+            scores = {l.name: state.get(f"decision:scores:{i}")
+                      for i, l in enumerate(self.layers)}
+            if all(v is not None for v in scores.values()):
+                # The masks it gave are not kept: a report reads the
+                # layers' own.
+                self.last_decision = {
+                    "step": int(state.get("decision:step")),
+                    "criterion": type(self.importance).__name__,
+                    "granularity": self.granularity, "scores": scores,
+                    "masks": None,
+                }
+
+    @staticmethod
+    def drop(state):
+        """Forget the last decision's scores (dead once training ended)."""
+        for key in state.keys():
+            if key.startswith("decision:"):
+                state.remove(key)
