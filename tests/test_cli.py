@@ -1,9 +1,11 @@
 """The dkdp command: bad input in one line with status 2; an interrupted
 tiny run resumed to its end; a quick real run."""
 
+import inspect
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -11,7 +13,7 @@ import keras
 import numpy as np
 import pytest
 
-from dkdp_keras import cli
+from dkdp_keras import cli, pipeline
 from tests.test_datasets import needs_fashion
 
 
@@ -254,12 +256,36 @@ def test_model_too_big_for_the_images_is_one_line(tmp_path, capsys):
     assert not (tmp_path / "o" / "settings.json").exists()
 
 
+def test_the_pipeline_called_from_python_refuses_bad_input_before_training(tmp_path):
+    out = tmp_path / "o"
+    for kwargs, text in [
+        ({"epochs": 0}, "--epochs must be at least 1, got 0"),
+        ({"epochs": "3"}, "--epochs must be an integer, got '3'"),
+        ({"lambda_kd": -1.0}, "--lambda-kd must be a finite number >= 0"),
+        ({"granularity": "layer"}, "--granularity must be one of weight, unit, got 'layer'"),
+        ({"quantize": None}, "--quantize must be a string, got None"),
+        ({"dataset": "imagenet"}, "unknown dataset 'imagenet'"),
+        ({"resume": tmp_path}, f"nothing to resume in '{tmp_path}': it has no settings.json"),
+    ]:
+        with pytest.raises(pipeline.PipelineError, match="^" + re.escape(text)):
+            pipeline.run(**{"model": "lenet_300_100", "out": out, **kwargs})
+    assert not out.exists()  # refused before the run directory is made
+    assert cli.UsageError is pipeline.PipelineError and issubclass(cli.UsageError, ValueError)
+
+
+def test_the_cli_and_the_pipeline_have_the_same_options_and_defaults():
+    parsed = vars(cli._parser().run_parser.parse_args([]))
+    signature = inspect.signature(pipeline.run).parameters
+    assert parsed == {name: p.default for name, p in signature.items()}
+    assert set(pipeline.SETTINGS) == set(parsed) - {"out", "resume"}
+
+
 def test_pipeline_order_depends_on_seed_and_epoch_only():
     x = np.arange(10, dtype="float32")[:, None]
     y = np.arange(10)
 
     def batches(start, epochs):
-        ds = cli._pipeline(x, y, batch=4, seed=3, start=start, epochs=epochs)
+        ds = pipeline._pipeline(x, y, batch=4, seed=3, start=start, epochs=epochs)
         return [b[1].numpy().tolist() for b in ds.take(3 * (epochs - start))]
 
     whole, resumed = batches(0, 3), batches(1, 3)
@@ -269,9 +295,9 @@ def test_pipeline_order_depends_on_seed_and_epoch_only():
 
 
 def test_default_batch_size_gives_enough_steps():
-    assert cli._default_batch_size(55_000) == 128
-    assert cli._default_batch_size(1_295) == 32  # digits: 41 steps an epoch
-    assert cli._default_batch_size(100) == 8
+    assert pipeline._default_batch_size(55_000) == 128
+    assert pipeline._default_batch_size(1_295) == 32  # digits: 41 steps an epoch
+    assert pipeline._default_batch_size(100) == 8
 
 
 @pytest.mark.filterwarnings("ignore:Adaptive")

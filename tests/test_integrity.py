@@ -393,7 +393,7 @@ def test_the_summary_shows_the_scores_of_the_decision_and_what_ships(tmp_path):
 
 
 def test_the_cli_report_lists_events_in_units_a_reader_follows():
-    from dkdp_keras.cli import _events_table
+    from dkdp_keras.pipeline import _events_table
 
     history = [
         {"step": 41, "tau": 1.8e-8, "sparsity": 0.225, "kept_params": 66_000, "before": 0.0},
