@@ -23,48 +23,15 @@ import time
 import numpy as np
 
 from dkdp_keras import _validation
-from dkdp_keras.prunable import (
-    effective_kernels,
-    is_masked,
-    iter_layers,
-    plain_weights,
+from dkdp_keras.compaction import compact
+from dkdp_keras.compaction import deployed_counts as _compacted_counts
+from dkdp_keras.counting import (  # noqa: F401  (part of this module's API)
+    _positions,
+    count_macs,
+    count_params,
+    count_params_of_layer,
 )
-
-
-def count_params_of_layer(layer, nonzero=False):
-    """Parameters of one layer; with `nonzero=True`, only non-zero ones."""
-    return sum(
-        int(np.count_nonzero(values)) if nonzero else values.size
-        for values in plain_weights(layer)
-    )
-
-
-def count_params(model, nonzero=True):
-    """Parameters of `model`; with `nonzero=True`, only non-zero ones."""
-    _validation.keras_model("model", model)
-    return sum(
-        count_params_of_layer(layer, nonzero) for layer in iter_layers(model)
-    )
-
-
-def _positions(layer):
-    """Output positions per example (product of non-batch, non-channel dims)."""
-    shape = tuple(layer.output.shape)[1:-1]
-    data_format = getattr(layer, "data_format", "channels_last")
-    if data_format == "channels_first":
-        shape = tuple(layer.output.shape)[2:]
-    return int(np.prod([d for d in shape])) if shape else 1
-
-
-def count_macs(model, nonzero=True):
-    """Multiply-accumulates per example; with `nonzero=True`, pruned kernel
-    entries cost nothing."""
-    _validation.keras_model("model", model)
-    total = 0
-    for layer, kernel in effective_kernels(model):
-        count = int(np.count_nonzero(kernel)) if nonzero else kernel.size
-        total += count * _positions(layer)
-    return total
+from dkdp_keras.prunable import effective_kernels, is_masked, iter_layers
 
 
 def measure_latency_ms(model, runs=50, warmup=5):
@@ -87,21 +54,19 @@ def deployed(model):
         return model
     import warnings
 
-    from dkdp_keras.compaction import compact
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return compact(model)
 
 
-def deployed_counts(model):
+def deployed_counts(model, masks=None):
     """`(non-zero parameters, MACs per example)` of `deployed(model)`,
-    counted without building the compacted model."""
+    counted without building the compacted model; with `masks` (layer name
+    -> kernel mask), as if the masked layers had those, without assigning
+    them (`compaction.deployed_counts`)."""
     if not any(is_masked(layer) for layer in iter_layers(model)):
         return count_params(model, nonzero=True), count_macs(model, nonzero=True)
-    from dkdp_keras.compaction import deployed_counts as counts
-
-    return counts(model)
+    return _compacted_counts(model, masks)
 
 
 class Budget:

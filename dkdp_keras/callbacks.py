@@ -7,7 +7,6 @@ rule when the student is rebuilt, and keeps all of it in the model's
 checkpointed `PruningState`.
 """
 
-import math
 import warnings
 
 import keras
@@ -19,8 +18,9 @@ from dkdp_keras import importance as importance_lib
 from dkdp_keras import refinement, report
 from dkdp_keras.budget import count_params, deployed_counts
 from dkdp_keras.distillation import StudentRefresh
-from dkdp_keras.graph import output_unit_layers, shared_layer_reader
+from dkdp_keras.graph import output_unit_layers
 from dkdp_keras.guard import NonFiniteGuard
+from dkdp_keras.model import DKDPModel
 from dkdp_keras.pruner import HISTORY, Pruner
 from dkdp_keras.state import load_random_state, pruning_state, save_random_state
 from dkdp_keras.thresholds.adaptive import (
@@ -171,8 +171,6 @@ class DKDPCallback(keras.callbacks.Callback):
         return getattr(self.model, "teacher", self.model)
 
     def _is_dkdp(self):
-        from dkdp_keras.model import DKDPModel
-
         return isinstance(self.model, DKDPModel)
 
     def _step(self):
@@ -420,8 +418,8 @@ class DKDPCallback(keras.callbacks.Callback):
 
     # ------------------------------------------------------------- adaptive
     def _measure_with(self, masks):
-        """Budget usage of the teacher if it had `masks`."""
-        return self._pruner.measure_with(masks, self.threshold.budget.usage)
+        """Budget usage of the teacher if it had `masks` (nothing assigned)."""
+        return self._pruner.usage_with(masks, self.threshold.budget)
 
     def _fits_budget(self, masks):
         return max(self._measure_with(masks).values()) <= 1.0

@@ -37,14 +37,21 @@ import keras
 import numpy as np
 from keras import ops
 
-from dkdp_keras.graph import _single, output_unit_layers, rewired
-from dkdp_keras.prunable import (
+from dkdp_keras.counting import count_macs, count_params, positions
+from dkdp_keras.graph import (
     _clone,
+    _single,
+    batchnorm_after,
     check_graph_model,
     is_kernel_layer,
+    is_masked,
     is_strippable,
-    plain_weights,
+    iter_layers,
+    output_unit_layers,
+    rewired,
 )
+from dkdp_keras.layers import MaskedBatchNormalization
+from dkdp_keras.prunable import plain_weights, strip
 
 _CHANNEL_PRESERVING = (
     keras.layers.Activation,
@@ -115,8 +122,8 @@ def _kind(layer):
     return "barrier"
 
 
-def _zero_units(layer, protected):
-    weights = plain_weights(layer)
+def _zero_units(layer, protected, plain=plain_weights):
+    weights = plain(layer)
     kernel = weights[0].reshape(-1, weights[0].shape[-1])
     zero = np.all(kernel == 0, axis=0)
     if len(weights) > 1:
@@ -173,8 +180,6 @@ def compact(model):
     check_graph_model(model)
     plan = _plan(model)
     if isinstance(plan, str):
-        from dkdp_keras.prunable import strip
-
         warnings.warn(
             f"compact: layer '{plan}' is used at several places; this "
             "version compacts only graphs where each layer is used once. "
@@ -210,8 +215,10 @@ def compact(model):
 class _Plan:
     """What `compact` keeps of each layer, decided from the graph."""
 
-    def __init__(self, model, kinds, kept_inputs, kept_outputs, blocked):
+    def __init__(self, model, kinds, kept_inputs, kept_outputs, blocked,
+                 plain=plain_weights):
         self.model = model
+        self.plain = plain
         self.kinds = kinds
         self.kept_inputs = kept_inputs
         self.kept_outputs = kept_outputs
@@ -220,7 +227,7 @@ class _Plan:
     def weights(self, layer):
         """`layer`'s plain weights as the compacted model holds them."""
         kind = self.kinds.get(layer.name)
-        weights = plain_weights(layer)
+        weights = self.plain(layer)
         if kind == "kernel":
             in_keep = self.kept_inputs(_single(layer.input))
             out_keep = self.kept_outputs(layer)
@@ -241,15 +248,17 @@ class _Plan:
         return [np.take(w, channels, axis=-1) for w in weights]
 
 
-def deployed_counts(model):
+def deployed_counts(model, masks=None):
     """`(non-zero parameters, multiply-accumulates per example)` of
     `compact(model)`, computed from the same plan without building it (a
-    budget check runs this many times per pruning event)."""
-    from dkdp_keras.budget import _positions, count_macs, count_params
-    from dkdp_keras.prunable import strip
+    budget check runs this many times per pruning event).
 
+    `masks` (layer name -> kernel mask): count what `compact` would ship if
+    those masked layers had these masks (and the BatchNormalization after
+    each followed its units, as `sync_batchnorm` makes it), without
+    assigning anything to the model."""
     check_graph_model(model)
-    plan = _plan(model)
+    plan = _plan(model, masks)
     if isinstance(plan, str):
         small = strip(model)
         return count_params(small), count_macs(small)
@@ -264,14 +273,65 @@ def deployed_counts(model):
         weights = plan.weights(layer)
         params += sum(int(np.count_nonzero(w)) for w in weights)
         if is_kernel_layer(layer):
-            macs += int(np.count_nonzero(weights[0])) * _positions(layer)
+            macs += int(np.count_nonzero(weights[0])) * positions(layer)
     return params, macs
 
 
-def _plan(model):
-    """The `_Plan` of `model`, or the name of a layer used at several
+def _with_masks(model, masks):
+    """`(plain, channels)`: the plain weights of a layer as they would be
+    with `masks` in place of the masked layers' own (`plain_weights`
+    otherwise), and the channel mask each MaskedBatchNormalization reading a
+    masked layer of `masks` would have."""
+    if not masks:
+        return plain_weights, {}
+    layers = {layer.name: layer for layer in iter_layers(model)}
+    channels = {}
+    for name, bn in batchnorm_after(model).items():
+        if name in masks and isinstance(bn, MaskedBatchNormalization):
+            units = layers[name].num_units
+            channels[bn.name] = np.asarray(masks[name]).reshape(-1, units).max(axis=0)
+
+    def plain(layer):
+        if is_masked(layer) and layer.name in masks:
+            return layer.stripped_weights(masks[layer.name])
+        if layer.name in channels:
+            return layer.stripped_weights(channels[layer.name])
+        return plain_weights(layer)
+
+    return plain, channels
+
+
+def _zero_preserved(layer, in_shape, channel=None):
+    """`_maps_zero_to_zero`, for a MaskedBatchNormalization with `channel`
+    in place of its own channel mask: a channel that the layer's own mask
+    zeroes but `channel` keeps passes what the plain layer gives for 0
+    (beta - gamma * mean / sqrt(var + eps))."""
+    passes = _maps_zero_to_zero(layer, in_shape)
+    if channel is None:
+        return passes
+    own = ops.convert_to_numpy(layer.channel_mask)
+    gamma, beta = (ops.convert_to_numpy(w) if w is not None else None
+                   for w in (getattr(layer, "gamma", None), getattr(layer, "beta", None)))
+    mean = ops.convert_to_numpy(layer.moving_mean)
+    var = ops.convert_to_numpy(layer.moving_variance)
+    at_zero = -mean / np.sqrt(var + layer.epsilon)
+    if gamma is not None:
+        at_zero = at_zero * gamma
+    if beta is not None:
+        at_zero = at_zero + beta
+    revived = (own == 0) & (channel != 0)
+    passes = passes.copy()
+    passes[revived] = at_zero[revived] == 0
+    passes[channel == 0] = True
+    return passes
+
+
+def _plan(model, masks=None):
+    """The `_Plan` of `model` (with `masks` in place of its masked layers'
+    own, see `deployed_counts`), or the name of a layer used at several
     places (then nothing can be compacted)."""
     model = rewired(model)
+    plain, channels = _with_masks(model, masks)
     for layer in model.layers:
         try:
             layer.input, layer.output
@@ -350,7 +410,7 @@ def _plan(model):
             continue
         source = inputs[0]
         if kind == "kernel":
-            start_chain(out, _zero_units(layer, protected), layer)
+            start_chain(out, _zero_units(layer, protected, plain), layer)
             continue
         if not channel_inputs:
             if known:
@@ -363,7 +423,7 @@ def _plan(model):
                 int(np.prod(source.shape[1:-1])) if len(source.shape) > 2 else 1
             )
             continue
-        passes = _maps_zero_to_zero(layer, source.shape)
+        passes = _zero_preserved(layer, source.shape, channels.get(layer.name))
         start = 0
         for key in groups(source):
             size = len(zero[key])
@@ -417,4 +477,4 @@ def _plan(model):
             return None
         return keep.get(groups(out)[0])
 
-    return _Plan(model, kinds, kept_inputs, kept_outputs, blocked)
+    return _Plan(model, kinds, kept_inputs, kept_outputs, blocked, plain)

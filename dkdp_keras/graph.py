@@ -1,16 +1,86 @@
-"""Reading the layer graph of Sequential/Functional models with the public
-API (`layer.input`, `layer.output`): which layers own the model's output
-units, and width-scaled copies of a model."""
+"""The bottom of the library: what a Sequential/Functional model is made
+of, read with the public API (`model.layers`, `layer.input`,
+`layer.output`): which layers it has (nested models included), which are
+the library's masked twins, which BatchNormalization follows a layer,
+which layers own the model's output units, where a layer is shared; and
+copies of a model (cloned, rewired, width-scaled)."""
 
 import keras
 
-from dkdp_keras.prunable import (
-    check_graph_model,
-    is_kernel_layer,
-    is_masked,
-    is_strippable,
-    iter_layers,
-)
+from dkdp_keras.layers import MASKED_TWINS, MaskedBatchNormalization, MaskedKernelMixin
+
+def _is_graph_model(model):
+    """True for Sequential and Functional models, which can be cloned."""
+    names = {cls.__name__ for cls in type(model).__mro__}
+    return "Sequential" in names or "Functional" in names
+
+
+def check_graph_model(model, argument="model"):
+    """Raise a clear error unless `model` is a built Sequential/Functional model."""
+    if not isinstance(model, keras.Model):
+        raise TypeError(
+            f"{argument} must be a keras.Model (Sequential or Functional), got "
+            f"{type(model).__name__}: {model!r:.80}. Load a saved model with "
+            "keras.saving.load_model(path) first."
+        )
+    if not _is_graph_model(model):
+        raise TypeError(
+            f"{argument} is a subclassed keras.Model ({type(model).__name__}), "
+            "whose layers cannot be rewired. Build the same network as a "
+            "Sequential or Functional model (keras.Model(inputs, outputs)), or "
+            "use the masked layers (dkdp_keras.MaskedDense, MaskedConv2D, ...) "
+            "directly inside your subclass."
+        )
+    if not model.built or not model.inputs:
+        raise ValueError(
+            f"{argument} '{model.name}' is not built: give it an input "
+            "(keras.Input(shape=...)) or call model.build(input_shape) first."
+        )
+
+
+def iter_layers(model):
+    """Every layer of `model`, nested models' layers included, in order."""
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            yield from iter_layers(layer)
+        else:
+            yield layer
+
+
+def is_masked(layer):
+    """True if `layer` is one of the library's masked kernel layers."""
+    return isinstance(layer, MaskedKernelMixin)
+
+
+def is_strippable(layer):
+    """True for every library layer that `strip` turns back into Keras'."""
+    return isinstance(layer, (MaskedKernelMixin, MaskedBatchNormalization))
+
+
+def _twin_of(layer):
+    """The masked class for `layer`'s exact class, or None."""
+    return MASKED_TWINS.get(type(layer))
+
+
+def _clone(model, clone_function):
+    pairs = []
+
+    def recording(layer):
+        new = clone_function(layer)
+        pairs.append((layer, new))
+        return new
+
+    clone = keras.models.clone_model(
+        model, clone_function=recording, recursive=True
+    )
+    return clone, pairs
+
+
+def is_kernel_layer(layer):
+    """True for masked layers and for the plain layers that have a twin."""
+    return is_masked(layer) or type(layer) in MASKED_TWINS
+
+
 
 #: Layers whose output has the same units (channels) as their input, one to
 #: one: a unit of the layer before them is a unit of their output.
@@ -68,8 +138,6 @@ def rewired(model):
     wired, for the functions that read the graph from `layer.input`."""
     if is_wired(model):
         return model
-    from dkdp_keras.prunable import _clone
-
     copy, pairs = _clone(
         model, lambda layer: layer.__class__.from_config(layer.get_config())
     )

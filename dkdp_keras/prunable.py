@@ -7,11 +7,18 @@ import numpy as np
 from keras import ops
 
 from dkdp_keras import _validation
-from dkdp_keras.layers import (
-    MASKED_TWINS,
-    MaskedBatchNormalization,
-    MaskedKernelMixin,
+from dkdp_keras.graph import (  # noqa: F401  (names of this module's API)
+    _clone,
+    _is_graph_model,
+    _twin_of,
+    batchnorm_after,
+    check_graph_model,
+    is_kernel_layer,
+    is_masked,
+    is_strippable,
+    iter_layers,
 )
+from dkdp_keras.layers import MASKED_TWINS, MaskedBatchNormalization
 
 #: Layers with weights that need no mask: normalisation and the like. A layer
 #: with weights outside this list and outside MASKED_TWINS is reported.
@@ -24,77 +31,11 @@ _PASSIVE_LAYERS = (
 )
 
 
-def _is_graph_model(model):
-    """True for Sequential and Functional models, which can be cloned."""
-    names = {cls.__name__ for cls in type(model).__mro__}
-    return "Sequential" in names or "Functional" in names
-
-
-def check_graph_model(model, argument="model"):
-    """Raise a clear error unless `model` is a built Sequential/Functional model."""
-    if not isinstance(model, keras.Model):
-        raise TypeError(
-            f"{argument} must be a keras.Model (Sequential or Functional), got "
-            f"{type(model).__name__}: {model!r:.80}. Load a saved model with "
-            "keras.saving.load_model(path) first."
-        )
-    if not _is_graph_model(model):
-        raise TypeError(
-            f"{argument} is a subclassed keras.Model ({type(model).__name__}), "
-            "whose layers cannot be rewired. Build the same network as a "
-            "Sequential or Functional model (keras.Model(inputs, outputs)), or "
-            "use the masked layers (dkdp_keras.MaskedDense, MaskedConv2D, ...) "
-            "directly inside your subclass."
-        )
-    if not model.built or not model.inputs:
-        raise ValueError(
-            f"{argument} '{model.name}' is not built: give it an input "
-            "(keras.Input(shape=...)) or call model.build(input_shape) first."
-        )
-
-
-def iter_layers(model):
-    """Every layer of `model`, nested models' layers included, in order."""
-    for layer in model.layers:
-        if isinstance(layer, keras.Model):
-            yield from iter_layers(layer)
-        else:
-            yield layer
-
-
 def masked_layers(model):
     """The masked layers of `model` (nested models included), in order."""
     _validation.keras_model("model", model)
     return [layer for layer in iter_layers(model) if is_masked(layer)]
 
-
-def is_masked(layer):
-    """True if `layer` is one of the library's masked kernel layers."""
-    return isinstance(layer, MaskedKernelMixin)
-
-
-def is_strippable(layer):
-    """True for every library layer that `strip` turns back into Keras'."""
-    return isinstance(layer, (MaskedKernelMixin, MaskedBatchNormalization))
-
-
-def _twin_of(layer):
-    """The masked class for `layer`'s exact class, or None."""
-    return MASKED_TWINS.get(type(layer))
-
-
-def _clone(model, clone_function):
-    pairs = []
-
-    def recording(layer):
-        new = clone_function(layer)
-        pairs.append((layer, new))
-        return new
-
-    clone = keras.models.clone_model(
-        model, clone_function=recording, recursive=True
-    )
-    return clone, pairs
 
 
 def prunable(
@@ -159,8 +100,6 @@ def prunable(
             "layers must be None, a list of layer names or a callable "
             f"layer -> bool, got {layers!r}."
         )
-
-    from dkdp_keras.graph import batchnorm_after
 
     # BatchNormalization layers reading a layer that will be masked get a
     # channel mask, so that removed units are exact zeros after them too.
@@ -260,11 +199,6 @@ def strip(model):
     return clone
 
 
-def is_kernel_layer(layer):
-    """True for masked layers and for the plain layers that have a twin."""
-    return is_masked(layer) or type(layer) in MASKED_TWINS
-
-
 def effective_kernel(layer):
     """The kernel a layer computes with: ``kernel * mask`` for masked layers,
     the kernel itself for plain Dense/Conv/DepthwiseConv layers, else None."""
@@ -318,8 +252,6 @@ def sparsity(model):
 def sync_batchnorm(model):
     """Set the channel mask of every MaskedBatchNormalization that reads a
     masked layer to that layer's unit mask (call after changing masks)."""
-    from dkdp_keras.graph import batchnorm_after
-
     for name, bn in batchnorm_after(model).items():
         if isinstance(bn, MaskedBatchNormalization):
             source = next(l for l in iter_layers(model) if l.name == name)

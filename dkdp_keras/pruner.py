@@ -153,8 +153,14 @@ class Pruner:
             if batchnorm:
                 self._sync_batchnorm(layer, masks[layer.name], was_dead)
 
+    def usage_with(self, masks, budget):
+        """`budget.usage` of the teacher as compacted with `masks`, counted
+        from the masks and the graph: nothing is assigned to the model."""
+        return budget.usage(self.teacher, counts=deployed_counts(self.teacher, masks))
+
     def measure_with(self, masks, measure):
-        """`measure(teacher)` as if the teacher had `masks` (restored after)."""
+        """`measure(teacher)` with `masks` assigned for the time of the call
+        (restored after), for measures that need the masked model itself."""
         saved = self.current_masks()
         self.assign(masks, batchnorm=False)
         sync_batchnorm(self.teacher)  # channel masks follow, so compaction sees it

@@ -13,6 +13,7 @@ import keras
 import numpy as np
 
 from dkdp_keras.prunable import iter_layers
+from dkdp_keras.thresholds.adaptive import Adaptive
 
 #: Epoch ends after a pruning event that the average leaves out: the teacher
 #: is still recovering from the event.
@@ -204,8 +205,6 @@ def finish(callback):
     BatchNormalization statistics were still settling can be far worse).
     Without, a model without BatchNormalization takes the mean unchecked,
     one with it keeps its last epoch."""
-    from dkdp_keras.thresholds.adaptive import Adaptive
-
     adaptive = isinstance(callback.threshold, Adaptive)
     policy = callback.threshold if adaptive else None
     teacher = callback._teacher()
@@ -268,8 +267,6 @@ def _validate(callback, data, monitor):
     evaluated on `data`; `monitor` None: accuracy if the model tracks it,
     else the loss. Names are read as the epoch logs have them (a
     DKDPModel's "val_accuracy" is its teacher's)."""
-    from dkdp_keras.thresholds.adaptive import Adaptive
-
     results = callback.model.evaluate(
         data["x"], data["y"], batch_size=data.get("batch_size"),
         steps=data.get("steps"), verbose=0, return_dict=True)

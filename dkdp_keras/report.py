@@ -2,13 +2,15 @@
 pruned, as a table and as PNG plots."""
 
 import pathlib
+import warnings
 
 import keras
 import numpy as np
 from keras import ops
 
 from dkdp_keras import importance as importance_lib
-from dkdp_keras.prunable import masked_layers
+from dkdp_keras.compaction import compact
+from dkdp_keras.prunable import iter_layers, masked_layers
 
 
 def importance_summary(model, criterion="magnitude", out_dir=None, decision=None):
@@ -83,11 +85,6 @@ def importance_summary(model, criterion="magnitude", out_dir=None, decision=None
 
 def _shipped(model):
     """Layer name -> (units, non-zero kernel weights) in `compact(model)`."""
-    import warnings
-
-    from dkdp_keras.compaction import compact
-    from dkdp_keras.prunable import iter_layers
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         small = compact(model)

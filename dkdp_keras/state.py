@@ -20,6 +20,8 @@ before any callback's `on_train_begin` restores a checkpoint.
 import keras
 import numpy as np
 
+from dkdp_keras.graph import iter_layers
+
 #: Attribute of the model that holds its `PruningState`.
 ATTRIBUTE = "_dkdp_state"
 
@@ -110,8 +112,6 @@ def pruning_state(model):
 def _seed_generators(model):
     """The `keras.random.SeedGenerator`s of `model`'s layers (Dropout, noise
     layers), in a fixed order."""
-    from dkdp_keras.prunable import iter_layers
-
     return [value for layer in iter_layers(model)
             for _, value in sorted(vars(layer).items())
             if isinstance(value, keras.random.SeedGenerator)]

@@ -16,6 +16,9 @@ step never brings them back by itself.
 import keras
 from keras import ops
 
+from dkdp_keras import _validation
+from dkdp_keras.prunable import masked_layers
+
 GRANULARITIES = ("weight", "unit", "layer")
 
 
@@ -206,10 +209,6 @@ def collect_gradients(model, x, y, loss, batch_size=32):
         batch_size: examples per step.
     """
     import tensorflow as tf  # the gradient tape is backend-specific
-
-    from dkdp_keras.prunable import masked_layers
-
-    from dkdp_keras import _validation
 
     _validation.examples("x", x, model=model, y=y)
     _validation.number("batch_size", batch_size, low=1, integer=True)

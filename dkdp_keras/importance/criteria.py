@@ -6,6 +6,7 @@ from keras import ops
 
 from dkdp_keras import _validation
 from dkdp_keras.importance.base import Criterion
+from dkdp_keras.prunable import masked_layers
 
 
 class Magnitude(Criterion):
@@ -146,8 +147,6 @@ class OutputContribution(Criterion):
         self._scores = {}
 
     def prepare(self, model):
-        from dkdp_keras.prunable import masked_layers
-
         _validation.examples("OutputContribution x", self.x, model=model)
         self._scores = {}
         baseline = model(self.x, training=False)
@@ -187,75 +186,3 @@ class OutputContribution(Criterion):
 
     def get_config(self):
         return {"target": self.target}
-
-
-class Combined(Criterion):
-    """A weighted sum of criteria, each normalised by its mean over the
-    layer's kept entries so that criteria of different scales mix:
-    I = Σ_k w_k · I_k / mean(I_k).
-
-    Args:
-        criteria: a list of `(criterion, weight)` pairs, weights > 0.
-
-    Example:
-
-    >>> c = Combined([(Magnitude(), 1.0), (LearnedMask(), 0.5)])
-    """
-
-    def __init__(self, criteria):
-        from dkdp_keras.importance import get
-
-        if not isinstance(criteria, (list, tuple)) or not criteria:
-            raise TypeError(
-                "criteria must be a non-empty list of (criterion, weight) "
-                f"pairs, got {criteria!r}."
-            )
-        parsed = []
-        for item in criteria:
-            if not (isinstance(item, (list, tuple)) and len(item) == 2):
-                raise TypeError(
-                    f"each entry of criteria must be (criterion, weight), "
-                    f"got {item!r}."
-                )
-            criterion, weight = item
-            if isinstance(weight, bool) or not isinstance(weight, (int, float)):
-                raise TypeError(f"weight must be a number, got {weight!r}.")
-            if not weight > 0:
-                raise ValueError(f"weight must be > 0, got {weight!r}.")
-            parsed.append((get(criterion), float(weight)))
-        self.criteria = parsed
-
-    @property
-    def requires(self):
-        kinds = []
-        for criterion, _ in self.criteria:
-            if criterion.requires is None:
-                return None
-            kinds += [k for k in criterion.requires if k not in kinds]
-        return tuple(kinds)
-
-    def gradient_statistics(self, granularity):
-        names = []
-        for criterion, _ in self.criteria:
-            read = criterion.gradient_statistics(granularity)
-            if read is None:
-                return None
-            names += [n for n in read if n not in names]
-        return tuple(names)
-
-    def prepare(self, model):
-        for criterion, _ in self.criteria:
-            criterion.prepare(model)
-
-    def score(self, layer, granularity="weight"):
-        total = None
-        for criterion, weight in self.criteria:
-            s = criterion.score(layer, granularity)
-            if granularity != "layer":
-                s = s / (ops.mean(s) + 1e-12)
-            part = weight * s
-            total = part if total is None else total + part
-        return total
-
-    def get_config(self):
-        return {"criteria": self.criteria}

@@ -28,6 +28,7 @@ several passes over the kernel at every step, ``taylor_unit`` alone one.
 """
 
 import keras
+import numpy as np
 from keras import ops
 
 MASK_ARGS = ("learnable_mask", "gate_l1", "track_statistics")
@@ -283,8 +284,12 @@ class MaskedKernelMixin:
             var.assign(store[str(i)])
 
     # ------------------------------------------------------------- stripping
-    def stripped_weights(self):
+    def stripped_weights(self, mask=None):
         """Weights of the equivalent plain layer: mask and gate baked in.
+
+        Args:
+            mask: a kernel mask to bake in instead of the layer's own (to
+                count what other masks would leave, without assigning them).
 
         Returns:
             A list ``[kernel]`` or ``[kernel, bias]`` of numpy arrays, in the
@@ -293,7 +298,9 @@ class MaskedKernelMixin:
         # In numpy, as `as_units`/`from_units` lay units out: budget checks
         # call this many times per pruning event.
         n = self.num_units
-        mask = ops.convert_to_numpy(self.kernel_mask).reshape(-1, n)
+        if mask is None:
+            mask = ops.convert_to_numpy(self.kernel_mask)
+        mask = np.asarray(mask).reshape(-1, n)
         kernel = ops.convert_to_numpy(self.kernel).reshape(-1, n) * mask
         scale = None if self.gate is None else ops.convert_to_numpy(self.gate)
         if scale is not None:

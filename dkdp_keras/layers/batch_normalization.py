@@ -44,10 +44,11 @@ class MaskedBatchNormalization(keras.layers.BatchNormalization):
             outputs, ops.cast(ops.reshape(self.channel_mask, shape), outputs.dtype)
         )
 
-    def stripped_weights(self):
+    def stripped_weights(self, channel_mask=None):
         """[gamma, beta, moving_mean, moving_variance] of the plain layer,
-        with the channel mask folded into gamma and beta."""
-        m = ops.convert_to_numpy(self.channel_mask)
+        with the channel mask (or `channel_mask`, instead of the layer's
+        own) folded into gamma and beta."""
+        m = ops.convert_to_numpy(self.channel_mask) if channel_mask is None else channel_mask
         weights = []
         if self.scale:
             weights.append(ops.convert_to_numpy(self.gamma) * m)

@@ -11,9 +11,13 @@ asks both at each epoch end and lets a `Pruner` write the masks.
 import math
 
 import numpy as np
+from keras import ops
 
-from dkdp_keras import _validation
-from dkdp_keras.budget import Budget
+from dkdp_keras import _validation, importance
+from dkdp_keras.budget import Budget, deployed
+from dkdp_keras.counting import count_macs
+from dkdp_keras.prunable import is_kernel_layer, iter_layers
+from dkdp_keras.thresholds.mechanism import MaskPool
 from dkdp_keras.thresholds.schedules import SparsityPolicy
 
 #: The highest sparsity the budget search tries.
@@ -403,13 +407,6 @@ def check_reachable(budget, pruner):
     Counted on the compacted model with every parameter it keeps but the
     zeros of its kernels: before training, biases and normalisation
     offsets are zeros that training makes non-zero."""
-    from keras import ops
-
-    from dkdp_keras import importance
-    from dkdp_keras.budget import count_macs, deployed
-    from dkdp_keras.prunable import is_kernel_layer, iter_layers
-    from dkdp_keras.thresholds.mechanism import MaskPool
-
     scores = [ops.convert_to_numpy(importance.Magnitude().score(l, pruner.granularity))
               for l in pruner.layers]
     pool = MaskPool(
