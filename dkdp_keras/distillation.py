@@ -1,12 +1,17 @@
-"""Distillation losses L_KD = D(M_t(x), M_s(x)) and metric helpers for the
-DKDP training step."""
+"""Knowledge distillation in DKDP: the distillation losses L_KD =
+D(M_t(x), M_s(x)), the metrics of teacher and student, the teacher (made
+prunable) and the student (auto or given), and when the student is
+rebuilt."""
 
 import keras
 from keras import ops
 
 from dkdp_keras import _validation
+from dkdp_keras.graph import width_copy
+from dkdp_keras.prunable import check_graph_model, masked_layers, prunable
 
 KD_LOSSES = ("kl", "mse")
+REFRESH_STRATEGIES = ("width", "compact_teacher")
 
 
 def get_kd_loss(kd_loss, temperature):
@@ -96,7 +101,8 @@ def make_metrics(metrics, prefix):
 
 
 def check_hyperparameters(lambda_kd, temperature, student_hard_loss_weight,
-                          mutual, student_width):
+                          mutual, student_width, student_batch_fraction):
+    """Raise unless DKDPModel's numeric and boolean arguments are in range."""
     _validation.number("lambda_kd", lambda_kd, low=0.0)
     _validation.number("temperature", temperature, low=0.0, low_open=True)
     _validation.number(
@@ -106,6 +112,10 @@ def check_hyperparameters(lambda_kd, temperature, student_hard_loss_weight,
         raise TypeError(f"mutual must be True or False, got {mutual!r}.")
     _validation.number(
         "student_width", student_width, low=0.0, high=1.0, low_open=True
+    )
+    _validation.number(
+        "student_batch_fraction", student_batch_fraction, low=0.0, high=1.0,
+        low_open=True,
     )
 
 
@@ -131,6 +141,74 @@ def same_signature(teacher, student):
 def kd_value(kd, teacher_out, student_out):
     """The distillation loss as a float32 scalar."""
     return ops.cast(kd.compute_loss(teacher_out, student_out), "float32")
+
+
+def prunable_teacher(teacher):
+    """`teacher`, checked to be a one-output graph model, with masked
+    layers that track statistics (made prunable if it has none)."""
+    check_graph_model(teacher, "teacher")
+    if len(teacher.outputs) != 1:
+        raise ValueError(
+            f"teacher '{teacher.name}' has {len(teacher.outputs)} outputs; "
+            "DKDPModel trains single-output models. Distil each head "
+            "with its own DKDPModel, or concatenate the heads."
+        )
+    if not masked_layers(teacher):
+        teacher = prunable(teacher, track_statistics=True)
+    if not masked_layers(teacher):
+        raise ValueError(
+            f"teacher '{teacher.name}' has no prunable layer (Dense, "
+            "Conv1D/2D/3D, DepthwiseConv1D/2D): there is nothing to prune."
+        )
+    return teacher
+
+
+def make_student(teacher, student, width):
+    """The student of `teacher`, checked to read and predict what it does.
+
+    Args:
+        teacher: the (prunable) teacher.
+        student: "auto" (a width-`width` copy of the teacher,
+            `dkdp_keras.graph.width_copy`), a Keras model, or a callable
+            `teacher -> student` that returns one.
+        width: the width factor of the "auto" student, in (0, 1].
+    """
+    if isinstance(student, str):
+        if student != "auto":
+            raise ValueError(
+                "student must be 'auto', a Keras model or a callable "
+                f"teacher -> student, got {student!r}."
+            )
+        made = width_copy(teacher, width, name="student")
+    elif isinstance(student, keras.Model):
+        made = student
+    elif callable(student):
+        made = student(teacher)
+        if not isinstance(made, keras.Model):
+            raise TypeError(
+                "the student callable must return a keras.Model, got "
+                f"{type(made).__name__}."
+            )
+    else:
+        raise TypeError(
+            "student must be 'auto', a Keras model or a callable "
+            f"teacher -> student, got {student!r}."
+        )
+    check_graph_model(made, "student")
+    same_signature(teacher, made)
+    return made
+
+
+def check_refresh_strategy(strategy):
+    """Raise unless `strategy` is "width", "compact_teacher" or a callable
+    `teacher -> student` (what `DKDPModel.refresh_student` takes)."""
+    if isinstance(strategy, str):
+        _validation.choice("strategy", strategy, REFRESH_STRATEGIES)
+    elif not callable(strategy):
+        raise TypeError(
+            "strategy must be 'width', 'compact_teacher' or a callable "
+            f"teacher -> student, got {strategy!r}."
+        )
 
 
 class StudentRefresh:
@@ -161,13 +239,7 @@ class StudentRefresh:
             None if shrink is None
             else _validation.number("shrink", shrink, low=1.0, low_open=True)
         )
-        if isinstance(strategy, str):
-            _validation.choice("strategy", strategy, ("width", "compact_teacher"))
-        elif not callable(strategy):
-            raise TypeError(
-                "strategy must be 'width', 'compact_teacher' or a callable "
-                f"teacher -> student, got {strategy!r}."
-            )
+        check_refresh_strategy(strategy)
         self.strategy = strategy
 
     @classmethod
