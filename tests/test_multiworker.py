@@ -154,7 +154,7 @@ def test_several_workers_are_refused_at_compile_naming_the_keras_issue(workers):
 def test_the_refusal_stands_for_a_failure_of_keras_itself(workers):
     # A plain two-layer Keras model's fit fails on the two workers. When this
     # test fails, Keras trains across workers: drop
-    # dkdp_keras.model._refuse_several_workers and test multi-worker runs.
+    # dkdp_keras.distribute.refuse_several_workers and test multi-worker runs.
     for out in workers:
         assert out["plain"] is not None, "Keras' fit now works across workers"
         assert "PerReplica" in out["plain"]

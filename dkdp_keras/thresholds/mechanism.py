@@ -116,7 +116,7 @@ def threshold_for_sparsity(scores, sparsity, sizes=None):
 
 class _SortedPool:
     """Scores sorted once, cut at any number of sparsities (the Adaptive
-    bisection asks for about ten with the same scores)."""
+    budget search asks for several with the same scores)."""
 
     def __init__(self, scores, sizes):
         self.scores = scores
