@@ -221,9 +221,8 @@ def measure_tflite_latencies_ms(paths, runs=100, warmup=10, batch=1, rounds=5):
     """`measure_tflite_latency_ms` of several files, interleaved: after each
     file's `warmup`, `rounds` rounds each time every file `runs / rounds`
     times, so that a machine whose speed drifts during the measurement
-    (seen here: one architecture measured 0.017 to 0.022 ms in one pass,
-    slower the earlier it came) slows every file alike. Each file's figure
-    is still the median of `runs` invocations."""
+    slows every file alike. Each file's figure is still the median of
+    `runs` invocations."""
     runs = int(runs)
     rounds = max(1, min(int(rounds), runs))
     setups = []

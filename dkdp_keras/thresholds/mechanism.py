@@ -195,9 +195,8 @@ def compute_masks(
             4 × `unit_multiple` units keeps a multiple of `unit_multiple`
             units (the nearest one, at least one multiple): its best units
             by score, some pruned ones re-added or some kept ones dropped.
-            Vector units run such widths faster: in LiteRT on an x86 CPU a
-            Conv 11-36-Dense 67 CNN ran at 0.19× the reference CNN's
-            batch-1 time, the 8-32-64 one at 0.09×. 1 turns it off.
+            Vector units run such widths faster (LiteRT on x86: see
+            benchmarks/RESULTS.md). 1 turns it off.
 
     Returns:
         A `PruningResult`.
