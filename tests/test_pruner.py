@@ -95,3 +95,18 @@ def test_the_budget_search_assigns_no_mask(granularity):
     cb._prune(found, scores)  # the event itself writes the masks
     assert counter.count > 0
     assert budget.is_met(model)
+
+
+def test_the_floors_best_entries_are_those_a_stable_sort_gives():
+    """Floors take the best entries by a partition, not a sort of the whole
+    layer; they must be the very entries the stable sort picked, ties
+    included."""
+    from dkdp_keras.thresholds.mechanism import _best
+
+    rng = np.random.default_rng(0)
+    for trial in range(200):
+        n = int(rng.integers(1, 400))
+        flat = rng.integers(0, 5, n).astype(float) if trial % 2 else rng.random(n)
+        count = int(rng.integers(0, n + 2))
+        want = set(np.argsort(-flat, kind="stable")[:count].tolist())
+        assert set(_best(flat, count).tolist()) == want, (trial, n, count)

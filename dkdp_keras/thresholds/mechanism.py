@@ -420,6 +420,20 @@ def _best_first(flat, order):
     return np.argsort(-flat, kind="stable") if order is None else order()
 
 
+def _best(flat, count):
+    """The indices of the `count` best entries of `flat`: the set that
+    `np.argsort(-flat, kind="stable")[:count]` gives (ties at the cut by
+    position), found by a partition instead of a sort."""
+    if count >= flat.size:
+        return np.arange(flat.size)
+    if count <= 0:
+        return np.arange(0)
+    cut = np.partition(flat, flat.size - count)[flat.size - count]
+    above = np.flatnonzero(flat > cut)
+    ties = np.flatnonzero(flat == cut)[: count - above.size]
+    return np.concatenate([above, ties])
+
+
 def _align_units(flat, keep, multiple, order=None):
     """Keep a multiple of `multiple` units: the best ones by score
     (`order`: a function giving the units best first, sorted once)."""
@@ -449,11 +463,11 @@ def _apply_floors(layer, flat, keep, granularity, floors, order=None):
         need = max(floors.min_units, math.ceil(floors.min_fraction * flat.size))
         need = min(need, flat.size)
         if keep.sum() < need:
-            keep[_best_first(flat, order)[:need]] = True
+            keep[_best(flat, need)] = True
         return keep
     need = min(max(1, math.ceil(floors.min_fraction * flat.size)), flat.size)
     if keep.sum() < need:
-        keep[_best_first(flat, order)[:need]] = True
+        keep[_best(flat, need)] = True
     # At least `min_units` units keep a weight: the best weight of the best
     # units that have none.
     units = keep.reshape(-1, layer.num_units)
