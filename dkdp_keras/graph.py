@@ -118,18 +118,25 @@ def is_wired(model):
     `.keras` file) is not: Keras calls its first layers again each time it
     adds a layer, so their first call belongs to an unfinished graph.
     """
+    return _first_misreading(model) is None
+
+
+def _first_misreading(model):
+    """The name of the first layer of `model` whose first call reads a
+    tensor that the graph has not produced before it (a layer called again
+    elsewhere, or a graph left unfinished), or None."""
     produced = {id(t) for t in model.inputs}
     for layer in model.layers:
         try:
             inputs, outputs = _flat(layer.input), _flat(layer.output)
         except (AttributeError, ValueError):
-            return True  # a layer used at several places: callers see to it
+            return None  # a layer used at several places: callers see to it
         if not isinstance(layer, keras.layers.InputLayer) and any(
             id(t) not in produced for t in inputs
         ):
-            return False
+            return layer.name
         produced.update(id(t) for t in outputs)
-    return True
+    return None
 
 
 def rewired(model):
@@ -258,19 +265,10 @@ def shared_layer_reader(model):
     """The name of the first layer of `model` that reads the output of a
     layer's second call (a layer shared between places of the graph), or
     None when every layer is called once. Nested models are looked into."""
-    view = rewired(model)
-    if not is_wired(view):
-        produced = {id(t) for t in view.inputs}
-        for layer in view.layers:
-            try:
-                inputs, outputs = _flat(layer.input), _flat(layer.output)
-            except (AttributeError, ValueError):
-                return layer.name
-            if not isinstance(layer, keras.layers.InputLayer) and any(
-                id(t) not in produced for t in inputs
-            ):
-                return layer.name
-            produced.update(id(t) for t in outputs)
+    view = rewired(model)  # still misread after rewiring: a shared layer
+    found = _first_misreading(view)
+    if found is not None:
+        return found
     for layer in view.layers:
         if isinstance(layer, keras.Model):
             found = shared_layer_reader(layer)
