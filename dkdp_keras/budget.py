@@ -59,14 +59,15 @@ def deployed(model):
         return compact(model)
 
 
-def deployed_counts(model, masks=None):
+def deployed_counts(model, masks=None, snapshot=None):
     """`(non-zero parameters, MACs per example)` of `deployed(model)`,
     counted without building the compacted model; with `masks` (layer name
     -> kernel mask), as if the masked layers had those, without assigning
-    them (`compaction.deployed_counts`)."""
+    them, and with `snapshot` from its weights read once
+    (`compaction.deployed_counts`)."""
     if not any(is_masked(layer) for layer in iter_layers(model)):
         return count_params(model, nonzero=True), count_macs(model, nonzero=True)
-    return _compacted_counts(model, masks)
+    return _compacted_counts(model, masks, snapshot)
 
 
 class Budget:

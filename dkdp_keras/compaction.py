@@ -37,7 +37,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from dkdp_keras.counting import count_macs, count_params, positions
+from dkdp_keras.counting import Snapshot, count_macs, count_params, positions
 from dkdp_keras.graph import (
     _clone,
     _single,
@@ -152,7 +152,12 @@ def _zero_to_zero(activation):
     return value
 
 
-def _maps_zero_to_zero(layer, in_shape):
+def _maps_zero_to_zero(layer, in_shape, snapshot=None):
+    if snapshot is not None:
+        key = ("maps zero to zero", layer.name)
+        if key not in snapshot.memo:
+            snapshot.memo[key] = _maps_zero_to_zero(layer, in_shape)
+        return snapshot.memo[key]
     shape = (1,) + tuple(1 if d is None else d for d in in_shape[1:])
     out = ops.convert_to_numpy(layer(ops.zeros(shape), training=False))
     channels = out.shape[-1]
@@ -248,7 +253,7 @@ class _Plan:
         return [np.take(w, channels, axis=-1) for w in weights]
 
 
-def deployed_counts(model, masks=None):
+def deployed_counts(model, masks=None, snapshot=None):
     """`(non-zero parameters, multiply-accumulates per example)` of
     `compact(model)`, computed from the same plan without building it (a
     budget check runs this many times per pruning event).
@@ -256,9 +261,10 @@ def deployed_counts(model, masks=None):
     `masks` (layer name -> kernel mask): count what `compact` would ship if
     those masked layers had these masks (and the BatchNormalization after
     each followed its units, as `sync_batchnorm` makes it), without
-    assigning anything to the model."""
+    assigning anything to the model. `snapshot` (a `counting.Snapshot` of
+    the model's current weights) reads them once for many counts."""
     check_graph_model(model)
-    plan = _plan(model, masks)
+    plan = _plan(model, masks, snapshot)
     if isinstance(plan, str):
         small = strip(model)
         return count_params(small), count_macs(small)
@@ -277,13 +283,15 @@ def deployed_counts(model, masks=None):
     return params, macs
 
 
-def _with_masks(model, masks):
+def _with_masks(model, masks, snapshot=None):
     """`(plain, channels)`: the plain weights of a layer as they would be
     with `masks` in place of the masked layers' own (`plain_weights`
-    otherwise), and the channel mask each MaskedBatchNormalization reading a
-    masked layer of `masks` would have."""
+    otherwise, or the `snapshot`'s), and the channel mask each
+    MaskedBatchNormalization reading a masked layer of `masks` would have."""
+    plain_of = plain_weights if snapshot is None else snapshot.plain_weights
+    read = ops.convert_to_numpy if snapshot is None else snapshot.read
     if not masks:
-        return plain_weights, {}
+        return plain_of, {}
     layers = {layer.name: layer for layer in iter_layers(model)}
     channels = {}
     for name, bn in batchnorm_after(model).items():
@@ -293,27 +301,28 @@ def _with_masks(model, masks):
 
     def plain(layer):
         if is_masked(layer) and layer.name in masks:
-            return layer.stripped_weights(masks[layer.name])
+            return layer.stripped_weights(masks[layer.name], read=read)
         if layer.name in channels:
-            return layer.stripped_weights(channels[layer.name])
-        return plain_weights(layer)
+            return layer.stripped_weights(channels[layer.name], read=read)
+        return plain_of(layer)
 
     return plain, channels
 
 
-def _zero_preserved(layer, in_shape, channel=None):
+def _zero_preserved(layer, in_shape, channel=None, snapshot=None):
     """`_maps_zero_to_zero`, for a MaskedBatchNormalization with `channel`
     in place of its own channel mask: a channel that the layer's own mask
     zeroes but `channel` keeps passes what the plain layer gives for 0
     (beta - gamma * mean / sqrt(var + eps))."""
-    passes = _maps_zero_to_zero(layer, in_shape)
+    passes = _maps_zero_to_zero(layer, in_shape, snapshot)
     if channel is None:
         return passes
-    own = ops.convert_to_numpy(layer.channel_mask)
-    gamma, beta = (ops.convert_to_numpy(w) if w is not None else None
+    read = ops.convert_to_numpy if snapshot is None else snapshot.read
+    own = read(layer.channel_mask)
+    gamma, beta = (read(w) if w is not None else None
                    for w in (getattr(layer, "gamma", None), getattr(layer, "beta", None)))
-    mean = ops.convert_to_numpy(layer.moving_mean)
-    var = ops.convert_to_numpy(layer.moving_variance)
+    mean = read(layer.moving_mean)
+    var = read(layer.moving_variance)
     at_zero = -mean / np.sqrt(var + layer.epsilon)
     if gamma is not None:
         at_zero = at_zero * gamma
@@ -326,12 +335,18 @@ def _zero_preserved(layer, in_shape, channel=None):
     return passes
 
 
-def _plan(model, masks=None):
+def _plan(model, masks=None, snapshot=None):
     """The `_Plan` of `model` (with `masks` in place of its masked layers'
-    own, see `deployed_counts`), or the name of a layer used at several
-    places (then nothing can be compacted)."""
-    model = rewired(model)
-    plain, channels = _with_masks(model, masks)
+    own, and its weights from `snapshot`: see `deployed_counts`), or the
+    name of a layer used at several places (then nothing can be compacted)."""
+    if snapshot is None:
+        model = rewired(model)
+    else:
+        key = ("rewired", id(model))
+        if key not in snapshot.memo:
+            snapshot.memo[key] = (model, rewired(model))
+        model = snapshot.memo[key][1]
+    plain, channels = _with_masks(model, masks, snapshot)
     for layer in model.layers:
         try:
             layer.input, layer.output
@@ -423,7 +438,7 @@ def _plan(model, masks=None):
                 int(np.prod(source.shape[1:-1])) if len(source.shape) > 2 else 1
             )
             continue
-        passes = _zero_preserved(layer, source.shape, channels.get(layer.name))
+        passes = _zero_preserved(layer, source.shape, channels.get(layer.name), snapshot)
         start = 0
         for key in groups(source):
             size = len(zero[key])

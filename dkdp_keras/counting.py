@@ -15,8 +15,10 @@ Counting rules (masked or plain Sequential/Functional models):
 """
 
 import numpy as np
+from keras import ops
 
 from dkdp_keras import _validation
+from dkdp_keras.graph import is_strippable
 from dkdp_keras.prunable import effective_kernels, iter_layers, plain_weights
 
 
@@ -57,3 +59,30 @@ def count_macs(model, nonzero=True):
 
 
 _positions = positions  # the name compaction and budget used
+
+
+class Snapshot:
+    """A model's variables read once, as numpy, for many counts of one state
+    of its weights: a budget search counts some twenty candidate masks
+    between two writes. Valid only while no variable changes; the arrays it
+    hands out are shared, not to be written to.
+
+    `memo` holds what callers derive from the weights (per layer name)."""
+
+    def __init__(self):
+        self._values = {}  # id(variable) -> (variable, numpy value)
+        self.memo = {}
+
+    def read(self, variable):
+        """`ops.convert_to_numpy(variable)`, read on first use only."""
+        entry = self._values.get(id(variable))
+        if entry is None:
+            entry = self._values[id(variable)] = (
+                variable, ops.convert_to_numpy(variable))
+        return entry[1]
+
+    def plain_weights(self, layer):
+        """`prunable.plain_weights(layer)` from the snapshot."""
+        if is_strippable(layer):
+            return layer.stripped_weights(read=self.read)
+        return [self.read(w) for w in layer.weights]

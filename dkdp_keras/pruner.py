@@ -15,6 +15,7 @@ from keras import ops
 
 from dkdp_keras import importance as importance_lib
 from dkdp_keras.budget import deployed_counts
+from dkdp_keras.counting import Snapshot
 from dkdp_keras.graph import batchnorm_after
 from dkdp_keras.prunable import sync_batchnorm
 from dkdp_keras.thresholds.mechanism import MaskPool
@@ -53,6 +54,7 @@ class Pruner:
         self.calibration = calibration
         self.batchnorms = batchnorm_after(teacher)
         self._pool = None
+        self._snapshot = None  # the teacher's weights while none is written
         self.reset()
 
     def reset(self):
@@ -130,6 +132,7 @@ class Pruner:
         """The `MaskPool` of `scores`: normalised and sorted once per
         scoring, cut at every sparsity an event tries."""
         if self._pool is None or self._pool[0] is not scores:
+            self._snapshot = None  # new scores: the weights have moved
             self._pool = (scores, MaskPool(
                 self.layers, scores, granularity=self.granularity,
                 scope=self.scope, normalize=self.normalize, floors=self.floors,
@@ -146,6 +149,7 @@ class Pruner:
     def assign(self, masks, batchnorm=True):
         """Write `masks`; with `batchnorm`, the BatchNormalization after
         each layer follows its units (see `_sync_batchnorm`)."""
+        self._snapshot = None
         for layer in self.layers:
             if batchnorm:  # read before the mask changes
                 was_dead = ops.convert_to_numpy(layer.unit_mask()) == 0
@@ -156,7 +160,10 @@ class Pruner:
     def usage_with(self, masks, budget):
         """`budget.usage` of the teacher as compacted with `masks`, counted
         from the masks and the graph: nothing is assigned to the model."""
-        return budget.usage(self.teacher, counts=deployed_counts(self.teacher, masks))
+        if self._snapshot is None:
+            self._snapshot = Snapshot()
+        counts = deployed_counts(self.teacher, masks, self._snapshot)
+        return budget.usage(self.teacher, counts=counts)
 
     def measure_with(self, masks, measure):
         """`measure(teacher)` with `masks` assigned for the time of the call

@@ -284,12 +284,14 @@ class MaskedKernelMixin:
             var.assign(store[str(i)])
 
     # ------------------------------------------------------------- stripping
-    def stripped_weights(self, mask=None):
+    def stripped_weights(self, mask=None, read=ops.convert_to_numpy):
         """Weights of the equivalent plain layer: mask and gate baked in.
 
         Args:
             mask: a kernel mask to bake in instead of the layer's own (to
                 count what other masks would leave, without assigning them).
+            read: variable -> numpy (`counting.Snapshot.read` reads each
+                variable once for many counts).
 
         Returns:
             A list ``[kernel]`` or ``[kernel, bias]`` of numpy arrays, in the
@@ -299,15 +301,15 @@ class MaskedKernelMixin:
         # call this many times per pruning event.
         n = self.num_units
         if mask is None:
-            mask = ops.convert_to_numpy(self.kernel_mask)
+            mask = read(self.kernel_mask)
         mask = np.asarray(mask).reshape(-1, n)
-        kernel = ops.convert_to_numpy(self.kernel).reshape(-1, n) * mask
-        scale = None if self.gate is None else ops.convert_to_numpy(self.gate)
+        kernel = read(self.kernel).reshape(-1, n) * mask
+        scale = None if self.gate is None else read(self.gate)
         if scale is not None:
             kernel = kernel * scale
         weights = [kernel.reshape(tuple(self.kernel.shape))]
         if self.bias is not None:
-            bias = ops.convert_to_numpy(self.bias) * mask.max(axis=0)
+            bias = read(self.bias) * mask.max(axis=0)
             if scale is not None:
                 bias = bias * scale
             weights.append(bias)

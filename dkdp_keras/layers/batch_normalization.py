@@ -44,18 +44,18 @@ class MaskedBatchNormalization(keras.layers.BatchNormalization):
             outputs, ops.cast(ops.reshape(self.channel_mask, shape), outputs.dtype)
         )
 
-    def stripped_weights(self, channel_mask=None):
+    def stripped_weights(self, channel_mask=None, read=ops.convert_to_numpy):
         """[gamma, beta, moving_mean, moving_variance] of the plain layer,
         with the channel mask (or `channel_mask`, instead of the layer's
-        own) folded into gamma and beta."""
-        m = ops.convert_to_numpy(self.channel_mask) if channel_mask is None else channel_mask
+        own) folded into gamma and beta; `read`: variable -> numpy."""
+        m = read(self.channel_mask) if channel_mask is None else channel_mask
         weights = []
         if self.scale:
-            weights.append(ops.convert_to_numpy(self.gamma) * m)
+            weights.append(read(self.gamma) * m)
         if self.center:
-            weights.append(ops.convert_to_numpy(self.beta) * m)
-        weights.append(ops.convert_to_numpy(self.moving_mean))
-        weights.append(ops.convert_to_numpy(self.moving_variance))
+            weights.append(read(self.beta) * m)
+        weights.append(read(self.moving_mean))
+        weights.append(read(self.moving_variance))
         return weights
 
     def base_config(self):
