@@ -39,6 +39,7 @@ from keras import ops
 
 from dkdp_keras import _validation
 from dkdp_keras.importance.base import check_granularity
+from dkdp_keras.thresholds.ordering import merged_order, single_precision, stable_argsort
 
 
 NORMALIZE = ("mean", "l2", "lamp", "none")
@@ -118,9 +119,9 @@ class _SortedPool:
     """Scores sorted once, cut at any number of sparsities (the Adaptive
     budget search asks for several with the same scores)."""
 
-    def __init__(self, scores, sizes):
+    def __init__(self, scores, sizes, order=None):
         self.scores = scores
-        self.order = np.argsort(scores, kind="stable")
+        self.order = stable_argsort(scores) if order is None else order
         ordered = sizes[self.order]
         self.before = np.cumsum(ordered) - ordered
         self.total = sizes.sum()
@@ -139,29 +140,32 @@ class _SortedPool:
         return tau, pruned
 
 
-def _lamp(scores):
-    """s_u² / Σ_{v: s_v >= s_u} s_v² (Lee et al. 2021, LAMP)."""
+def _lamp(scores, with_order=False):
+    """s_u² / Σ_{v: s_v >= s_u} s_v² (Lee et al. 2021, LAMP), and with
+    `with_order` their stable order: they never decrease along that of s²,
+    which is that of |s| when s are float32 values (squares are exact)."""
     squared = np.square(scores)
-    order = np.argsort(squared, kind="stable")
+    magnitude = np.abs(scores)
+    if single_precision(magnitude):
+        order = stable_argsort(magnitude)
+    else:
+        order = np.argsort(squared, kind="stable")
     tail = np.cumsum(squared[order][::-1])[::-1]  # sum over this and larger
     out = np.zeros_like(squared)
     out[order] = np.divide(
         squared[order], tail, out=np.zeros_like(tail), where=tail > 0
     )
-    return out
+    return (out, order) if with_order else out
 
 
 def _normalise(scores, kept, normalize):
+    """`(normalised scores, their stable order)`: a positive scale keeps it."""
     if normalize == "lamp":
-        return _lamp(scores)
+        return _lamp(scores, with_order=True)
     live = scores[kept] if kept.any() else scores
-    if normalize == "mean":
-        scale = float(np.mean(live))
-    elif normalize == "l2":
-        scale = float(np.sqrt(np.sum(np.square(live))))
-    else:
-        return scores
-    return scores / scale if scale > 0 else scores
+    scale = {"mean": lambda: float(np.mean(live)), "none": lambda: 1.0,
+             "l2": lambda: float(np.sqrt(np.sum(np.square(live))))}[normalize]()
+    return (scores / scale if scale > 0 else scores), stable_argsort(scores)
 
 
 def compute_masks(
@@ -281,17 +285,18 @@ class MaskPool:
         if scope == "global":
             pool = [e for e in entries if e[4]]
             if pool:
-                norm = [
-                    _normalise(flat, kept, normalize)
-                    * float(layer_weights.get(layer.name, 1.0))
-                    for layer, flat, _, kept, _, _ in pool
-                ]
+                norm, hints = [], []
+                for layer, flat, _, kept, _, _ in pool:
+                    values, hint = _normalise(flat, kept, normalize)
+                    norm.append(values * float(layer_weights.get(layer.name, 1.0)))
+                    hints.append(hint)
                 # Protected layers' weights still count in the total: the
                 # target is a fraction of all the layers' weights.
                 self.protected = sum(e[2].sum() for e in entries if not e[4])
                 self.pool_size = sum(e[2].sum() for e in pool)
                 self.pool = _SortedPool(
-                    np.concatenate(norm), np.concatenate([e[2] for e in pool])
+                    np.concatenate(norm), np.concatenate([e[2] for e in pool]),
+                    merged_order(norm, hints),
                 )
                 self.pooled = pool
                 self.comparable = {
@@ -302,7 +307,7 @@ class MaskPool:
             for layer, flat, sizes, kept, poolable, _ in entries:
                 if poolable:
                     self.layer_pools[layer.name] = _SortedPool(flat, sizes)
-                    self.comparable[layer.name] = _normalise(flat, kept, "mean")
+                    self.comparable[layer.name] = _normalise(flat, kept, "mean")[0]
 
     def masks(self, sparsity):
         """The `PruningResult` of pruning `sparsity` of the weights."""
