@@ -6,28 +6,24 @@ carried it: its kernel column and bias, its BatchNormalization channel, its
 positions after Flatten, and the matching input rows of the next Dense or
 Conv layer. The outputs are unchanged (up to float rounding).
 
-How it decides, channel by channel, from the layer graph (public
-`layer.input`/`layer.output` only):
+How it decides, channel by channel, from the model's `depgraph.DepGraph`
+(built once per model; nested models and `keras.ops` calls included):
 
 1. A Dense/Conv unit is zero when its mask column is empty (a removed unit's
    bias is masked too) or, in a plain layer, its kernel column and bias are
    zero, and its activation maps 0 to 0. Units of the layers that produce the
    model's outputs never go.
-2. Channel-preserving layers (activations, Dropout, pooling, global pooling,
-   BatchNormalization) keep a channel zero when they map 0 to 0, which is
-   checked numerically per channel (a MaskedBatchNormalization does for a
-   removed channel; a plain one with beta != 0 does not, and keeps it).
-   Flatten spreads a channel over its positions (channels_last).
-3. Tensors joined by Add/Subtract/Multiply/Average/Maximum/Minimum (a
-   residual block) form one group: a channel goes only if it is zero in every
-   member. Concatenate (on the channel axis) lays its inputs' channels side
-   by side. A DepthwiseConv with depth multiplier 1 carries channels through.
-4. A channel goes when it is zero all along its chain or group, from the
-   producing layers to the layers that consume it. A chain that reaches a
-   layer this version cannot see through (Reshape,
-   LayerNormalization, depthwise with a multiplier > 1, nested models,
-   channels_first layers, ...) or a model output or input keeps all its
-   channels; such layers are named in one warning when they stopped a
+2. Zeros are followed tensor by tensor: a channel-wise layer or call keeps a
+   channel zero where it maps 0 to 0, checked numerically per channel (a
+   MaskedBatchNormalization does for a removed channel; a plain one with
+   beta != 0 does not; `x + 3.0` does not). A sum of tensors (a residual Add)
+   is zero where all its inputs are, a product (a squeeze-and-excite gate)
+   where any is.
+3. A channel of a group goes when every Dense/Conv layer that reads the group
+   sees it as zero, and no model output, model input or layer the graph
+   cannot see through (LayerNormalization, Reshape that moves the channel
+   axis, depthwise with a multiplier > 1, channels_first layers, ...) reads
+   the group; such layers are named in one warning when they stopped a
    removal.
 """
 
@@ -37,90 +33,21 @@ import keras
 import numpy as np
 from keras import ops
 
-from dkdp_keras.counting import Snapshot, count_macs, count_params, positions
+from dkdp_keras import depgraph
+from dkdp_keras.counting import count_macs, count_params, positions
 from dkdp_keras.graph import (
     _clone,
-    _single,
     batchnorm_after,
     check_graph_model,
     is_kernel_layer,
     is_masked,
+    is_operation,
     is_strippable,
     iter_layers,
     output_unit_layers,
-    rewired,
 )
 from dkdp_keras.layers import MaskedBatchNormalization
 from dkdp_keras.prunable import plain_weights, strip
-
-_CHANNEL_PRESERVING = (
-    keras.layers.Activation,
-    keras.layers.ReLU,
-    keras.layers.LeakyReLU,
-    keras.layers.ELU,
-    keras.layers.Dropout,
-    keras.layers.SpatialDropout1D,
-    keras.layers.SpatialDropout2D,
-    keras.layers.SpatialDropout3D,
-    keras.layers.GaussianNoise,
-    keras.layers.GaussianDropout,
-    keras.layers.Identity,
-    keras.layers.BatchNormalization,
-    keras.layers.MaxPooling1D,
-    keras.layers.MaxPooling2D,
-    keras.layers.MaxPooling3D,
-    keras.layers.AveragePooling1D,
-    keras.layers.AveragePooling2D,
-    keras.layers.AveragePooling3D,
-    keras.layers.GlobalAveragePooling1D,
-    keras.layers.GlobalAveragePooling2D,
-    keras.layers.GlobalAveragePooling3D,
-    keras.layers.GlobalMaxPooling1D,
-    keras.layers.GlobalMaxPooling2D,
-    keras.layers.GlobalMaxPooling3D,
-)
-_DEPTHWISE = (keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D)
-#: Element-wise merges: zero in every input gives zero out, so their inputs'
-#: channels form one coupled group (a residual block's channels).
-_MERGING = (
-    keras.layers.Add,
-    keras.layers.Subtract,
-    keras.layers.Multiply,
-    keras.layers.Average,
-    keras.layers.Maximum,
-    keras.layers.Minimum,
-)
-
-
-def _channels_last(layer):
-    return getattr(layer, "data_format", "channels_last") != "channels_first"
-
-
-def _kind(layer):
-    if isinstance(layer, keras.layers.InputLayer):
-        return "input"
-    if isinstance(layer, keras.Model) or not _channels_last(layer):
-        return "barrier"
-    if isinstance(layer, _DEPTHWISE):
-        # With one output channel per input channel, a depthwise layer
-        # carries channels through like an activation does.
-        return "preserve" if layer.depth_multiplier == 1 else "barrier"
-    if is_kernel_layer(layer):
-        return "kernel"
-    if isinstance(layer, keras.layers.BatchNormalization):
-        axis = layer.axis if isinstance(layer.axis, int) else None
-        return "preserve" if axis in (-1, len(layer.input.shape) - 1) else "barrier"
-    if isinstance(layer, _CHANNEL_PRESERVING):
-        return "preserve"
-    if isinstance(layer, keras.layers.Flatten):
-        return "flatten" if _channels_last(layer) else "barrier"
-    if isinstance(layer, _MERGING):
-        return "merge"
-    if isinstance(layer, keras.layers.Concatenate):
-        axis = layer.axis
-        return "concat" if axis in (-1, len(layer.output.shape) - 1) else "barrier"
-    return "barrier"
-
 
 def _zero_units(layer, protected, plain=plain_weights):
     weights = plain(layer)
@@ -159,7 +86,11 @@ def _maps_zero_to_zero(layer, in_shape, snapshot=None):
             snapshot.memo[key] = _maps_zero_to_zero(layer, in_shape)
         return snapshot.memo[key]
     shape = (1,) + tuple(1 if d is None else d for d in in_shape[1:])
-    out = ops.convert_to_numpy(layer(ops.zeros(shape), training=False))
+    if is_operation(layer):  # a keras.ops call, with its constants
+        call = keras.Model(layer.input, layer.output)
+        out = ops.convert_to_numpy(call(ops.zeros(shape)))
+    else:
+        out = ops.convert_to_numpy(layer(ops.zeros(shape), training=False))
     channels = out.shape[-1]
     return np.all(out.reshape(-1, channels) == 0, axis=0)
 
@@ -186,9 +117,9 @@ def compact(model):
     plan = _plan(model)
     if isinstance(plan, str):
         warnings.warn(
-            f"compact: layer '{plan}' is used at several places; this "
-            "version compacts only graphs where each layer is used once. "
-            "Returning the stripped model (masks baked in).",
+            f"compact: {plan}; this version compacts only graphs that it can "
+            "read whole, where each layer is used once. Returning the "
+            "stripped model (masks baked in).",
             stacklevel=2,
         )
         return strip(model)
@@ -203,14 +134,20 @@ def compact(model):
     def clone_function(layer):
         cls = layer.base_class if is_strippable(layer) else layer.__class__
         config = layer.base_config() if is_strippable(layer) else layer.get_config()
-        if plan.kinds.get(layer.name) == "kernel":
+        node = plan.graph.node_of.get(id(layer))
+        if node is not None and node.kind == "kernel":
             out_keep = plan.kept_outputs(layer)
             if out_keep is not None:
                 key = "units" if "units" in config else "filters"
                 config[key] = int(out_keep.size)
+        elif node is not None and isinstance(layer, keras.layers.Reshape):
+            channels = plan.kept_inputs(node.inputs[0])
+            if channels is not None:
+                config["target_shape"] = tuple(config["target_shape"][:-1]) + (
+                    int(channels.size),)
         return cls.from_config(config)
 
-    clone, pairs = _clone(plan.model, clone_function)
+    clone, pairs = _clone(model, clone_function)
     for old, new in pairs:
         if new.weights:
             new.set_weights(plan.weights(old))
@@ -218,35 +155,35 @@ def compact(model):
 
 
 class _Plan:
-    """What `compact` keeps of each layer, decided from the graph."""
+    """What `compact` keeps of each layer, decided from the `DepGraph`."""
 
-    def __init__(self, model, kinds, kept_inputs, kept_outputs, blocked,
-                 plain=plain_weights):
-        self.model = model
+    def __init__(self, graph, kept_inputs, kept_outputs, blocked, plain=plain_weights):
+        self.graph = graph
         self.plain = plain
-        self.kinds = kinds
         self.kept_inputs = kept_inputs
         self.kept_outputs = kept_outputs
         self.blocked = blocked
 
     def weights(self, layer):
         """`layer`'s plain weights as the compacted model holds them."""
-        kind = self.kinds.get(layer.name)
+        node = self.graph.node_of.get(id(layer))
         weights = self.plain(layer)
-        if kind == "kernel":
-            in_keep = self.kept_inputs(_single(layer.input))
+        if node is None or not weights:
+            return weights
+        if node.kind == "kernel":
+            in_keep = self.kept_inputs(node.inputs[0])
             out_keep = self.kept_outputs(layer)
             if in_keep is not None:
                 weights[0] = np.take(weights[0], in_keep, axis=-2)
             if out_keep is not None:
                 weights = [np.take(w, out_keep, axis=-1) for w in weights]
             return weights
-        if kind != "preserve" or not weights:
+        if node.kind != "carry":
             return weights
-        channels = self.kept_inputs(_single(layer.input))
+        channels = self.kept_inputs(node.inputs[0])
         if channels is None:
             return weights
-        if isinstance(layer, _DEPTHWISE):
+        if isinstance(layer, depgraph.DEPTHWISE):
             # kernel (..., channels, 1) and bias (channels,)
             return [np.take(w, channels, axis=-2 if w.ndim > 1 else -1)
                     for w in weights]
@@ -269,12 +206,9 @@ def deployed_counts(model, masks=None, snapshot=None):
         small = strip(model)
         return count_params(small), count_macs(small)
     params = macs = 0
-    for layer in plan.model.layers:
-        if isinstance(layer, keras.layers.InputLayer):
-            continue
-        if isinstance(layer, keras.Model):  # left whole: a barrier
-            params += count_params(layer)
-            macs += count_macs(layer)
+    for node in plan.graph.nodes:
+        layer = node.op
+        if is_operation(layer) or isinstance(layer, keras.layers.InputLayer):
             continue
         weights = plan.weights(layer)
         params += sum(int(np.count_nonzero(w)) for w in weights)
@@ -335,161 +269,96 @@ def _zero_preserved(layer, in_shape, channel=None, snapshot=None):
     return passes
 
 
+def _zero_channels(graph, plain, channels, protected, snapshot):
+    """Group -> which of its channels every layer that reads them sees as
+    exact zeros (then removing them changes no output).
+
+    Zeros are followed tensor by tensor: a Dense/Conv unit is zero when
+    its mask column and bias are (and its activation keeps 0); a
+    channel-wise layer keeps a zero where it maps 0 to 0; a sum (Add, ...)
+    is zero where all its inputs are, a product where any is (a
+    squeeze-and-excite gate of 0.5 times a removed channel is 0)."""
+    at = {}  # tensor key -> bool per channel of its last axis
+
+    def width(key):
+        return sum(graph.size[g] for g in graph.groups(key))
+
+    for node in graph.nodes:
+        ins = [at.get(k) for k in node.inputs]
+        if node.kind == "kernel":
+            out = _zero_units(node.op, protected, plain)
+        elif node.kind in ("carry", "flatten") and ins[0] is not None:
+            out = ins[0]
+            if node.kind == "carry":
+                out = out & _zero_preserved(node.op, graph.shapes[node.inputs[0]],
+                                            channels.get(node.name), snapshot)
+        elif node.kind == "concat" and all(z is not None for z in ins):
+            out = np.concatenate(ins)
+        elif node.kind == "merge" and all(z is not None for z in ins):
+            wide = [z for z in ins if z.size == max(v.size for v in ins)]
+            product = type(node.op).__name__ == "Multiply"
+            out = np.logical_or.reduce(wide) if product else np.logical_and.reduce(wide)
+        else:
+            out = None
+        for key in node.outputs:
+            at[key] = out if out is not None else np.zeros(width(key), bool)
+
+    zero = {g: np.ones(graph.size[g], bool) for g in graph.roots()}
+    for node in graph.nodes:
+        if node.kind != "kernel" or node.inputs[0] not in at:
+            continue
+        offset = 0
+        for group in graph.groups(node.inputs[0]):
+            size = graph.size[group]
+            if group in zero:
+                zero[group] &= at[node.inputs[0]][offset : offset + size]
+            offset += size
+    return zero
+
+
 def _plan(model, masks=None, snapshot=None):
     """The `_Plan` of `model` (with `masks` in place of its masked layers'
-    own, and its weights from `snapshot`: see `deployed_counts`), or the
-    name of a layer used at several places (then nothing can be compacted)."""
-    if snapshot is None:
-        model = rewired(model)
-    else:
-        key = ("rewired", id(model))
-        if key not in snapshot.memo:
-            snapshot.memo[key] = (model, rewired(model))
-        model = snapshot.memo[key][1]
+    own, and its weights from `snapshot`: see `deployed_counts`), or why
+    its graph cannot be read (then nothing can be compacted)."""
+    graph = depgraph.of(model)
+    if graph.unsupported is not None:
+        return graph.unsupported
     plain, channels = _with_masks(model, masks, snapshot)
-    for layer in model.layers:
-        try:
-            layer.input, layer.output
-        except (AttributeError, ValueError):
-            return layer.name
-    protected = output_unit_layers(model)
-    # Every tensor's last axis is a list of segments, each a run of channels
-    # of one group (union-find over chains); Concatenate joins segment lists.
-    segments = {}  # id(tensor) -> [group key, ...] in channel order
-    flat = {}  # id(tensor) -> positions, for Flatten outputs
-    parent = {}  # group key -> group key it was merged into
-    zero = {}  # group key -> bool array: channel zero everywhere so far
-    pinned = {}  # group key -> layer names that keep the group whole
-    owners = {}  # group key -> kernel layers whose units are the channels
-    kinds = {}
-
-    def find(key):
-        while parent[key] != key:
-            key = parent[key]
-        return key
-
-    def groups(tensor):
-        return [find(k) for k in segments[id(tensor)]]
-
-    def start_chain(tensor, values, layer=None, why=None):
-        key = id(tensor)
-        segments[key], parent[key] = [key], key
-        zero[key] = values
-        # A chain that no kernel layer produces (a model input, a barrier's
-        # output) cannot lose channels.
-        pinned[key] = [] if layer is not None else [why or "fixed"]
-        owners[key] = [layer] if layer is not None else []
-
-    def join(keys):
-        keys = list(dict.fromkeys(find(k) for k in keys))
-        first = keys[0]
-        for other in keys[1:]:
-            parent[other] = first
-            zero[first] = zero[first] & zero[other]
-            pinned[first] += pinned[other]
-            owners[first] += owners[other]
-        return first
-
-    def pin(tensor, name):
-        for key in groups(tensor):
-            pinned[key].append(name)
-
-    for tensor in model.inputs:
-        start_chain(tensor, np.zeros(tensor.shape[-1], bool), why="model input")
-
-    for layer in model.layers:
-        kind = kinds[layer.name] = _kind(layer)
-        if kind == "input":
-            continue
-        inputs = layer.input if isinstance(layer.input, (list, tuple)) else [layer.input]
-        outputs = layer.output if isinstance(layer.output, (list, tuple)) else [layer.output]
-        known = all(id(t) in segments for t in inputs)
-        channel_inputs = known and not any(id(t) in flat for t in inputs)
-        out = outputs[0]
-        if kind == "merge" and channel_inputs:
-            structures = [[len(zero[k]) for k in groups(t)] for t in inputs]
-            if all(st == structures[0] for st in structures):
-                segments[id(out)] = [
-                    join(list(keys)) for keys in zip(*(groups(t) for t in inputs))
-                ]
-                continue
-        if kind == "concat" and channel_inputs:
-            segments[id(out)] = [k for t in inputs for k in groups(t)]
-            continue
-        if kind in ("barrier", "merge", "concat") or len(inputs) != 1:
-            for tensor in inputs:
-                if id(tensor) in segments:
-                    pin(tensor, layer.name)
-            for tensor in outputs:
-                start_chain(tensor, np.zeros(tensor.shape[-1], bool))
-            continue
-        source = inputs[0]
-        if kind == "kernel":
-            start_chain(out, _zero_units(layer, protected, plain), layer)
-            continue
-        if not channel_inputs:
-            if known:
-                pin(source, layer.name)
-            start_chain(out, np.zeros(out.shape[-1], bool))
-            continue
-        if kind == "flatten":
-            segments[id(out)] = groups(source)
-            flat[id(out)] = (
-                int(np.prod(source.shape[1:-1])) if len(source.shape) > 2 else 1
-            )
-            continue
-        passes = _zero_preserved(layer, source.shape, channels.get(layer.name), snapshot)
-        start = 0
-        for key in groups(source):
-            size = len(zero[key])
-            zero[key] = zero[key] & passes[start : start + size]
-            start += size
-        segments[id(out)] = groups(source)
-
-    for tensor in model.outputs:
-        if id(tensor) in segments:
-            pin(tensor, "model output")
-
+    if "protected" not in graph.memo:
+        graph.memo["protected"] = output_unit_layers(model)
+    protected = graph.memo["protected"]
+    zero = _zero_channels(graph, plain, channels, protected, snapshot)
     keep = {}
     blocked = set()
-    for key, values in zero.items():
-        if find(key) != key or not owners[key]:
+    for group in graph.roots():
+        values = zero[group]
+        if not values.any():
             continue
-        if pinned[key]:
-            if values.any():
-                blocked.update(
-                    n for n in pinned[key]
-                    if n not in ("model output", "model input", "fixed")
-                )
+        if graph.pinned[group]:
+            blocked.update(n for n in graph.pinned[group]
+                           if n not in ("model output", "model input", "fixed"))
             continue
-        if values.any():
-            kept = np.flatnonzero(~values)
-            if kept.size == 0:  # keep one channel so the graph stays valid
-                kept = np.array([0])
-            keep[key] = kept
+        kept = np.flatnonzero(~values)
+        keep[group] = kept if kept.size else np.array([0])  # the graph stays valid
 
-    def kept_inputs(tensor):
-        """Indices of the input features a layer keeps, or None for all."""
-        if id(tensor) not in segments:
-            return None
-        keys = groups(tensor)
-        if not any(k in keep for k in keys):
+    def kept_inputs(key):
+        """Indices of the features tensor `key` keeps, or None for all."""
+        groups = graph.groups(key)
+        if not any(g in keep for g in groups):
             return None
         channels, offset = [], 0
-        for key in keys:
-            size = len(zero[key])
-            channels.append(offset + keep.get(key, np.arange(size)))
+        for group in groups:
+            size = graph.size[group]
+            channels.append(offset + keep.get(group, np.arange(size)))
             offset += size
         channels = np.concatenate(channels)
-        if id(tensor) not in flat:
+        if key not in graph.flat:
             return channels
-        positions = flat[id(tensor)]
+        positions = graph.flat[key]
         return (np.arange(positions)[:, None] * offset + channels[None, :]).reshape(-1)
 
     def kept_outputs(layer):
-        out = _single(layer.output)
-        if out is None or id(out) not in segments:
-            return None
-        return keep.get(groups(out)[0])
+        groups = graph.groups(graph.output_of(layer))
+        return keep.get(groups[0]) if len(groups) == 1 else None
 
-    return _Plan(model, kinds, kept_inputs, kept_outputs, blocked, plain)
+    return _Plan(graph, kept_inputs, kept_outputs, blocked, plain)

@@ -62,10 +62,22 @@ def _twin_of(layer):
     return MASKED_TWINS.get(type(layer))
 
 
+def is_operation(node):
+    """True for a `keras.ops` call in a functional graph (`x + 3.0`,
+    `keras.ops.sigmoid(x)`): an operation that is not a layer, and has no
+    weights."""
+    return isinstance(node, keras.Operation) and not isinstance(node, keras.layers.Layer)
+
+
 def _clone(model, clone_function):
+    """`(clone, [(old layer, new layer)])`: `keras.models.clone_model` with
+    `clone_function` for every layer; `keras.ops` calls are copied as
+    they are and not listed."""
     pairs = []
 
     def recording(layer):
+        if is_operation(layer):
+            return layer.__class__.from_config(layer.get_config())
         new = clone_function(layer)
         pairs.append((layer, new))
         return new

@@ -12,13 +12,13 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "dkdp_keras"
 #: Bottom first. A module may import the modules of earlier entries only;
 #: modules in one entry import none of each other.
 LAYERS = [
-    ("_version", "_validation", "guard"),
+    ("_version", "_validation", "guard", "thresholds.ordering"),
     ("layers.base",),
     ("layers.batch_normalization", "layers.conv", "layers.dense", "layers.depthwise_conv"),
     ("layers",),
     ("graph",),
     ("state", "prunable"),
-    ("counting",),
+    ("depgraph", "counting"),
     ("compaction",),
     ("budget",),
     ("importance.base",),
