@@ -3,6 +3,8 @@ D(M_t(x), M_s(x)), the metrics of teacher and student, the teacher (made
 prunable) and the student (auto or given), and when the student is
 rebuilt."""
 
+import re
+
 import keras
 from keras import ops
 
@@ -179,7 +181,7 @@ def make_student(teacher, student, width):
                 "student must be 'auto', a Keras model or a callable "
                 f"teacher -> student, got {student!r}."
             )
-        made = width_copy(teacher, width, name="student")
+        made = auto_student(teacher, width)
     elif isinstance(student, keras.Model):
         made = student
     elif callable(student):
@@ -197,6 +199,62 @@ def make_student(teacher, student, width):
     check_graph_model(made, "student")
     same_signature(teacher, made)
     return made
+
+
+def auto_student(teacher, width):
+    """`width_copy(teacher, width)`, checked to read and predict what the
+    teacher does; else a `ValueError` that says the narrower copy could not
+    be built, at which layer, and that `student=` avoids it (Keras' own
+    error, raised while the narrower layers are wired, names neither)."""
+    avoid = ("Pass student= a Keras model of your own with the teacher's "
+             "input and output shapes, or a callable teacher -> student that "
+             "builds one.")
+    try:
+        made = width_copy(teacher, width, name="student")
+    except (ValueError, TypeError) as error:
+        if "student=" in str(error):  # width_copy's own refusal says it all
+            raise
+        layer = _failing_layer(error)
+        where = ("a layer Keras did not name" if layer is None else
+                 f"layer '{layer.name}' ({type(layer).__name__})")
+        raise ValueError(
+            f"student='auto' could not build a narrower copy of teacher "
+            f"'{teacher.name}': with its Dense/Conv layers {width:g} times as "
+            f"wide, {where} cannot take its narrowed input (Keras: "
+            f"{_first_line(error)}). A layer that holds a width of its own (a "
+            "Reshape's target shape, a squeeze-and-excite gate, an Add of "
+            f"branches narrowed differently) stops the narrower copy. {avoid}"
+        ) from error
+    try:
+        same_signature(teacher, made)
+    except ValueError as error:
+        raise ValueError(
+            f"student='auto' built a narrower copy of teacher '{teacher.name}' "
+            f"that does not fit it: {error} (a layer after the output units "
+            f"was narrowed). {avoid}"
+        ) from None
+    return made
+
+
+def _failing_layer(error):
+    """The innermost layer (not a model) the traceback of `error` ran,
+    which is where wiring the copy failed; None when none is found."""
+    found, tb = None, error.__traceback__
+    while tb is not None:
+        for value in tb.tb_frame.f_locals.values():
+            if isinstance(value, keras.layers.Layer) and not isinstance(
+                    value, keras.Model):
+                found = value
+        tb = tb.tb_next
+    return found
+
+
+def _first_line(error):
+    """The first line of `error` that says what went wrong: Keras wraps it
+    in a 'calling <Layer>.call()' line and the arguments, in ANSI bold."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", l).strip() for l in str(error).splitlines()]
+    said = [l for l in lines if l and not l.startswith("Exception encountered")]
+    return said[0] if said else type(error).__name__
 
 
 def check_refresh_strategy(strategy):
