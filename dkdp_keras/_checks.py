@@ -2,6 +2,8 @@
 
 import os
 
+import keras
+
 from dkdp_keras import _validation
 from dkdp_keras.graph import shared_layer_reader
 from dkdp_keras.prunable import masked_layers
@@ -62,16 +64,9 @@ def before_training(callback, teacher):
             "training: pass calibration_data=(x, y) to DKDPCallback, or train a "
             "DKDPModel."
         )
-    frozen = [l.name for l in layers if not l.trainable]
+    frozen = [l for l in layers if not l.trainable]
     if frozen and "gradient" in (needs or ()):
-        raise ValueError(
-            f"{name} reads gradient statistics, and layer{'s' if len(frozen) > 1 else ''} "
-            f"{', '.join(repr(n) for n in frozen)} of model '{teacher.name}' "
-            f"{'are' if len(frozen) > 1 else 'is'} frozen (trainable=False): a "
-            "frozen layer gets no gradients to collect. Unfreeze it "
-            "(layer.trainable = True, or the model containing it), or use a "
-            "criterion that needs none, such as importance='magnitude'."
-        )
+        raise ValueError(frozen_message(name, teacher, frozen, callback._is_dkdp()))
     if callback._is_dkdp():
         callback.model.request_statistics(
             ("gradient", "activation") if needs is None else needs,
@@ -89,6 +84,48 @@ def before_training(callback, teacher):
                 "each call its own layer."
             )
     return layers
+
+
+def _names(names, shown=5):
+    """'a', 'b', 'c' and 4 more."""
+    said = ", ".join(repr(n) for n in names[:shown])
+    return said + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
+def _frozen_models(model):
+    """Names of the nested models of `model` with weights and none of them
+    trainable (set trainable=False, or all their layers), outermost first."""
+    found = []
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            frozen = layer.weights and not layer.trainable_weights
+            found += [layer.name] if frozen else _frozen_models(layer)
+    return found
+
+
+def frozen_message(criterion, teacher, frozen, dkdp):
+    """Why a gradient criterion cannot score the masked layers `frozen`
+    (trainable=False) of `teacher`, and the three ways that work."""
+    many = len(frozen) > 1
+    it = "them" if many else "it"
+    models = _frozen_models(teacher)
+    where = (f", in frozen model{'s' if len(models) > 1 else ''} {_names(models)}"
+             if models else "")
+    remake = ("dkdp_keras.DKDPModel(dkdp_keras.prunable(teacher, layers=lambda "
+              "layer: layer.trainable, track_statistics=True), ...)" if dkdp else
+              "dkdp_keras.prunable(model, layers=lambda layer: layer.trainable, "
+              "track_statistics=True)")
+    return (
+        f"{criterion} scores layers from their gradients, and "
+        f"layer{'s' if many else ''} {_names([l.name for l in frozen])} of model "
+        f"'{teacher.name}' {'are' if many else 'is'} frozen (trainable=False)"
+        f"{where}: a frozen layer gets no gradients, so {criterion} cannot score "
+        f"{it}. Unfreeze {it} (layer.trainable = True, or on the model "
+        f"containing {it}) to fine-tune and prune {it}; or leave {it} unpruned "
+        f"by making only the trainable layers prunable, {remake} built from the "
+        "original model; or use a criterion that needs no gradients, such as "
+        "importance='magnitude'."
+    )
 
 
 def log_dir(value):
