@@ -7,6 +7,8 @@ import keras
 from dkdp_keras import _validation
 from dkdp_keras.graph import shared_layer_reader
 from dkdp_keras.prunable import masked_layers
+from dkdp_keras.pruner import is_subclassed
+from dkdp_keras.thresholds.adaptive import Adaptive
 
 
 def one_callback_per_fit(callback):
@@ -46,15 +48,20 @@ def before_training(callback, teacher):
     """The teacher's masked layers, once everything the callback needs of
     it is there; a DKDPModel is told which statistics to collect."""
     layers = masked_layers(teacher)
+    subclassed = is_subclassed(teacher)
     if not layers:
+        how = ("build its layers as dkdp_keras.MaskedDense, MaskedConv2D, ... "
+               "inside the subclass" if subclassed else "make it with "
+               "dkdp_keras.prunable(model) or train a dkdp_keras.DKDPModel")
         raise ValueError(
             f"DKDPCallback prunes masked layers, and model '{teacher.name}' has "
-            "none: make it with dkdp_keras.prunable(model) or train a "
-            "dkdp_keras.DKDPModel."
+            f"none: {how}."
         )
+    if subclassed:
+        subclassed_model(callback, teacher, layers)
     if callback.calibration_data is not None:
         _validation.examples("calibration_data x", callback.calibration_data[0],
-                             model=teacher)
+                             model=None if subclassed else teacher)
     needs = getattr(callback.importance, "requires", None)
     name = type(callback.importance).__name__
     if "gradient" in (needs or ()) and not callback._is_dkdp() \
@@ -84,6 +91,38 @@ def before_training(callback, teacher):
                 "each call its own layer."
             )
     return layers
+
+
+def subclassed_model(callback, teacher, layers):
+    """Refuse what a subclassed model's masked layers cannot do: its graph
+    (which layer feeds which) cannot be read, so units cannot be removed
+    together with the inputs they feed, and a budget, which counts the
+    model as compacted, cannot be counted. Its layers must be built: fit
+    builds a subclassed model at its first batch, after on_train_begin."""
+    kind = type(teacher).__name__
+    unbuilt = [layer.name for layer in layers if not layer.built]
+    if unbuilt:
+        raise ValueError(
+            f"The masked layers {_names(unbuilt)} of subclassed model "
+            f"'{teacher.name}' ({kind}) are not built, and DKDPCallback reads "
+            "their kernels before the first batch: call the model once on a "
+            "batch (model(x[:1])) or model.build(input_shape) before fit.")
+    works = ("Weight pruning works: DKDPCallback(granularity='weight', "
+             "threshold=dkdp_keras.thresholds.ConstantSparsity(0.5) or "
+             "PolynomialDecay(...)). For unit pruning or a budget, build the "
+             "network as a Sequential or Functional model (keras.Model(inputs, "
+             "outputs)) and make it with dkdp_keras.prunable(model).")
+    if callback.granularity == "unit":
+        raise ValueError(
+            f"Model '{teacher.name}' is a subclassed keras.Model ({kind}), whose "
+            "graph cannot be read: unit pruning must remove a unit together "
+            "with the inputs it feeds in the next layer, and cannot find them. "
+            + works)
+    if isinstance(callback.threshold, Adaptive):
+        raise ValueError(
+            f"Model '{teacher.name}' is a subclassed keras.Model ({kind}), whose "
+            "graph cannot be read: Adaptive's budget counts the model as "
+            "compacted, which needs it. " + works)
 
 
 def _names(names, shown=5):

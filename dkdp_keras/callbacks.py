@@ -16,12 +16,12 @@ from keras import ops
 from dkdp_keras import _checks, _validation
 from dkdp_keras import importance as importance_lib
 from dkdp_keras import refinement, report
-from dkdp_keras.budget import count_params, deployed_counts
+from dkdp_keras.budget import count_params
 from dkdp_keras.distillation import StudentRefresh
 from dkdp_keras.graph import output_unit_layers
 from dkdp_keras.guard import NonFiniteGuard
 from dkdp_keras.model import DKDPModel
-from dkdp_keras.pruner import HISTORY, Pruner
+from dkdp_keras.pruner import HISTORY, Pruner, count_logs, kept_counts
 from dkdp_keras.state import load_random_state, pruning_state, save_random_state
 from dkdp_keras.thresholds.adaptive import (
     Adaptive,
@@ -61,6 +61,8 @@ class DKDPCallback(keras.callbacks.Callback):
     Adds to the epoch logs: `tau`, `sparsity` (of the masks), `kept_params`
     and `kept_macs` (of the teacher as compacted) and, with a budget,
     `budget_usage` (the largest measure/limit ratio; <= 1 is within it).
+    A subclassed model with masked layers is weight-pruned by a schedule
+    (no graph to count MACs, units or budgets by: no `kept_macs`).
 
     Args:
         importance: a criterion, its name or a callable (see
@@ -225,7 +227,7 @@ class DKDPCallback(keras.callbacks.Callback):
         if self._default_threshold:  # built per fit, from its own length
             self.threshold = self._default_schedule(self.params.get("steps"))
         self._dense_params = count_params(teacher, nonzero=False)
-        self._refresh_params = deployed_counts(teacher)[0]
+        self._refresh_params = kept_counts(teacher)[0]
         if isinstance(self.threshold, Adaptive):
             self.threshold.start(teacher, self._epochs)
         self._momenta = []
@@ -267,7 +269,7 @@ class DKDPCallback(keras.callbacks.Callback):
                 self._replay_epoch_end(epoch - 1)
         else:  # a new run forgets an old best, mean and decision
             self._pruner.reset()
-            self._refresh_params = deployed_counts(self._teacher())[0]
+            self._refresh_params = kept_counts(self._teacher())[0]
             self._best.drop()
             self._average.drop()
             Pruner.drop(self._state)
@@ -436,8 +438,8 @@ class DKDPCallback(keras.callbacks.Callback):
     # ------------------------------------------------------------- logging
     def _add_logs(self, logs):
         teacher = self._teacher()
-        counts = deployed_counts(teacher)  # as exported: removed units gone
-        logs["kept_params"], logs["kept_macs"] = counts
+        counts = kept_counts(teacher)  # as exported: removed units gone
+        logs.update(count_logs(counts))
         logs["tau"] = self.tau
         logs["sparsity"] = self._pruner.sparsity()
         if isinstance(self.threshold, Adaptive):

@@ -145,9 +145,29 @@ def kd_value(kd, teacher_out, student_out):
     return ops.cast(kd.compute_loss(teacher_out, student_out), "float32")
 
 
+def _subclassed(model):
+    """A subclassed keras.Model (as `pruner.is_subclassed`, which this
+    module, beside it in the layers, does not import)."""
+    names = {cls.__name__ for cls in type(model).__mro__}
+    return isinstance(model, keras.Model) and not names & {"Sequential", "Functional"}
+
+
 def prunable_teacher(teacher):
     """`teacher`, checked to be a one-output graph model, with masked
     layers that track statistics (made prunable if it has none)."""
+    if _subclassed(teacher):
+        raise TypeError(
+            f"teacher is a subclassed keras.Model ({type(teacher).__name__}), "
+            "and DKDPModel reads its teacher's graph (its inputs and outputs, "
+            "the layers the student is built from and distils from), which a "
+            "subclass does not have. Build the teacher as a Sequential or "
+            "Functional model (keras.Model(inputs, outputs)) to distil it; to "
+            "prune the subclass itself, build its layers as "
+            "dkdp_keras.MaskedDense, MaskedConv2D, ... and train it with "
+            "model.fit(..., callbacks=[dkdp_keras.DKDPCallback("
+            "granularity='weight', threshold=dkdp_keras.thresholds."
+            "ConstantSparsity(0.5))]) (weight pruning with a schedule)."
+        )
     check_graph_model(teacher, "teacher")
     if len(teacher.outputs) != 1:
         raise ValueError(
@@ -195,6 +215,13 @@ def make_student(teacher, student, width):
         raise TypeError(
             "student must be 'auto', a Keras model or a callable "
             f"teacher -> student, got {student!r}."
+        )
+    if _subclassed(made):
+        raise TypeError(
+            f"student is a subclassed keras.Model ({type(made).__name__}); "
+            "DKDPModel checks and reads its student through its inputs and "
+            "outputs, which a subclass does not have. Build the student as a "
+            "Sequential or Functional model (keras.Model(inputs, outputs))."
         )
     check_graph_model(made, "student")
     same_signature(teacher, made)

@@ -15,13 +15,41 @@ from keras import ops
 
 from dkdp_keras import importance as importance_lib
 from dkdp_keras.budget import deployed_counts
-from dkdp_keras.counting import Snapshot
+from dkdp_keras.counting import Snapshot, count_params
 from dkdp_keras.graph import batchnorm_after
 from dkdp_keras.prunable import sync_batchnorm
 from dkdp_keras.thresholds.mechanism import MaskPool
 
 #: What each record of `Pruner.history` holds.
 HISTORY = ("step", "tau", "sparsity", "kept_params", "before")
+
+
+def is_subclassed(model):
+    """True for a subclassed keras.Model, whose graph (which layer feeds
+    which) cannot be read: weight pruning of its masked layers works, what
+    needs the graph (units, BatchNormalization after a layer, compaction,
+    MACs) does not. (`graph.check_graph_model` refuses it where the graph
+    is needed.)"""
+    names = {cls.__name__ for cls in type(model).__mro__}
+    return "Sequential" not in names and "Functional" not in names
+
+
+def kept_counts(model):
+    """`(non-zero parameters, MACs per example)` of `model` as compacted
+    (`budget.deployed_counts`); for a subclassed model, whose units cannot
+    be removed and whose MACs cannot be counted without its graph, its
+    non-zero parameters and None."""
+    if is_subclassed(model):
+        return count_params(model, nonzero=True), None
+    return deployed_counts(model)
+
+
+def count_logs(counts):
+    """The epoch logs of `kept_counts`: kept_params, and kept_macs when known."""
+    logs = {"kept_params": counts[0]}
+    if counts[1] is not None:
+        logs["kept_macs"] = counts[1]
+    return logs
 
 
 class Pruner:
@@ -52,7 +80,9 @@ class Pruner:
         self.layer_importance = layer_importance
         self.unit_multiple = unit_multiple
         self.calibration = calibration
-        self.batchnorms = batchnorm_after(teacher)
+        # A subclassed model's graph cannot be read: no BatchNormalization
+        # is known to follow a layer, and weight pruning needs none.
+        self.batchnorms = {} if is_subclassed(teacher) else batchnorm_after(teacher)
         self._pool = None
         self._snapshot = None  # the teacher's weights while none is written
         self.reset()
@@ -233,7 +263,7 @@ class Pruner:
             "step": step,
             "tau": self.tau,
             "sparsity": result.sparsity,
-            "kept_params": deployed_counts(self.teacher)[0],
+            "kept_params": kept_counts(self.teacher)[0],
             "before": before,
         }
         self.history.append(record)
@@ -303,3 +333,4 @@ class Pruner:
         for key in state.keys():
             if key.startswith("decision:"):
                 state.remove(key)
+

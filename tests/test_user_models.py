@@ -106,3 +106,83 @@ def test_what_the_frozen_message_offers_works_and_leaves_the_base_as_it_was():
     assert cb.history[-1]["sparsity"] == pytest.approx(0.5, abs=0.02)
     for before, after in zip(base_weights, model.teacher.layers[0].get_weights()):
         np.testing.assert_array_equal(before, after)
+
+
+# --- 9. subclassed models with masked layers inside -----------------------
+class SubNet(keras.Model):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.d1 = dkdp.MaskedDense(32, activation="relu")
+        self.d2 = dkdp.MaskedDense(32, activation="relu")
+        self.out = dkdp.MaskedDense(3)
+
+    def call(self, x):
+        return self.out(self.d2(self.d1(x)))
+
+
+def six_feature_data(n=64, seed=0):
+    x = np.random.default_rng(seed).random((n, 6)).astype("float32")
+    return x, np.clip((x[:, 0] * 3).astype("int64"), 0, 2)
+
+
+def built_subnet(x):
+    model = SubNet()
+    model(x[:1])
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss=CE)
+    return model
+
+
+def test_a_subclassed_model_with_masked_layers_is_weight_pruned_by_a_schedule():
+    x, y = six_feature_data()
+    model = built_subnet(x)
+    cb = dkdp.DKDPCallback(granularity="weight", frequency=4, verbose=0,
+                           threshold=thresholds.ConstantSparsity(0.5))
+    history = model.fit(x, y, epochs=2, batch_size=16, verbose=0, callbacks=[cb])
+    assert cb.events == 2
+    assert dkdp.sparsity(model) == pytest.approx(0.5, abs=0.01)
+    # Each layer's mask decides what it computes.
+    layer = model.d1
+    mask = keras.ops.convert_to_numpy(layer.kernel_mask)
+    kernel = keras.ops.convert_to_numpy(layer.kernel) * mask
+    bias = keras.ops.convert_to_numpy(layer.bias)
+    expected = np.maximum(x @ kernel + bias, 0.0)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(layer(x)), expected, atol=1e-5)
+    # kept_params: the non-zero parameters (no graph to compact by; no MACs).
+    nonzero = sum(int(np.count_nonzero(w)) for l in (model.d1, model.d2, model.out)
+                  for w in l.stripped_weights())
+    assert history.history["kept_params"][-1] == nonzero
+    kernels = sum(int(np.prod(l.kernel.shape)) for l in (model.d1, model.d2, model.out))
+    biases = sum(int(np.prod(l.bias.shape)) for l in (model.d1, model.d2, model.out))
+    assert nonzero <= round(0.51 * kernels) + biases
+    assert "kept_macs" not in history.history
+
+
+def test_what_a_subclassed_model_cannot_do_is_refused_before_training():
+    x, y = six_feature_data()
+    model = built_subnet(x)
+    for cb, text in [
+        (dkdp.DKDPCallback(granularity="unit", verbose=0,
+                           threshold=thresholds.ConstantSparsity(0.5)),
+         r"subclassed keras.Model \(SubNet\).*unit pruning.*Weight pruning works: "
+         r"DKDPCallback\(granularity='weight'"),
+        (dkdp.DKDPCallback(verbose=0, threshold=thresholds.Adaptive(
+            dkdp.Budget(max_params=500))),
+         r"subclassed keras.Model \(SubNet\).*Adaptive's budget.*Weight pruning works"),
+    ]:
+        with pytest.raises(ValueError, match=text):
+            model.fit(x, y, epochs=1, verbose=0, callbacks=[cb])
+        assert int(model.optimizer.iterations.numpy()) == 0
+    unbuilt = SubNet()
+    unbuilt.compile(optimizer="adam", loss=CE)
+    with pytest.raises(ValueError, match=r"are not built.*model\(x\[:1\]\)"):
+        unbuilt.fit(x, y, epochs=1, verbose=0, callbacks=[dkdp.DKDPCallback(
+            verbose=0, threshold=thresholds.ConstantSparsity(0.5))])
+
+
+def test_dkdpmodel_refuses_a_subclassed_teacher_suggesting_only_what_works():
+    x, _ = six_feature_data()
+    with pytest.raises(TypeError) as raised:
+        dkdp.DKDPModel(built_subnet(x))
+    said = str(raised.value)
+    assert "subclassed keras.Model (SubNet)" in said
+    assert "DKDPCallback(granularity='weight'" in said and "ConstantSparsity" in said
