@@ -198,7 +198,7 @@ class DKDPCallback(keras.callbacks.Callback):
             scope=self.scope, normalize=self.normalize, floors=self.floors,
             protect_units=output_unit_layers(teacher) if self.granularity == "unit" else set(),
             layer_importance=self.layer_importance, unit_multiple=self.unit_multiple,
-            calibration=calibration)
+            calibration=calibration, warn_shortfall=not isinstance(self.threshold, Adaptive))
         self._average = refinement.WeightAverage(self._state, layers)
         self._best = refinement.BestEpoch(self._state)
         if isinstance(self.threshold, Adaptive):

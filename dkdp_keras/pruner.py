@@ -10,18 +10,27 @@ or how much: that is the threshold policy's, asked by `DKDPCallback`.
 
 import warnings
 
+import keras
 import numpy as np
 from keras import ops
 
 from dkdp_keras import importance as importance_lib
 from dkdp_keras.budget import deployed_counts
-from dkdp_keras.counting import Snapshot, count_params
+from dkdp_keras.counting import Snapshot, count_params, count_params_of_layer
 from dkdp_keras.graph import batchnorm_after
-from dkdp_keras.prunable import sync_batchnorm
+from dkdp_keras.prunable import is_masked, iter_layers, sync_batchnorm
 from dkdp_keras.thresholds.mechanism import MaskPool
 
 #: What each record of `Pruner.history` holds.
 HISTORY = ("step", "tau", "sparsity", "kept_params", "before")
+#: An event falls far short of its target below target - max(ABSOLUTE,
+#: RELATIVE * target): 0.5 asked, less than 0.375 reached. Rounding to
+#: whole units and the floors cost a few hundredths, not that much.
+SHORTFALL_ABSOLUTE, SHORTFALL_RELATIVE = 0.1, 0.25
+#: Layers that follow the units of the layer before them: not pruned
+#: themselves, so not "unprunable" either.
+_FOLLOWERS = (keras.layers.BatchNormalization, keras.layers.LayerNormalization,
+              keras.layers.GroupNormalization, keras.layers.Normalization)
 
 
 def is_subclassed(model):
@@ -52,6 +61,11 @@ def count_logs(counts):
     return logs
 
 
+def falls_short(target, reached):
+    """True when sparsity `reached` is far below `target` (`SHORTFALL_*`)."""
+    return reached < target - max(SHORTFALL_ABSOLUTE, SHORTFALL_RELATIVE * target)
+
+
 class Pruner:
     """Scores -> τ -> masks for the masked layers of one teacher.
 
@@ -64,11 +78,15 @@ class Pruner:
         protect_units: names of layers whose units are never removed.
         calibration: `(x, y, loss)` to collect gradients from before each
             scoring (a plain model has no training step that does), or None.
+        warn_shortfall: warn (once) when an event without `fits` reaches a
+            sparsity far below its target, and say why (`shortfall_message`):
+            the target is the user's when it comes from a schedule.
     """
 
     def __init__(self, teacher, layers, importance, granularity="weight",
                  scope="global", normalize="lamp", floors=None, protect_units=(),
-                 layer_importance=False, unit_multiple=1, calibration=None):
+                 layer_importance=False, unit_multiple=1, calibration=None,
+                 warn_shortfall=True):
         self.teacher = teacher
         self.layers = layers
         self.importance = importance
@@ -80,6 +98,7 @@ class Pruner:
         self.layer_importance = layer_importance
         self.unit_multiple = unit_multiple
         self.calibration = calibration
+        self.warn_shortfall = warn_shortfall
         # A subclassed model's graph cannot be read: no BatchNormalization
         # is known to follow a layer, and weight pruning needs none.
         self.batchnorms = {} if is_subclassed(teacher) else batchnorm_after(teacher)
@@ -267,6 +286,10 @@ class Pruner:
             "before": before,
         }
         self.history.append(record)
+        if self.warn_shortfall and fits is None and falls_short(sparsity, result.sparsity):
+            self.warn_shortfall = False  # once per fit: a Pruner is made per fit
+            warnings.warn(shortfall_message(self, sparsity, result, record, scores),
+                          stacklevel=3)
         return result, record
 
     def reset_stale_statistics(self):
@@ -334,3 +357,54 @@ class Pruner:
             if key.startswith("decision:"):
                 state.remove(key)
 
+
+def _named(names, shown=4):
+    said = ", ".join(f"'{n}'" for n in names[:shown])
+    return said + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
+def shortfall_message(pruner, target, result, record, scores):
+    """Why pruning event `record` reached `result.sparsity`, far below
+    `target`: what the masked layers can reach at most, which of them keep
+    their units (protected), and which layers with weights are not
+    prunable at all, with their share of the model's parameters."""
+    teacher, layers = pruner.teacher, pruner.layers
+    ceiling = pruner.pool(scores).masks(0.999).sparsity
+    entries = sum(int(np.prod(l.kernel_mask.shape)) for l in layers)
+    total = count_params(teacher, nonzero=False)
+    line = (f"DKDPCallback: the pruning event at step {record['step']} asked for "
+            f"sparsity {target:.2f} and reached {result.sparsity:.2f} (of the masked "
+            f"layers' kernels; the model's parameters fell by "
+            f"{1 - record['kept_params'] / max(total, 1):.2f}), and no event of "
+            f"this fit can reach more than {ceiling:.2f} at granularity "
+            f"'{pruner.granularity}'. Prunable (masked): {len(layers)} layer"
+            f"{'s' if len(layers) > 1 else ''}, {_named([l.name for l in layers])}.")
+    protected = [l for l in layers if l.name in pruner.protect_units]
+    if protected and pruner.granularity == "unit":
+        share = sum(int(np.prod(l.kernel_mask.shape)) for l in protected) / entries
+        line += (f" Protected: {_named([l.name for l in protected])}, whose units are "
+                 f"the model's outputs and are never removed, hold {share:.0%} of "
+                 "the masked kernels.")
+    kinds = {}
+    for layer in iter_layers(teacher):
+        if layer.weights and not is_masked(layer) and not isinstance(
+                layer, _FOLLOWERS):
+            count, params = kinds.get(type(layer).__name__, (0, 0))
+            kinds[type(layer).__name__] = (count + 1, params + count_params_of_layer(layer))
+    if kinds:
+        share = sum(p for _, p in kinds.values()) / max(total, 1)
+        line += (" Not prunable: " + ", ".join(
+            f"{kind} ({count} layer{'s' if count > 1 else ''}, {params:,} parameters)"
+            for kind, (count, params) in sorted(kinds.items())) +
+            f", {share:.0%} of the model's parameters: only Dense, Conv1D/2D/3D "
+            "and DepthwiseConv1D/2D layers are masked (dkdp_keras.prunable "
+            "names what it left out).")
+    ways = []
+    if protected and pruner.granularity == "unit":
+        ways.append("prune weights (granularity='weight')")
+    if kinds:
+        ways.append("build the model from prunable layers")
+    if not ways:
+        return line + (f" Ask for at most {ceiling:.2f}, or lower the floors "
+                       "(DKDPCallback(floors=thresholds.Floors(...))).")
+    return line + f" To prune more, {' or '.join(ways)}; else ask for at most {ceiling:.2f}."

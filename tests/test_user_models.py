@@ -2,6 +2,9 @@
 4, 9 and 10): each failure is said, before training, with what works, and
 what is offered as working does work."""
 
+import re
+import warnings
+
 import keras
 import numpy as np
 import pytest
@@ -23,6 +26,11 @@ def plain_student(input_shape, classes):
     def make(teacher):
         return keras.Sequential([keras.Input(input_shape), L.Flatten(), L.Dense(classes)])
     return make
+
+
+def shortfall_warnings(caught):
+    return [str(w.message) for w in caught
+            if str(w.message).startswith("DKDPCallback: the pruning event")]
 
 
 # --- 3. student="auto" on a model it cannot narrow ------------------------
@@ -186,3 +194,69 @@ def test_dkdpmodel_refuses_a_subclassed_teacher_suggesting_only_what_works():
     said = str(raised.value)
     assert "subclassed keras.Model (SubNet)" in said
     assert "DKDPCallback(granularity='weight'" in said and "ConstantSparsity" in said
+
+
+# --- 10. a target few layers can reach -------------------------------------
+def fit_with_unit_schedule(model, x, y, target=0.5, epochs=1):
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss=CE)
+    cb = dkdp.DKDPCallback(granularity="unit", frequency=2, verbose=0,
+                           threshold=thresholds.ConstantSparsity(target))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.fit(x, y, epochs=epochs, batch_size=8, verbose=0, callbacks=[cb])
+    return cb, shortfall_warnings(caught)
+
+
+def test_a_bidirectional_gru_model_says_once_per_fit_why_it_reaches_no_sparsity():
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 50, (32, 10)).astype("int32"), rng.integers(0, 4, 32)
+    model = keras.Sequential([keras.Input((10,), dtype="int32"), L.Embedding(50, 8),
+                              L.Bidirectional(L.GRU(16)), L.Dense(4, name="head")])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # prunable names what it leaves out
+        model = dkdp.prunable(model)
+    for _ in range(2):  # once per fit, each fit
+        cb, said = fit_with_unit_schedule(model, x, y)
+        assert cb.events == 2 and cb.history[-1]["sparsity"] == 0.0
+        assert len(said) == 1
+        assert "asked for sparsity 0.50 and reached 0.00" in said[0]
+        assert "no event of this fit can reach more than 0.00" in said[0]
+        assert "Protected: 'head'" in said[0] and "100% of the masked kernels" in said[0]
+        assert re.search(r"Not prunable: Bidirectional \(1 layer, [\d,]+ parameters\), "
+                         r"Embedding \(1 layer, 400 parameters\), 9\d% of the model", said[0])
+        assert "granularity='weight'" in said[0]
+
+
+def separable_cnn():
+    return keras.Sequential([
+        keras.Input((16, 16, 3)), L.Conv2D(8, 3, activation="relu", name="stem"),
+        L.SeparableConv2D(32, 3, activation="relu"),
+        L.SeparableConv2D(64, 3, activation="relu"),
+        L.GlobalAveragePooling2D(), L.Dense(10, name="head")])
+
+
+def test_a_separable_cnn_says_how_far_short_it_falls_and_which_layers_are_not_prunable():
+    rng = np.random.default_rng(0)
+    x, y = rng.random((16, 16, 16, 3)).astype("float32"), rng.integers(0, 10, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = dkdp.prunable(separable_cnn())
+    cb, said = fit_with_unit_schedule(model, x, y)
+    reached = cb.history[-1]["sparsity"]
+    assert 0.0 < reached < 0.3  # the stem's units only: 216 of 856 entries
+    assert len(said) == 1
+    assert f"asked for sparsity 0.50 and reached {reached:.2f}" in said[0]
+    assert "Prunable (masked): 2 layers, 'stem', 'head'" in said[0]
+    assert "SeparableConv2D (2 layers," in said[0]
+
+
+def test_a_cnn_of_prunable_layers_reaching_its_target_is_not_warned_about():
+    rng = np.random.default_rng(0)
+    x, y = rng.random((16, 16, 16, 3)).astype("float32"), rng.integers(0, 4, 16)
+    model = dkdp.prunable(keras.Sequential([
+        keras.Input((16, 16, 3)), L.Conv2D(16, 3, activation="relu"),
+        L.Conv2D(32, 3, activation="relu"), L.GlobalAveragePooling2D(),
+        L.Dense(32, activation="relu"), L.Dense(4)]))
+    cb, said = fit_with_unit_schedule(model, x, y)
+    assert cb.history[-1]["sparsity"] > 0.375
+    assert said == []
