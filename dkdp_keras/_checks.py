@@ -74,6 +74,10 @@ def before_training(callback, teacher):
     frozen = [l for l in layers if not l.trainable]
     if frozen and "gradient" in (needs or ()):
         raise ValueError(frozen_message(name, teacher, frozen, callback._is_dkdp()))
+    untracked = [l.name for l in layers if not getattr(l, "track_statistics", False)]
+    if untracked and needs:
+        raise ValueError(untracked_message(name, needs, teacher, untracked,
+                                           callback._is_dkdp()))
     if callback._is_dkdp():
         callback.model.request_statistics(
             ("gradient", "activation") if needs is None else needs,
@@ -164,6 +168,25 @@ def frozen_message(criterion, teacher, frozen, dkdp):
         f"by making only the trainable layers prunable, {remake} built from the "
         "original model; or use a criterion that needs no gradients, such as "
         "importance='magnitude'."
+    )
+
+
+def untracked_message(criterion, needs, teacher, untracked, dkdp):
+    """Why a statistics criterion cannot score masked layers made without
+    track_statistics (a model made prunable by hand, then given to a
+    DKDPModel, which keeps a teacher's masked layers as they are)."""
+    many = len(untracked) > 1
+    how = ("DKDPModel keeps a teacher's masked layers as they are: pass it the "
+           "original (unmasked) model, which it makes prunable with statistics, "
+           "or one made with dkdp_keras.prunable(model, track_statistics=True)"
+           if dkdp else "make it with dkdp_keras.prunable(model, "
+           "track_statistics=True)")
+    return (
+        f"{criterion} reads {' and '.join(sorted(needs))} statistics, and "
+        f"layer{'s' if many else ''} {_names(untracked)} of model '{teacher.name}' "
+        f"{'were' if many else 'was'} made prunable without track_statistics=True, "
+        f"so {'they keep' if many else 'it keeps'} none: {how}. Or use a criterion "
+        "that needs none, such as importance='magnitude'."
     )
 
 

@@ -116,6 +116,24 @@ def test_what_the_frozen_message_offers_works_and_leaves_the_base_as_it_was():
         np.testing.assert_array_equal(before, after)
 
 
+def test_a_teacher_made_prunable_without_statistics_is_refused_before_training():
+    # prunable(model) by hand, then DKDPModel: the teacher keeps its masked
+    # layers, which collect no gradients; the refusal must not tell a
+    # DKDPModel user to use a DKDPModel, and must come before training.
+    x, y = image_data()
+    teacher = dkdp.prunable(keras.Sequential([
+        keras.Input((8, 8, 3)), L.Conv2D(8, 3, name="c1"), L.GlobalAveragePooling2D(),
+        L.Dense(4, name="head")]))
+    model = compiled_dkdp(dkdp.DKDPModel(teacher, student=plain_student((8, 8, 3), 4)))
+    cb = dkdp.DKDPCallback(importance="taylor", verbose=0,
+                           threshold=thresholds.ConstantSparsity(0.5))
+    with pytest.raises(ValueError, match=r"layers 'c1', 'head' of model .* were made "
+                       r"prunable without track_statistics=True.*DKDPModel keeps a "
+                       r"teacher's masked layers as they are: pass it the original"):
+        model.fit(x, y, epochs=1, verbose=0, callbacks=[cb])
+    assert int(model.optimizer.iterations.numpy()) == 0
+
+
 # --- 9. subclassed models with masked layers inside -----------------------
 class SubNet(keras.Model):
     def __init__(self, **kwargs):
