@@ -6,7 +6,11 @@ first epoch (a bad `validation_data`), each named with the fix.
 They are cheap: arrays are checked whole (one pass over the labels); a
 tf.data dataset is read for its first batch only; a Python generator or
 a `keras.utils.PyDataset` is never read (reading it would consume what
-the user gave `fit`)."""
+the user gave `fit`).
+
+Below them, the data of `export_tflite`'s check: its representative and
+check data read as arrays, default check inputs, and the comparison of
+the TFLite file's outputs with Keras' (what is measured, what passes)."""
 
 import inspect
 
@@ -193,3 +197,179 @@ def _sparse_loss(model):
         except Exception:
             ignore = None
     return sparse, ignore
+
+
+# --- export_tflite's check ------------------------------------------------
+
+#: Inputs the export check runs on when check_data is not given: enough that
+#: a few top-1 flips of a healthy quantized model (near-tied logits) move
+#: the agreement by tenths of a point, not by the whole tolerance.
+CHECK_EXAMPLES = 256
+#: Default tolerances, see `export_tflite`.
+MAX_REL_DIFF = 1e-3
+MAX_ACCURACY_DROP = 0.05
+MIN_TOP1_AGREEMENT = 0.9
+
+
+def export_arrays(data, name):
+    """(x, y or None) from an array, an (x, y) pair or a batched tf.data
+    dataset (its first 256 examples)."""
+    if data is None:
+        return None, None
+    if isinstance(data, (tuple, list)) and len(data) == 2:
+        return np.asarray(data[0]), np.asarray(data[1])
+    if hasattr(data, "as_numpy_iterator"):
+        xs, ys = [], []
+        for item in data.as_numpy_iterator():
+            x, y = (item[0], item[1]) if isinstance(item, tuple) else (item, None)
+            xs.append(x)
+            if y is not None:
+                ys.append(y)
+            if sum(len(b) for b in xs) >= 256:
+                break
+        return np.concatenate(xs), (np.concatenate(ys) if ys else None)
+    try:
+        return np.asarray(data), None
+    except Exception:
+        raise TypeError(
+            f"{name} must be an array, an (x, y) pair or a tf.data dataset, "
+            f"got {type(data).__name__}."
+        ) from None
+
+
+def same_length(name, x, y):
+    """An (x, y) pair must hold as many labels as inputs: numpy would
+    otherwise broadcast one label against every prediction."""
+    if y is None:
+        return
+    if y.ndim == 0:
+        raise ValueError(
+            f"{name} has {len(x)} inputs (x) but a single label (y) of shape (): "
+            f"pass one label per input, an array of length {len(x)}."
+        )
+    if len(y) != len(x):
+        raise ValueError(
+            f"{name} has {len(x)} inputs (x) but {len(y)} labels (y): pass "
+            "an (x, y) pair with one label per input (or x alone)."
+        )
+
+
+def class_labels(name, y, output_shape):
+    """Class indices, one per prediction, from labels given as indices
+    (shape of the output without its class axis, or with a class axis of 1)
+    or one-hot rows (the output's shape)."""
+    def same(a, b):
+        return len(a) == len(b) and all(
+            i is None or j is None or int(i) == int(j) for i, j in zip(a, b)
+        )
+
+    per_example = tuple(y.shape[1:])
+    classes = output_shape[:-1]
+    if same(per_example, output_shape) and output_shape[-1] not in (None, 1):
+        return y.argmax(-1)
+    if same(per_example, classes):
+        return y
+    if same(per_example, classes + (1,)):
+        return y[..., 0]
+    raise ValueError(
+        f"{name} has labels of shape {per_example} per example, but with the "
+        f"model's output of shape {output_shape} they must be class indices "
+        f"of shape {classes} or one-hot rows of shape {output_shape}."
+    )
+
+
+def random_inputs(model, count):
+    """`count` random inputs of the model's shape, uniform in [0, 1)."""
+    shape = (count,) + tuple(model.inputs[0].shape)[1:]
+    if None in shape:
+        raise ValueError(
+            f"Model '{model.name}' takes inputs of shape {shape[1:]}, with a "
+            "dimension of any size: pass check_data (and representative_data) "
+            "of the shape you will run."
+        )
+    return np.random.default_rng(0).random(shape).astype("float32")
+
+
+def check_inputs(model, check_data, representative):
+    """(inputs, class labels or None) of the export check: `check_data`,
+    else the first CHECK_EXAMPLES representative inputs, else random ones."""
+    x, y = export_arrays(check_data, "check_data")
+    if x is None:
+        x = (representative[:CHECK_EXAMPLES] if representative is not None
+             else random_inputs(model, CHECK_EXAMPLES))
+    want = tuple(model.inputs[0].shape)[1:]
+    if len(x.shape) != len(want) + 1 or any(
+            w is not None and int(g) != int(w) for g, w in zip(x.shape[1:], want)):
+        raise ValueError(
+            f"check_data has examples of shape {tuple(x.shape[1:])}, the "
+            f"model takes {want}."
+        )
+    if y is None:
+        return x, None
+    same_length("check_data", x, y)
+    return x, class_labels("check_data", y, tuple(model.outputs[0].shape)[1:])
+
+
+class Measured:
+    """TFLite's outputs against Keras' on the check inputs (and labels)."""
+
+    def __init__(self, keras_out, lite_out, labels):
+        self.examples = len(keras_out)
+        self.abs_diff = float(np.max(np.abs(lite_out - keras_out)))
+        self.scale = float(np.max(np.abs(keras_out)))
+        if self.scale > 0:
+            self.rel_diff = self.abs_diff / self.scale
+        else:  # a model that outputs zeros: any difference is all of it
+            self.rel_diff = 0.0 if self.abs_diff == 0 else float("inf")
+        lite_top1, keras_top1 = lite_out.argmax(-1), keras_out.argmax(-1)
+        self.agreement = float(np.mean(lite_top1 == keras_top1))
+        self.keras_accuracy = self.accuracy = None
+        if labels is not None:
+            self.keras_accuracy = float(np.mean(keras_top1 == labels))
+            self.accuracy = float(np.mean(lite_top1 == labels))
+
+    def report_fields(self):
+        """The figures, named as `ExportReport` names them."""
+        return dict(max_abs_diff=self.abs_diff, top1_agreement=self.agreement,
+                    accuracy=self.accuracy, check_examples=self.examples,
+                    max_rel_diff=self.rel_diff, output_scale=self.scale,
+                    keras_accuracy=self.keras_accuracy)
+
+    def judge(self, quantize, max_rel_diff, max_abs_diff, max_accuracy_drop,
+              min_top1_agreement):
+        """(passed, one sentence: what was measured against what)."""
+        m, parts, passed = self, [], True
+        largest = f"of the largest Keras output {m.scale:.3g}"
+        if quantize == "none":
+            allowed = f"allowed {max_rel_diff:g} of it"
+            passed = m.rel_diff <= max_rel_diff
+            if max_abs_diff is not None:
+                allowed += f" and {max_abs_diff:g} absolute"
+                passed = passed and m.abs_diff <= max_abs_diff
+            parts.append(f"the float32 TFLite model differs from Keras by up to "
+                         f"{m.abs_diff:.3g}, {m.rel_diff:.2g} {largest} ({allowed})")
+            parts.append(f"top-1 agreement {m.agreement:.1%}")
+            if m.accuracy is not None:
+                parts.append(f"TFLite accuracy {m.accuracy:.1%}, Keras {m.keras_accuracy:.1%}")
+        else:
+            required = min_top1_agreement
+            if m.accuracy is not None:
+                drop = m.keras_accuracy - m.accuracy
+                passed = drop <= max_accuracy_drop + 1e-9
+                parts.append(
+                    f"TFLite accuracy {m.accuracy:.1%} against Keras' {m.keras_accuracy:.1%} "
+                    f"on the labelled inputs (a drop of {100 * drop:.1f} points, allowed "
+                    f"{100 * max_accuracy_drop:.1f})")
+            elif required is None:
+                required = MIN_TOP1_AGREEMENT
+            agrees = (f"the {quantize} TFLite model agrees with Keras on the top-1 "
+                      f"class for {m.agreement:.1%} of {m.examples} inputs")
+            if required is not None:
+                passed = passed and m.agreement >= required
+                agrees += f" (required {required:.1%})"
+            parts.append(agrees)
+            parts.append(f"max |TFLite - Keras| {m.abs_diff:.3g}, {m.rel_diff:.2g} {largest}")
+        name = "float32" if quantize == "none" else quantize
+        verdict = "passed" if passed else "FAILED"
+        return passed, (f"{name} check {verdict} on {m.examples} inputs: "
+                        + "; ".join(parts) + ".")

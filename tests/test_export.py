@@ -90,15 +90,18 @@ def test_dkdp_model_exports_its_student(tmp_path):
     assert report.prepared == "as is" and report.max_abs_diff <= 1e-4
 
 
-def test_a_failed_check_raises_with_the_figures_and_leaves_no_file(trained, tmp_path):
+def test_a_failed_strict_check_raises_with_the_figures_and_keeps_the_file_aside(trained, tmp_path):
     model, x, _ = trained
     with pytest.raises(ValueError, match=r"agrees with Keras on the top-1 class for .* \(required 101.0%\)"):
         dkdp.export_tflite(model, tmp_path / "q.tflite", quantize="dynamic",
-                           check_data=x[:32], min_top1_agreement=1.01)
+                           check_data=x[:32], min_top1_agreement=1.01, strict=True)
     assert not (tmp_path / "q.tflite").exists()
+    assert (tmp_path / "q.failed-check.tflite").stat().st_size > 0
     with pytest.raises(ValueError, match=r"float32 TFLite model differs from Keras by up to"):
-        dkdp.export_tflite(model, tmp_path / "f.tflite", check_data=x[:32], max_abs_diff=0.0)
+        dkdp.export_tflite(model, tmp_path / "f.tflite", check_data=x[:32], max_abs_diff=0.0,
+                           strict=True)
     assert not (tmp_path / "f.tflite").exists()
+    assert (tmp_path / "f.failed-check.tflite").stat().st_size > 0
 
 
 @pytest.mark.parametrize(
@@ -259,15 +262,16 @@ def test_an_interrupted_check_leaves_nothing_at_the_path(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []  # no file, no stray temporary one
 
 
-def test_a_failed_check_leaves_an_earlier_file_untouched(tmp_path, monkeypatch):
+def test_a_failed_strict_check_leaves_an_earlier_file_untouched(tmp_path, monkeypatch):
     from dkdp_keras import export
 
     path = tmp_path / "m.tflite"
     path.write_bytes(b"an earlier export")
     monkeypatch.setattr(export, "_run", lambda path, x: np.full((len(x), 3), 1e3, "float32"))
     with pytest.raises(ValueError, match="differs from Keras"):
-        dkdp.export_tflite(_linear_classifier(), path)
+        dkdp.export_tflite(_linear_classifier(), path, strict=True)
     assert path.read_bytes() == b"an earlier export"
+    (tmp_path / "m.failed-check.tflite").unlink()  # kept for inspection
 
     def interrupted(path, x):
         raise KeyboardInterrupt

@@ -1,0 +1,236 @@
+"""Export of the models users ship (issue 22, item 5): checks that pass
+healthy files and fail wrong ones without deleting what was asked for."""
+
+import pathlib
+import warnings
+
+import keras
+import numpy as np
+import pytest
+
+import dkdp_keras as dkdp
+from dkdp_keras import export
+
+
+def _failed_check_warnings(record):
+    return [str(w.message) for w in record if "check FAILED" in str(w.message)]
+
+
+def _conv_net(logit_scale=1.0):
+    """Three conv/swish/pool stages and a Dense head, its kernel scaled by
+    `logit_scale`: float32 rounding then differs between Keras and TFLite
+    in proportion to the output, as on a trained EfficientNetB0 (logits of
+    magnitude 191)."""
+    inputs = keras.Input((32, 32, 3))
+    x = inputs
+    for filters in (8, 16, 16):
+        x = keras.layers.Conv2D(filters, 3, padding="same", activation="swish")(x)
+        x = keras.layers.MaxPooling2D()(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    model = keras.Model(inputs, keras.layers.Dense(10)(x), name="conv_net")
+    kernel, bias = model.layers[-1].get_weights()
+    model.layers[-1].set_weights([kernel * logit_scale, bias])
+    return model
+
+
+# --- item 5: the float32 check is relative to the output scale ------------
+
+def test_float32_check_is_relative_to_the_output_scale(tmp_path):
+    model = _conv_net(logit_scale=1e5)
+    x = np.random.default_rng(0).random((64, 32, 32, 3)).astype("float32")
+    path = tmp_path / "big_logits.tflite"
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        report = dkdp.export_tflite(model, path, check_data=x, latency_runs=1)
+    assert _failed_check_warnings(record) == []
+    # An absolute bound of 1e-4 (the old check) rejects this healthy file:
+    assert report.output_scale > 1e3 and report.max_abs_diff > 1e-4
+    assert report.max_rel_diff == pytest.approx(report.max_abs_diff / report.output_scale)
+    assert report.max_rel_diff < 1e-5 and report.top1_agreement == 1.0
+    assert report.check_passed
+    assert report.check.startswith("float32 check passed on 64 inputs")
+    assert "of the largest Keras output" in report.check and "allowed 0.001 of it" in report.check
+    assert path.stat().st_size == report.bytes
+
+
+def test_a_wrong_float32_file_fails_its_check_and_is_kept(tmp_path, monkeypatch):
+    """A conversion of other weights (a genuinely wrong file) fails the
+    check: by default a warning and the file at the path asked for; with
+    strict=True an ExportCheckError, the path left as it was and the file
+    beside it."""
+    model = _conv_net(logit_scale=100.0)
+    wrong = _conv_net(logit_scale=100.0)  # same graph, other initial weights
+    convert = export._convert
+    monkeypatch.setattr(export, "_convert", lambda m, *args: convert(wrong, *args))
+    x = np.random.default_rng(0).random((32, 32, 32, 3)).astype("float32")
+    path = tmp_path / "m.tflite"
+    with pytest.warns(UserWarning, match=r"float32 check FAILED on 32 inputs.*written to "
+                                         r".*m.tflite' all the same; pass strict=True"):
+        report = dkdp.export_tflite(model, path, check_data=x, latency_runs=1)
+    assert not report.check_passed and report.max_rel_diff > 0.05
+    assert report.check.startswith("float32 check FAILED")
+    assert report.path == str(path) and path.stat().st_size == report.bytes
+
+    path.write_bytes(b"an earlier, checked export")
+    with pytest.raises(export.ExportCheckError, match=r"float32 check FAILED.*strict=True: "
+                                                      r".*m.tflite' was left as it was") as info:
+        dkdp.export_tflite(model, path, check_data=x, latency_runs=1, strict=True)
+    assert isinstance(info.value, ValueError)  # what `except ValueError` callers catch
+    assert path.read_bytes() == b"an earlier, checked export"
+    kept = tmp_path / "m.failed-check.tflite"
+    assert info.value.report.path == str(kept) and not info.value.report.check_passed
+    assert kept.stat().st_size == info.value.report.bytes
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.failed-check.tflite", "m.tflite"]
+
+
+# --- item 5: the quantized check -----------------------------------------
+
+def _identity_classifier():
+    """6 inputs -> 3 logits equal to x[:, :3]: Keras' top-1 class is known."""
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(3)], name="identity")
+    kernel = np.zeros((6, 3), "float32")
+    kernel[:3, :3] = np.eye(3)
+    model.layers[0].set_weights([kernel, np.zeros(3, "float32")])
+    return model
+
+
+def _issue_figures():
+    """500 inputs, labels and TFLite outputs with the issue's figures for a
+    post-training-quantized MobileNetV2: Keras accuracy 72.0%, TFLite
+    70.6%, top-1 agreement 94.4% (28 flips); one flip among the first 64."""
+    rng = np.random.default_rng(0)
+    x = rng.random((500, 6)).astype("float32")
+    keras_top1 = x[:, :3].argmax(-1)
+    labels = keras_top1.copy()
+    flips = [10] + list(range(100, 127))                   # 28 disagreements
+    keras_right_lite_wrong = flips[:14]
+    lite_right_keras_wrong = flips[14:21]
+    both_wrong = flips[21:]
+    other_wrong = [i for i in range(500) if i not in flips][:140 - 7 - 7]
+    lite_top1 = keras_top1.copy()
+    for i in keras_right_lite_wrong:
+        lite_top1[i] = (keras_top1[i] + 1) % 3
+    for i in lite_right_keras_wrong:
+        labels[i] = lite_top1[i] = (keras_top1[i] + 1) % 3
+    for i in both_wrong:
+        labels[i] = (keras_top1[i] + 1) % 3
+        lite_top1[i] = (keras_top1[i] + 2) % 3
+    for i in other_wrong:
+        labels[i] = (keras_top1[i] + 1) % 3
+    lite_out = 5.0 * np.eye(3, dtype="float32")[lite_top1]
+    assert np.mean(keras_top1 == labels) == 0.72 and np.mean(lite_top1 == labels) == 0.706
+    assert np.mean(lite_top1 == keras_top1) == 0.944
+    assert np.sum(lite_top1[:64] != keras_top1[:64]) == 1
+    return x, labels, lite_out
+
+
+def test_the_quantized_check_passes_a_healthy_post_training_quantization(tmp_path, monkeypatch):
+    x, labels, lite_out = _issue_figures()
+    monkeypatch.setattr(export, "_run", lambda path, xs: lite_out[: len(xs)])
+    model = _identity_classifier()
+    args = dict(quantize="dynamic", latency_runs=1)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        labelled = dkdp.export_tflite(model, tmp_path / "a.tflite", check_data=(x, labels), **args)
+        unlabelled = dkdp.export_tflite(model, tmp_path / "b.tflite", check_data=x, **args)
+        few = dkdp.export_tflite(model, tmp_path / "c.tflite", check_data=x[:64], **args)
+    assert _failed_check_warnings(record) == []
+    assert labelled.check_passed and unlabelled.check_passed and few.check_passed
+    assert labelled.accuracy == pytest.approx(0.706)
+    assert labelled.keras_accuracy == pytest.approx(0.72)
+    assert labelled.top1_agreement == pytest.approx(0.944)
+    assert ("TFLite accuracy 70.6% against Keras' 72.0% on the labelled inputs (a drop of "
+            "1.4 points, allowed 5.0)") in labelled.check
+    assert "94.4% of 500 inputs (required 90.0%)" in unlabelled.check
+    assert few.top1_agreement == pytest.approx(63 / 64) and few.check_examples == 64
+    for name in "abc":
+        assert (tmp_path / f"{name}.tflite").stat().st_size > 0
+
+    # A bound the user sets on the agreement is kept, labels or not.
+    with pytest.warns(UserWarning, match=r"94.4% of 500 inputs \(required 95.0%\)"):
+        strict_agreement = dkdp.export_tflite(model, tmp_path / "d.tflite",
+                                              check_data=(x, labels),
+                                              min_top1_agreement=0.95, **args)
+    assert not strict_agreement.check_passed
+
+
+def test_the_quantized_check_fails_a_wrong_file(tmp_path, monkeypatch):
+    x, labels, _ = _issue_figures()
+    rng = np.random.default_rng(1)
+    chance = 5.0 * np.eye(3, dtype="float32")[rng.integers(0, 3, len(x))]
+    monkeypatch.setattr(export, "_run", lambda path, xs: chance[: len(xs)])
+    model = _identity_classifier()
+    args = dict(quantize="dynamic", latency_runs=1)
+    with pytest.warns(UserWarning, match=r"dynamic check FAILED on 500 inputs: TFLite accuracy"):
+        labelled = dkdp.export_tflite(model, tmp_path / "a.tflite", check_data=(x, labels), **args)
+    assert labelled.keras_accuracy - labelled.accuracy > 0.2
+    with pytest.warns(UserWarning, match=r"dynamic check FAILED on 256 inputs: .*agrees with "
+                                         r"Keras on the top-1 class for .*\(required 90.0%\)"):
+        unlabelled = dkdp.export_tflite(model, tmp_path / "b.tflite", check_data=x[:256], **args)
+    assert not labelled.check_passed and not unlabelled.check_passed
+    assert unlabelled.top1_agreement < 0.5
+    assert (tmp_path / "a.tflite").exists() and (tmp_path / "b.tflite").exists()
+    with pytest.raises(export.ExportCheckError, match="dynamic check FAILED"):
+        dkdp.export_tflite(model, tmp_path / "c.tflite", check_data=x, strict=True, **args)
+    assert not (tmp_path / "c.tflite").exists() and (tmp_path / "c.failed-check.tflite").exists()
+
+
+def test_an_accuracy_bound_without_labels_is_refused_before_conversion(tmp_path, monkeypatch):
+    def no_conversion(*args):
+        raise AssertionError("converted before checking the arguments")
+
+    monkeypatch.setattr(export, "_convert", no_conversion)
+    x = np.zeros((8, 6), "float32")
+    with pytest.raises(ValueError, match=r"max_accuracy_drop needs labels.*check_data=\(x, y\)"):
+        dkdp.export_tflite(_identity_classifier(), tmp_path / "m.tflite", quantize="dynamic",
+                           check_data=x, max_accuracy_drop=0.02)
+    with pytest.raises(TypeError, match="strict must be True or False"):
+        dkdp.export_tflite(_identity_classifier(), tmp_path / "m.tflite", strict="yes")
+    assert list(tmp_path.iterdir()) == []
+
+
+def _channel_task(n, rng):
+    """32x32x3 images whose class is the channel with the highest offset:
+    continuous margins, so some inputs lie near a decision boundary, as
+    in real data."""
+    offsets = rng.random((n, 1, 1, 3)).astype("float32")
+    x = (0.5 * rng.random((n, 32, 32, 3)) + 0.5 * offsets).astype("float32")
+    return x, offsets.reshape(n, 3).argmax(-1)
+
+
+@pytest.mark.slow
+def test_post_training_int8_mobilenet_v2_passes_its_default_check(tmp_path):
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    x, y = _channel_task(1024, rng)
+    model = keras.applications.MobileNetV2(input_shape=(32, 32, 3), alpha=0.35, weights=None,
+                                           classes=3, classifier_activation=None)
+    norms = [l for l in model.layers if isinstance(l, keras.layers.BatchNormalization)]
+    for layer in norms:  # statistics that follow a few epochs (Keras' 0.999 would not)
+        layer.momentum = 0.9
+    model.compile(keras.optimizers.Adam(2e-3),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x[:768], y[:768], epochs=6, batch_size=32, verbose=0)
+    for layer in norms:  # the statistics of the trained network, exactly
+        layer.momentum = 0.0
+    model(x[:256], training=True)
+    test_x, test_y = x[768:], y[768:]
+    logits = model.predict(test_x, verbose=0)
+    assert logits.std(axis=0).min() > 0.5  # the output depends on the input
+    keras_accuracy = float(np.mean(logits.argmax(-1) == test_y))
+    assert keras_accuracy > 0.55  # chance is 1/3
+
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        default = dkdp.export_tflite(model, tmp_path / "default.tflite", quantize="int8",
+                                     representative_data=x[:256], latency_runs=5)
+        labelled = dkdp.export_tflite(model, tmp_path / "labelled.tflite", quantize="int8",
+                                      representative_data=x[:256], latency_runs=5,
+                                      check_data=(test_x, test_y))
+    assert _failed_check_warnings(record) == []
+    assert default.check_passed and default.check_examples == 256
+    assert 0.9 <= default.top1_agreement
+    assert labelled.check_passed and labelled.keras_accuracy == pytest.approx(keras_accuracy)
+    assert abs(labelled.keras_accuracy - labelled.accuracy) <= 0.05
+    for report in (default, labelled):
+        assert pathlib.Path(report.path).stat().st_size == report.bytes
