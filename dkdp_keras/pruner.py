@@ -19,6 +19,7 @@ from dkdp_keras.budget import deployed_counts
 from dkdp_keras.counting import Snapshot, count_params, count_params_of_layer
 from dkdp_keras.graph import batchnorm_after
 from dkdp_keras.prunable import is_masked, iter_layers, sync_batchnorm
+from dkdp_keras.grouping import UnitEntries
 from dkdp_keras.thresholds.mechanism import MaskPool
 
 #: What each record of `Pruner.history` holds.
@@ -102,6 +103,12 @@ class Pruner:
         # A subclassed model's graph cannot be read: no BatchNormalization
         # is known to follow a layer, and weight pruning needs none.
         self.batchnorms = {} if is_subclassed(teacher) else batchnorm_after(teacher)
+        # At unit granularity the pool's entries are channel groups, and
+        # groups that compact could not shrink are protected.
+        self.units = None
+        if granularity == "unit" and not is_subclassed(teacher):
+            self.units = UnitEntries(teacher, layers)
+            self.protect_units = set(protect_units) | self.units.fixed
         self._pool = None
         self._snapshot = None  # the teacher's weights while none is written
         self.reset()
@@ -179,20 +186,35 @@ class Pruner:
 
     def pool(self, scores):
         """The `MaskPool` of `scores`: normalised and sorted once per
-        scoring, cut at every sparsity an event tries."""
+        scoring, cut at every sparsity an event tries. Its masks are the
+        entries' (see `expand`)."""
         if self._pool is None or self._pool[0] is not scores:
             self._snapshot = None  # new scores: the weights have moved
-            self._pool = (scores, MaskPool(
-                self.layers, scores, granularity=self.granularity,
-                scope=self.scope, normalize=self.normalize, floors=self.floors,
-                protect_units=self.protect_units,
-                layer_weights=self._layer_weights(),
-                unit_multiple=self.unit_multiple,
-            ))
+            self._pool = (scores, self.build_pool(scores, self._layer_weights()))
         return self._pool[1]
 
+    def build_pool(self, scores, layer_weights=None):
+        """A `MaskPool` of the layers (or, at unit granularity, of their
+        channel groups) with `scores`, aligned with `layers`."""
+        entries = self.layers
+        if self.units is not None:
+            entries, scores = self.units.entries, self.units.scores(self.layers, scores)
+        return MaskPool(
+            entries, scores, granularity=self.granularity,
+            scope=self.scope, normalize=self.normalize, floors=self.floors,
+            protect_units=self.protect_units, layer_weights=layer_weights,
+            unit_multiple=self.unit_multiple,
+        )
+
+    def expand(self, result):
+        """A pool's `PruningResult` with a mask for every layer."""
+        return result if self.units is None else self.units.expand_result(result)
+
+    def expand_masks(self, masks):
+        return masks if self.units is None else self.units.expand(masks)
+
     def masks_for(self, sparsity, scores):
-        return self.pool(scores).masks(sparsity)
+        return self.expand(self.pool(scores).masks(sparsity))
 
     # ----------------------------------------------------------- writing
     def assign(self, masks, batchnorm=True):
@@ -261,9 +283,11 @@ class Pruner:
         -> bool), pruned units then come back while it holds
         (`MaskPool.fill`). Returns `(result, record)`."""
         before = self.sparsity()
-        result = self.masks_for(sparsity, scores)
+        result = self.pool(scores).masks(sparsity)
         if fits is not None:
-            result = self.pool(scores).fill(result, fits)
+            result = self.pool(scores).fill(
+                result, lambda masks: fits(self.expand_masks(masks)))
+        result = self.expand(result)
         self.assign(result.masks)
         self.last_decision = {
             "step": step,
@@ -369,7 +393,7 @@ def shortfall_message(pruner, target, result, record, scores):
     their units (protected), and which layers with weights are not
     prunable at all, with their share of the model's parameters."""
     teacher, layers = pruner.teacher, pruner.layers
-    ceiling = pruner.pool(scores).masks(0.999).sparsity
+    ceiling = pruner.masks_for(0.999, scores).sparsity
     entries = sum(int(np.prod(l.kernel_mask.shape)) for l in layers)
     total = count_params(teacher, nonzero=False)
     line = (f"DKDPCallback: the pruning event at step {record['step']} asked for "

@@ -26,7 +26,7 @@ LAYERS = [
     ("importance.registry",),
     ("importance",),
     ("thresholds.mechanism", "thresholds.schedules"),
-    ("thresholds.adaptive",),
+    ("thresholds.adaptive", "grouping"),
     ("thresholds",),
     ("pruner", "distillation", "zoo", "datasets", "_data_checks", "distribute", "training"),
     ("model",),

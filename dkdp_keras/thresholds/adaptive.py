@@ -409,11 +409,7 @@ def check_reachable(budget, pruner):
     offsets are zeros that training makes non-zero."""
     scores = [ops.convert_to_numpy(importance.Magnitude().score(l, pruner.granularity))
               for l in pruner.layers]
-    pool = MaskPool(
-        pruner.layers, scores, granularity=pruner.granularity, scope=pruner.scope,
-        normalize=pruner.normalize, floors=pruner.floors,
-        protect_units=pruner.protect_units, unit_multiple=pruner.unit_multiple,
-    )
+    pool = pruner.build_pool(scores)
 
     def usage(teacher):
         small = deployed(teacher)
@@ -426,7 +422,7 @@ def check_reachable(budget, pruner):
                            else values.size)
         return budget.usage(teacher, counts=(params, count_macs(small)))
 
-    used = pruner.measure_with(pool.masks(MAX_SPARSITY).masks, usage)
+    used = pruner.measure_with(pruner.expand(pool.masks(MAX_SPARSITY)).masks, usage)
     over = {k: v for k, v in used.items() if v > 1.0}
     if not over:
         return
