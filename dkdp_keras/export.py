@@ -26,9 +26,9 @@ class ExportReport:
     Attributes:
         path: the `.tflite` file.
         quantize: "none", "dynamic", "float16" or "int8".
-        prepared: what was done to the model first ("compacted": removed
-            units gone, masks and gates baked into plain layers, by
-            `dkdp_keras.compact`; "as is").
+        prepared: what was done to the model first ("compacted" by
+            `dkdp_keras.compact`; "float32 copy of a mixed_float16 model"
+            (LiteRT has no float16 kernels); both, joined by ", "; "as is").
         bytes: file size. gzip_bytes: size after gzip -9 (what zeros buy).
         max_abs_diff: largest |TFLite − Keras| over the check outputs
             (dequantized for int8 outputs).
@@ -102,6 +102,83 @@ def _check_path(path):
     if not os.access(parent, os.W_OK):
         raise PermissionError(f"The directory {str(parent)!r} is not writable.")
     return path
+
+
+def _all_layers(model):
+    """Every layer of `model`, nested models and the layers inside wrappers
+    (Bidirectional, TimeDistributed) included."""
+    found = []
+
+    def visit(layer):
+        found.append(layer)
+        if isinstance(layer, keras.Model):
+            for inner in layer.layers:
+                visit(inner)
+        for attribute in ("layer", "forward_layer", "backward_layer"):
+            inner = getattr(layer, attribute, None)
+            if isinstance(inner, keras.layers.Layer) and inner not in found:
+                visit(inner)
+
+    for layer in model.layers:
+        visit(layer)
+    return found
+
+
+_HALF = ("float16", "bfloat16")
+_HALF_POLICIES = _HALF + ("mixed_float16", "mixed_bfloat16")
+
+
+def _half_precision_policy(model):
+    """The first float16/bfloat16 policy (e.g. "mixed_float16") of a layer, or None."""
+    for layer in _all_layers(model):
+        if isinstance(layer, keras.layers.InputLayer):
+            continue  # it takes the global policy, but computes nothing
+        policy = layer.dtype_policy
+        if policy.compute_dtype in _HALF or policy.variable_dtype in _HALF:
+            return policy.name
+    return None
+
+
+def _float32_config(config):
+    """A layer config with every float16/bfloat16 dtype policy, its own and
+    those of the layers it holds (a Bidirectional's LSTM), set to float32."""
+    if isinstance(config, list):
+        return [_float32_config(item) for item in config]
+    if not isinstance(config, dict):
+        return config
+    def half(value):  # a policy's name, or its serialized config's
+        name = value.get("config", {}).get("name") if isinstance(value, dict) else value
+        return isinstance(name, str) and name in _HALF_POLICIES
+    return {key: "float32" if key == "dtype" and half(value) else _float32_config(value)
+            for key, value in config.items()}
+
+
+def _float32_copy(model, policy):
+    """The model rebuilt with float32 layers (nested models too), its weights
+    copied: a mixed_float16 graph converts to float16 ops LiteRT has not."""
+
+    def clone(layer):
+        if not isinstance(layer, keras.layers.Layer):
+            return layer  # a keras.ops node: it computes in its inputs' dtype
+        return layer.__class__.from_config(_float32_config(layer.get_config()))
+
+    previous = keras.config.dtype_policy()
+    # Sub-layers that a layer builds in its __init__ without passing its
+    # own policy on get the global one: float32 while copying.
+    keras.config.set_dtype_policy("float32")
+    try:
+        copy = keras.models.clone_model(model, clone_function=clone, recursive=True)
+        copy.set_weights(model.get_weights())
+    except Exception as error:
+        raise ValueError(
+            f"Model '{model.name}' computes in {policy}, which LiteRT does not run, "
+            f"and could not be copied with float32 layers ({type(error).__name__}: "
+            f"{str(error).strip()[:300]}). Build it again under the float32 policy, "
+            "set_weights(model.get_weights()), and export that copy."
+        ) from error
+    finally:
+        keras.config.set_dtype_policy(previous)
+    return copy
 
 
 def _convert(model, quantize, representative, sparsity, int8_io, fixed_batch):
@@ -213,7 +290,11 @@ def export_tflite(model, path, quantize=None, representative_data=None,
                   max_accuracy_drop=None, strict=False):
     """Convert a Keras model to a `.tflite` file and check it in LiteRT.
 
-    Masked models are compacted first (`dkdp_keras.compact`). The model goes through Keras' SavedModel export and
+    Masked models are compacted first (`dkdp_keras.compact`); a mixed-
+    precision model (float16/bfloat16 policy, such as "mixed_float16") is
+    copied with float32 layers and its weights, as LiteRT's builtin kernels
+    do not compute in float16 (the model itself is left as it is). The
+    model goes through Keras' SavedModel export and
     `tf.lite.TFLiteConverter.from_saved_model`; the file is then run in the
     LiteRT interpreter at batch 1 on the check data and compared with the
     Keras model it was converted from. float32: max |TFLite − Keras| over
@@ -317,10 +398,16 @@ def export_tflite(model, path, quantize=None, representative_data=None,
     if max_accuracy_drop is None:
         max_accuracy_drop = _data_checks.MAX_ACCURACY_DROP
 
-    prepared = "as is"
+    prepared = []
     if masked_layers(model):
         model = compact(model)
-        prepared = "compacted"
+        prepared.append("compacted")
+    policy = _half_precision_policy(model)
+    if policy is not None:
+        model = _float32_copy(model, policy)
+        prepared.append(f"float32 copy of a {policy} model")
+    prepared = ", ".join(prepared) or "as is"
+
     flatbuffer = _convert(model, quantize, rep_x, sparsity, int8_io, fixed_batch)
 
     # Written and checked under a temporary name beside `path`, then moved

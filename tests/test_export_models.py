@@ -1,5 +1,6 @@
-"""Export of the models users ship (issue 22, item 5): checks that pass
-healthy files and fail wrong ones without deleting what was asked for."""
+"""Export of the models users ship (issue 22, items 5 and 7): checks that
+pass healthy files and fail wrong ones without deleting what was asked
+for; mixed-precision models."""
 
 import pathlib
 import warnings
@@ -234,3 +235,71 @@ def test_post_training_int8_mobilenet_v2_passes_its_default_check(tmp_path):
     assert abs(labelled.keras_accuracy - labelled.accuracy) <= 0.05
     for report in (default, labelled):
         assert pathlib.Path(report.path).stat().st_size == report.bytes
+
+
+# --- item 7: mixed precision ----------------------------------------------
+
+def _mixed_precision_net():
+    """Conv, a keras.ops gate, a nested Sequential block with BN, Dense:
+    built under mixed_float16 by the caller."""
+    block = keras.Sequential([keras.Input((16, 16, 8)),
+                              keras.layers.Conv2D(8, 3, padding="same"),
+                              keras.layers.BatchNormalization()], name="block")
+    inputs = keras.Input((32, 32, 3))
+    x = keras.layers.Conv2D(8, 3, strides=2, padding="same")(inputs)
+    x = x * keras.ops.sigmoid(x + 3.0)
+    x = keras.layers.ReLU()(block(x))
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, keras.layers.Dense(4)(x), name="mixed")
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_a_mixed_float16_model_exports_as_float32(tmp_path, quantize):
+    from ai_edge_litert.interpreter import Interpreter
+
+    x = np.random.default_rng(0).random((64, 32, 32, 3)).astype("float32")
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model = _mixed_precision_net()
+        # Exported in the session that trained it: the policy is still set.
+        report = dkdp.export_tflite(model, tmp_path / "m.tflite", quantize=quantize,
+                                    representative_data=x, latency_runs=1)
+        assert keras.config.dtype_policy().name == "mixed_float16"
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert report.prepared == "float32 copy of a mixed_float16 model"
+    assert report.check_passed and report.check_examples == 64
+    assert {layer.dtype_policy.name for layer in model.layers[1:]} == {"mixed_float16"}
+    interpreter = Interpreter(model_path=report.path)
+    assert interpreter.get_input_details()[0]["dtype"] == np.float32
+    assert interpreter.get_output_details()[0]["dtype"] == np.float32
+    # The file computes what the mixed-precision model does, up to float16
+    # rounding (float32 file) or int8 rounding.
+    keras_out = np.asarray(model.predict(x, verbose=0), "float32")
+    assert keras_out.std(axis=0).min() > 1e-3
+    lite_out = export._run(report.path, x)
+    scale = np.abs(keras_out).max()
+    assert np.abs(lite_out - keras_out).max() <= (1e-2 if quantize is None else 0.1) * scale
+    if quantize is None:
+        assert report.max_rel_diff < 1e-5  # against the float32 copy it was converted from
+
+
+def test_a_masked_mixed_float16_model_is_compacted_then_exported_as_float32(tmp_path):
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model = dkdp.prunable(keras.Sequential([
+            keras.Input((32, 32, 3)), keras.layers.Conv2D(8, 3), keras.layers.BatchNormalization(),
+            keras.layers.ReLU(), keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(4)]))
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    layer = dkdp.masked_layers(model)[0]
+    mask = np.ones(layer.kernel.shape, "float32")
+    mask[..., :3] = 0.0  # three of the eight filters removed
+    layer.kernel_mask.assign(mask)
+    x = np.random.default_rng(0).random((32, 32, 32, 3)).astype("float32")
+    report = dkdp.export_tflite(model, tmp_path / "m.tflite", check_data=x, latency_runs=1)
+    assert report.prepared == "compacted, float32 copy of a mixed_float16 model"
+    assert report.check_passed
+    lite_out = export._run(report.path, x)
+    keras_out = np.asarray(model.predict(x, verbose=0), "float32")
+    assert np.abs(lite_out - keras_out).max() <= 1e-2 * np.abs(keras_out).max()
