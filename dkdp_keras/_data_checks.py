@@ -278,8 +278,15 @@ def class_labels(name, y, output_shape):
     )
 
 
-def random_inputs(model, count):
-    """`count` random inputs of the model's shape, uniform in [0, 1)."""
+def input_dtype(model):
+    return np.dtype(keras.backend.standardize_dtype(model.inputs[0].dtype))
+
+
+def random_inputs(model, count, layers):
+    """`count` random inputs of the model's shape and dtype: uniform in
+    [0, 1) for float inputs; for integer inputs, token ids below the
+    input_dim of the Embedding layers among `layers`."""
+    rng = np.random.default_rng(0)
     shape = (count,) + tuple(model.inputs[0].shape)[1:]
     if None in shape:
         raise ValueError(
@@ -287,16 +294,27 @@ def random_inputs(model, count):
             "dimension of any size: pass check_data (and representative_data) "
             "of the shape you will run."
         )
-    return np.random.default_rng(0).random(shape).astype("float32")
+    dtype = input_dtype(model)
+    if not np.issubdtype(dtype, np.integer):
+        return rng.random(shape).astype(dtype)
+    sizes = [layer.input_dim for layer in layers
+             if isinstance(layer, keras.layers.Embedding)]
+    if not sizes:
+        raise ValueError(
+            f"Model '{model.name}' takes {dtype} inputs and has no Embedding layer "
+            "that says which values are valid: pass check_data, a few hundred "
+            "typical inputs (or an (x, y) pair)."
+        )
+    return rng.integers(0, min(sizes), shape).astype(dtype)
 
 
-def check_inputs(model, check_data, representative):
+def check_inputs(model, check_data, representative, layers):
     """(inputs, class labels or None) of the export check: `check_data`,
     else the first CHECK_EXAMPLES representative inputs, else random ones."""
     x, y = export_arrays(check_data, "check_data")
     if x is None:
         x = (representative[:CHECK_EXAMPLES] if representative is not None
-             else random_inputs(model, CHECK_EXAMPLES))
+             else random_inputs(model, CHECK_EXAMPLES, layers))
     want = tuple(model.inputs[0].shape)[1:]
     if len(x.shape) != len(want) + 1 or any(
             w is not None and int(g) != int(w) for g, w in zip(x.shape[1:], want)):

@@ -124,6 +124,13 @@ def _all_layers(model):
     return found
 
 
+def _recurrent_layers(model):
+    """The model's recurrent layers that loop (keras.layers.RNN, unroll=False):
+    the converter needs a static batch for them, and crashes calibrating int8."""
+    return [layer.name for layer in _all_layers(model)
+            if isinstance(layer, keras.layers.RNN) and not layer.unroll]
+
+
 _HALF = ("float16", "bfloat16")
 _HALF_POLICIES = _HALF + ("mixed_float16", "mixed_bfloat16")
 
@@ -203,7 +210,8 @@ def _convert(model, quantize, representative, sparsity, int8_io, fixed_batch):
         if quantize == "float16":
             converter.target_spec.supported_types = [tf.float16]
         if quantize == "int8":
-            samples = representative.astype("float32")
+            # Token ids stay integers; float inputs are float32.
+            samples = representative.astype(_data_checks.input_dtype(model))
 
             def gen():
                 for i in range(min(len(samples), 500)):
@@ -226,19 +234,21 @@ def _interpreter(path):
 
 
 def _run(path, x):
-    """TFLite outputs for `x`, one example at a time (batch 1), float."""
+    """TFLite outputs for `x`, one example at a time (batch 1), float; `x`
+    quantized for an int8/uint8 input, else cast to the input's type."""
     interp = _interpreter(path)
     interp.allocate_tensors()
     inp = interp.get_input_details()[0]
     out = interp.get_output_details()[0]
     in_scale, in_zero = inp["quantization"]
     out_scale, out_zero = out["quantization"]
+    quantized_input = inp["dtype"] in (np.int8, np.uint8) and in_scale != 0
     results = []
     for i in range(len(x)):
-        sample = x[i : i + 1].astype("float32")
-        if inp["dtype"] in (np.int8, np.uint8):
-            sample = np.round(sample / in_scale + in_zero).astype(inp["dtype"])
-        interp.set_tensor(inp["index"], sample)
+        sample = x[i : i + 1]
+        if quantized_input:
+            sample = np.round(sample.astype("float32") / in_scale + in_zero)
+        interp.set_tensor(inp["index"], sample.astype(inp["dtype"]))
         interp.invoke()
         value = interp.get_tensor(out["index"]).astype("float32")
         if out["dtype"] in (np.int8, np.uint8):
@@ -286,7 +296,7 @@ def measure_tflite_latencies_ms(paths, runs=100, warmup=10, batch=1, rounds=5):
 def export_tflite(model, path, quantize=None, representative_data=None,
                   sparsity=False, check_data=None, int8_io=False,
                   max_abs_diff=None, min_top1_agreement=None,
-                  latency_runs=100, fixed_batch=False, max_rel_diff=_data_checks.MAX_REL_DIFF,
+                  latency_runs=100, fixed_batch=None, max_rel_diff=_data_checks.MAX_REL_DIFF,
                   max_accuracy_drop=None, strict=False):
     """Convert a Keras model to a `.tflite` file and check it in LiteRT.
 
@@ -329,7 +339,8 @@ def export_tflite(model, path, quantize=None, representative_data=None,
         check_data: inputs, or an (x, y) pair to check accuracy (y: class
             indices or one-hot rows), to compare TFLite with Keras on; a
             few hundred make the quantized check meaningful. Default: 256
-            representative inputs, else 256 uniform random ones in [0, 1).
+            representative inputs, else 256 random ones (uniform in [0, 1),
+            or token ids below the Embedding's input_dim).
         int8_io: with "int8", int8 model inputs and outputs as well.
         max_abs_diff: also bound the float32 check's max |TFLite − Keras|.
         min_top1_agreement: the quantized check's smallest fraction of
@@ -338,7 +349,9 @@ def export_tflite(model, path, quantize=None, representative_data=None,
         latency_runs: batch-1 invocations timed (after 10 warm-up ones).
         fixed_batch: True: the input has batch size 1 instead of a dynamic
             one (static shapes for microcontroller runtimes; no run-time
-            shape ops for Flatten).
+            shape ops for Flatten). None: True for models with a recurrent
+            layer that is not unrolled (the converter lowers its loop only
+            with a static batch), else False.
         max_rel_diff: the float32 check's largest max |TFLite − Keras| as a
             fraction of max |Keras output| (1e-3: a thousand times float32's
             usual disagreement, far below a wrong file's).
@@ -352,8 +365,10 @@ def export_tflite(model, path, quantize=None, representative_data=None,
 
     Raises:
         ExportCheckError: with `strict=True`, when the check fails.
-        ValueError: for arguments that cannot work, before conversion
-            (`max_accuracy_drop` without labels, say).
+        ValueError: for arguments that cannot work, before conversion (full
+            int8 of a recurrent loop, which crashes TensorFlow's converter;
+            `max_accuracy_drop` without labels), or when the converter
+            needs `fixed_batch=True`.
         RuntimeError: when LiteRT cannot run the file at all (no file is
             left at `path` then).
     """
@@ -376,8 +391,8 @@ def export_tflite(model, path, quantize=None, representative_data=None,
         if value is not None or name == "max_rel_diff":
             _validation.number(name, value, low=0.0)
     _validation.number("latency_runs", latency_runs, low=1, integer=True)
-    if not isinstance(fixed_batch, bool):
-        raise TypeError(f"fixed_batch must be True or False, got {fixed_batch!r}.")
+    if fixed_batch is not None and not isinstance(fixed_batch, bool):
+        raise TypeError(f"fixed_batch must be True or False (or None), got {fixed_batch!r}.")
     if not isinstance(strict, bool):
         raise TypeError(f"strict must be True or False, got {strict!r}.")
     if hasattr(model, "teacher") and hasattr(model, "student"):
@@ -388,7 +403,7 @@ def export_tflite(model, path, quantize=None, representative_data=None,
     if rep_x is not None:
         _validation.examples("representative_data", rep_x, model=model)
 
-    check_x, labels = _data_checks.check_inputs(model, check_data, rep_x)
+    check_x, labels = _data_checks.check_inputs(model, check_data, rep_x, _all_layers(model))
     if labels is None and max_accuracy_drop is not None:
         raise ValueError(
             "max_accuracy_drop needs labels to compute accuracies: pass "
@@ -408,7 +423,27 @@ def export_tflite(model, path, quantize=None, representative_data=None,
         prepared.append(f"float32 copy of a {policy} model")
     prepared = ", ".join(prepared) or "as is"
 
-    flatbuffer = _convert(model, quantize, rep_x, sparsity, int8_io, fixed_batch)
+    recurrent = _recurrent_layers(model)
+    if recurrent and quantize == "int8":
+        # TensorFlow's calibrator ends the Python process (a segmentation
+        # fault, tensorflow/tensorflow#41305) on a recurrent loop.
+        raise ValueError(
+            f"quantize='int8' (full integer) is not possible for model '{model.name}': "
+            f"the TFLite converter crashes Python calibrating the loop of its recurrent "
+            f"layers ({', '.join(recurrent)}). Export with quantize='dynamic' (int8 "
+            "weights) or 'float16', or build those layers with unroll=True.")
+    fixed = bool(recurrent) if fixed_batch is None else fixed_batch
+    try:
+        flatbuffer = _convert(model, quantize, rep_x, sparsity, int8_io, fixed)
+    except Exception as error:
+        if fixed or "TensorList" not in str(error):
+            raise
+        which = f" (its {', '.join(recurrent)})" if recurrent else ""
+        raise ValueError(
+            f"The TFLite converter needs a static batch size for model '{model.name}'"
+            f"{which}: its loop becomes TensorList ops whose element shape must be "
+            "known. Pass fixed_batch=True (None does so for Keras recurrent layers)."
+        ) from error
 
     # Written and checked under a temporary name beside `path`, then moved
     # whole: an interrupt (no Exception) leaves no half-checked file there.
@@ -449,7 +484,7 @@ def export_tflite(model, path, quantize=None, representative_data=None,
         bytes=len(flatbuffer),
         gzip_bytes=len(gzip.compress(flatbuffer, 9)),
         latency_ms=latency,
-        fixed_batch=fixed_batch,
+        fixed_batch=fixed,
         **measured.report_fields(),
         check_passed=passed,
         check=sentence,

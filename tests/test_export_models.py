@@ -1,6 +1,6 @@
-"""Export of the models users ship (issue 22, items 5 and 7): checks that
-pass healthy files and fail wrong ones without deleting what was asked
-for; mixed-precision models."""
+"""Export of the models users ship (issue 22, items 5, 7 and 8): checks
+that pass healthy files and fail wrong ones without deleting what was
+asked for; mixed-precision models; recurrent models on token ids."""
 
 import pathlib
 import warnings
@@ -303,3 +303,102 @@ def test_a_masked_mixed_float16_model_is_compacted_then_exported_as_float32(tmp_
     lite_out = export._run(report.path, x)
     keras_out = np.asarray(model.predict(x, verbose=0), "float32")
     assert np.abs(lite_out - keras_out).max() <= 1e-2 * np.abs(keras_out).max()
+
+
+# --- item 8: recurrent models on token ids --------------------------------
+
+def _token_model(recurrent, vocabulary=50, length=12):
+    return keras.Sequential([keras.Input((length,), dtype="int32"),
+                             keras.layers.Embedding(vocabulary, 8), recurrent,
+                             keras.layers.Dense(3)], name="tokens")
+
+
+def _recording_run(monkeypatch):
+    seen = []
+    run = export._run
+
+    def record(path, x):
+        seen.append(np.array(x))
+        return run(path, x)
+
+    monkeypatch.setattr(export, "_run", record)
+    return seen
+
+
+@pytest.mark.parametrize("recurrent", [
+    lambda: keras.layers.LSTM(6),
+    lambda: keras.layers.GRU(6),
+    lambda: keras.layers.Bidirectional(keras.layers.GRU(4)),
+], ids=["lstm", "gru", "bidirectional_gru"])
+def test_recurrent_token_models_export_checked_on_token_ids(tmp_path, monkeypatch, recurrent):
+    from ai_edge_litert.interpreter import Interpreter
+
+    model = _token_model(recurrent())
+    seen = _recording_run(monkeypatch)
+    report = dkdp.export_tflite(model, tmp_path / "rnn.tflite", latency_runs=1)
+    assert report.fixed_batch and report.check_passed and report.max_rel_diff < 1e-4
+    detail = Interpreter(model_path=report.path).get_input_details()[0]
+    assert list(detail["shape_signature"]) == [1, 12] and detail["dtype"] == np.int32
+    (checked,) = seen
+    assert np.issubdtype(checked.dtype, np.integer) and checked.shape == (256, 12)
+    assert checked.min() >= 0 and checked.max() < 50 and len(np.unique(checked)) == 50
+
+
+def test_a_recurrent_model_is_checked_on_the_given_tokens_and_quantized(tmp_path):
+    model = _token_model(keras.layers.LSTM(6))
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 50, (40, 12)).astype("int32")
+    labels = rng.integers(0, 3, 40)
+    keras_accuracy = float(np.mean(model.predict(tokens, verbose=0).argmax(-1) == labels))
+    report = dkdp.export_tflite(model, tmp_path / "f.tflite", check_data=(tokens, labels),
+                                latency_runs=1)
+    assert report.check_passed and report.accuracy == pytest.approx(keras_accuracy)
+    assert report.keras_accuracy == pytest.approx(keras_accuracy)
+    dynamic = dkdp.export_tflite(model, tmp_path / "d.tflite", quantize="dynamic",
+                                 check_data=tokens, latency_runs=1)
+    assert dynamic.check_passed and dynamic.fixed_batch and dynamic.check_examples == 40
+
+
+def test_a_dynamic_batch_recurrent_model_names_the_option(tmp_path):
+    model = _token_model(keras.layers.LSTM(6))
+    with pytest.raises(ValueError, match=r"needs a static batch size for model 'tokens' "
+                                         r"\(its lstm.*Pass fixed_batch=True"):
+        dkdp.export_tflite(model, tmp_path / "m.tflite", fixed_batch=False, latency_runs=1)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_full_int8_of_a_recurrent_loop_is_refused_before_the_converter_crashes(
+        tmp_path, monkeypatch):
+    def no_conversion(*args):
+        raise AssertionError("the converter's int8 calibration of an RNN loop segfaults")
+
+    monkeypatch.setattr(export, "_convert", no_conversion)
+    tokens = np.random.default_rng(0).integers(0, 50, (16, 12)).astype("int32")
+    with pytest.raises(ValueError, match=r"quantize='int8'.*recurrent layers \(gru.*"
+                                         r"quantize='dynamic'.*unroll=True"):
+        dkdp.export_tflite(_token_model(keras.layers.GRU(6)), tmp_path / "m.tflite",
+                           quantize="int8", representative_data=tokens)
+
+
+def test_an_embedding_model_quantizes_to_int8_with_integer_calibration(tmp_path, monkeypatch):
+    model = keras.Sequential([keras.Input((12,), dtype="int32"), keras.layers.Embedding(50, 8),
+                              keras.layers.GlobalAveragePooling1D(), keras.layers.Dense(3)])
+    tokens = np.random.default_rng(0).integers(0, 50, (64, 12)).astype("int32")
+    seen = _recording_run(monkeypatch)
+    report = dkdp.export_tflite(model, tmp_path / "i8.tflite", quantize="int8",
+                                representative_data=tokens, latency_runs=1)
+    assert report.check_passed and not report.fixed_batch
+    np.testing.assert_array_equal(seen[0], tokens)
+
+
+def test_integer_inputs_without_an_embedding_ask_for_check_data(tmp_path, monkeypatch):
+    def no_conversion(*args):
+        raise AssertionError("converted before checking the arguments")
+
+    monkeypatch.setattr(export, "_convert", no_conversion)
+    model = keras.Sequential([keras.Input((4,), dtype="int32"),
+                              keras.layers.CategoryEncoding(num_tokens=10, output_mode="count"),
+                              keras.layers.Dense(3)])
+    with pytest.raises(ValueError,
+                       match=r"takes int32 inputs and has no Embedding.*pass check_data"):
+        dkdp.export_tflite(model, tmp_path / "m.tflite")
