@@ -81,6 +81,10 @@ class Budget:
         max_latency_ms: at most this estimated batch-1 latency (estimated
             from MACs against the dense model's measured latency).
         bytes_per_param: 4 (float32), 2 (float16) or 1 (int8) for bytes.
+        input_shape: the shape of one input example (no batch axis) at
+            which MACs and latency are counted, for models whose layers
+            have outputs of unknown size (`None` dimensions). A DKDPModel
+            takes it from the data `fit` is given when this is None.
 
     Example:
 
@@ -91,7 +95,7 @@ class Budget:
     MEASURES = ("params", "bytes", "macs", "latency_ms")
 
     def __init__(self, max_params=None, max_bytes=None, max_macs=None,
-                 max_latency_ms=None, bytes_per_param=4):
+                 max_latency_ms=None, bytes_per_param=4, input_shape=None):
         limits = {
             "max_params": max_params,
             "max_bytes": max_bytes,
@@ -116,6 +120,13 @@ class Budget:
         self.max_macs = max_macs
         self.max_latency_ms = max_latency_ms
         self.bytes_per_param = bytes_per_param
+        if input_shape is not None and not (
+                isinstance(input_shape, (tuple, list)) and input_shape
+                and all(isinstance(d, int) and d > 0 for d in input_shape)):
+            raise ValueError(
+                "input_shape must be the shape of one input example, positive "
+                f"integers without the batch axis (e.g. (224, 224, 3)), got {input_shape!r}.")
+        self.input_shape = None if input_shape is None else tuple(input_shape)
         self._dense_latency = {}
 
     def limits(self):
@@ -215,6 +226,7 @@ class Budget:
             "max_macs": self.max_macs,
             "max_latency_ms": self.max_latency_ms,
             "bytes_per_param": self.bytes_per_param,
+            "input_shape": None if self.input_shape is None else list(self.input_shape),
         }
 
     def __repr__(self):

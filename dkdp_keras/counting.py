@@ -14,10 +14,14 @@ Counting rules (masked or plain Sequential/Functional models):
 `budget.deployed_counts` counts a masked model as `compact` would ship it.
 """
 
+import warnings
+import weakref
+
+import keras
 import numpy as np
 from keras import ops
 
-from dkdp_keras import _validation
+from dkdp_keras import _validation, depgraph
 from dkdp_keras.graph import is_strippable
 from dkdp_keras.prunable import effective_kernels, iter_layers, plain_weights
 
@@ -38,13 +42,77 @@ def count_params(model, nonzero=True):
     )
 
 
+#: layer -> its output positions at a reference input shape (`set_reference`).
+_POSITIONS = weakref.WeakKeyDictionary()
+_WARNED = set()
+
+
+def _positions_of(shape, data_format):
+    shape = tuple(shape)[2:] if data_format == "channels_first" else tuple(shape)[1:-1]
+    if any(d is None for d in shape):
+        return None
+    return int(np.prod(shape)) if shape else 1
+
+
 def positions(layer):
-    """Output positions per example (product of non-batch, non-channel dims)."""
-    shape = tuple(layer.output.shape)[1:-1]
+    """Output positions per example (product of non-batch, non-channel dims).
+
+    An output of unknown size (a `None` dimension: variable images or
+    sequences) is counted at the model's reference input shape
+    (`set_reference`); without one, per position of the unknown
+    dimensions (each taken as 1), with one warning per layer."""
     data_format = getattr(layer, "data_format", "channels_last")
-    if data_format == "channels_first":
-        shape = tuple(layer.output.shape)[2:]
-    return int(np.prod([d for d in shape])) if shape else 1
+    known = _positions_of(layer.output.shape, data_format)
+    if known is not None:
+        return known
+    try:
+        return _POSITIONS[layer]
+    except (KeyError, TypeError):
+        pass
+    if not _WARNED:
+        _WARNED.add(layer.name)
+        warnings.warn(
+            f"Layer '{layer.name}' has an output of unknown size "
+            f"{tuple(layer.output.shape)}: its multiply-accumulates (and those "
+            "of every such layer, without another warning) are counted as if "
+            "each unknown dimension were 1. Give the input shape the model "
+            "will run at: dkdp_keras.Budget(input_shape=...) (a DKDPModel takes "
+            "it from the data fit is given).",
+            stacklevel=2,
+        )
+    shape = [1 if d is None else d for d in layer.output.shape]
+    return _positions_of(shape, data_format)
+
+
+def has_unknown_positions(model):
+    """True when a kernel layer of `model` has an output of unknown size and
+    no reference shape gives it one."""
+    for layer, _ in effective_kernels(model):
+        data_format = getattr(layer, "data_format", "channels_last")
+        if _positions_of(layer.output.shape, data_format) is None and layer not in _POSITIONS:
+            return True
+    return False
+
+
+def set_reference(model, input_shape):
+    """Count `model`'s MACs at inputs of `input_shape` (one example, no
+    batch axis): the output sizes its layers have there, for the layers
+    whose outputs have a `None` dimension, from each layer's
+    `compute_output_shape` along the `depgraph`. Nothing in `model`
+    changes."""
+    shape = tuple(int(d) for d in input_shape)
+    unknown = [layer for layer, _ in effective_kernels(model)
+               if _positions_of(layer.output.shape,
+                                getattr(layer, "data_format", "channels_last")) is None]
+    if not unknown:
+        return
+    found = depgraph.of(model).shapes_at((1,) + shape)
+    for layer in unknown:
+        node = depgraph.of(model).node_of.get(id(layer))
+        there = found.get(node.outputs[0]) if node is not None else None
+        if there is not None:
+            _POSITIONS[layer] = _positions_of(
+                there, getattr(layer, "data_format", "channels_last"))
 
 
 def count_macs(model, nonzero=True):

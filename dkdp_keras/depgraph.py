@@ -333,6 +333,32 @@ class DepGraph:
                     and self.groups(n.inputs[0]) == [group]]
         return self.owners[group] + carriers
 
+    def shapes_at(self, input_shape):
+        """Tensor key -> its shape when the (single) model input has
+        `input_shape` (batch axis included), as far as the layers'
+        `compute_output_shape` and the channel-wise calls tell."""
+        if len(self.shapes) == 0 or self.unsupported is not None:
+            return {}
+        found = {"input:0": tuple(input_shape)}
+        for node in self.nodes:
+            ins = [found.get(k) for k in node.inputs]
+            if any(s is None for s in ins):
+                continue
+            try:
+                if is_operation(node.op):
+                    if node.kind not in ("carry", "merge"):
+                        continue
+                    out = [tuple(np.broadcast_shapes(*[tuple(1 if d is None else d for d in s)
+                                                      for s in ins]))]
+                else:
+                    out = node.op.compute_output_shape(ins[0] if len(ins) == 1 else ins)
+                    out = [tuple(out)] if not isinstance(out[0], (tuple, list)) else out
+            except Exception:  # a layer that cannot say: its outputs stay unknown
+                continue
+            for key, shape in zip(node.outputs, out):
+                found[key] = tuple(shape)
+        return found
+
     def input_of(self, layer):
         """The key of the tensor `layer` reads (its first)."""
         return self.node_of[id(layer)].inputs[0]

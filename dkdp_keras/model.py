@@ -6,6 +6,7 @@ from keras import ops
 
 from dkdp_keras import _data_checks, _validation, distribute
 from dkdp_keras.compaction import compact
+from dkdp_keras.counting import set_reference
 from dkdp_keras.distillation import (
     check_hyperparameters,
     check_refresh_strategy,
@@ -25,6 +26,7 @@ from dkdp_keras.training import (
     check_inputs,
     clone_optimizer,
     compile_optimizers,
+    fit_input_shape,
     fit_validation,
     fold_gradients,
     logged_values,
@@ -423,6 +425,10 @@ class DKDPModel(keras.Model):
         # DKDPCallback validates the weight average on the data fit
         # validates on (a plain object attribute: Keras tracks none of it).
         object.__setattr__(self, "_fit_validation", fit_validation(*args, **kwargs))
+        shape = fit_input_shape(*args, **kwargs)
+        if shape is not None:  # MACs of layers with None dimensions
+            for network in (self.teacher, self.student):
+                set_reference(network, shape)
         try:
             return super().fit(*args, **kwargs)
         except tf.errors.InvalidArgumentError as error:

@@ -275,6 +275,26 @@ def fit_validation(*args, **kwargs):
     return {"x": x[start:], "y": y[start:], "batch_size": batch_size, "steps": None}
 
 
+def fit_input_shape(*args, **kwargs):
+    """The shape of one example of a `fit(*args, **kwargs)` call's inputs
+    (arrays, tensors, or a tf.data.Dataset whose first element is a
+    tensor of known shape), or None."""
+    try:
+        x = inspect.signature(keras.Model.fit).bind(None, *args, **kwargs).arguments.get("x")
+    except TypeError:
+        return None
+    spec = getattr(x, "element_spec", None)
+    if spec is not None:  # a tf.data.Dataset of (x, y, ...) or x
+        spec = spec[0] if isinstance(spec, (tuple, list)) else spec
+        shape = getattr(spec, "shape", None)
+        shape = None if shape is None else tuple(shape)[1:]
+    else:
+        shape = tuple(np.shape(x))[1:] if hasattr(x, "shape") else None
+    if not shape or any(d is None for d in shape):
+        return None
+    return tuple(int(d) for d in shape)
+
+
 def check_inputs(teacher, x):
     """Raise unless the examples of the batch inputs `x` have `teacher`'s
     input shape (unknown dimensions match anything; dict inputs pass).

@@ -15,7 +15,7 @@ from keras import ops
 
 from dkdp_keras import _validation, importance
 from dkdp_keras.budget import Budget, deployed
-from dkdp_keras.counting import count_macs
+from dkdp_keras.counting import count_macs, has_unknown_positions, set_reference
 from dkdp_keras.prunable import is_kernel_layer, iter_layers
 from dkdp_keras.thresholds.mechanism import MaskPool
 from dkdp_keras.thresholds.schedules import SparsityPolicy
@@ -407,6 +407,17 @@ def check_reachable(budget, pruner):
     Counted on the compacted model with every parameter it keeps but the
     zeros of its kernels: before training, biases and normalisation
     offsets are zeros that training makes non-zero."""
+    if budget.input_shape is not None:
+        set_reference(pruner.teacher, budget.input_shape)
+    if ("macs" in budget.limits() or "latency_ms" in budget.limits()) and (
+            has_unknown_positions(pruner.teacher)):
+        raise ValueError(
+            f"The budget {budget} limits multiply-accumulates, and model "
+            f"'{pruner.teacher.name}' has layers whose outputs have unknown size "
+            f"(its input shape is {tuple(pruner.teacher.inputs[0].shape)}), so they "
+            "cannot be counted. Give the input shape it will run at: "
+            "Budget(..., input_shape=(height, width, channels)), or fit a "
+            "DKDPModel on data of that fixed shape.")
     scores = [ops.convert_to_numpy(importance.Magnitude().score(l, pruner.granularity))
               for l in pruner.layers]
     pool = pruner.build_pool(scores)
