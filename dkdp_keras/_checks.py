@@ -4,8 +4,7 @@ import os
 
 import keras
 
-from dkdp_keras import _validation
-from dkdp_keras.graph import shared_layer_reader
+from dkdp_keras import _validation, depgraph
 from dkdp_keras.prunable import masked_layers
 from dkdp_keras.pruner import is_subclassed
 from dkdp_keras.thresholds.adaptive import Adaptive
@@ -84,13 +83,13 @@ def before_training(callback, teacher):
             gradient_statistics=_gradient_statistics(callback),
         )
     if callback.granularity == "unit":
-        shared = shared_layer_reader(teacher)
+        shared = depgraph.of(teacher).shared
         if shared is not None:
             raise ValueError(
-                f"Model '{teacher.name}' calls a layer at more than one place (a "
-                f"shared layer; layer '{shared}' reads the output of its second "
-                "call), and unit pruning cannot remove a unit from one call of a "
-                "layer but not from the other: compaction and export would fail "
+                f"Model '{teacher.name}' calls a layer at more than one place "
+                f"(a shared layer: '{shared}'), and unit pruning cannot remove a "
+                "unit from one call of a layer but not from the other: "
+                "compaction and export would fail "
                 "after training. Use DKDPCallback(granularity='weight'), or give "
                 "each call its own layer."
             )

@@ -82,7 +82,12 @@ class Node:
 
 
 class Unsupported(Exception):
-    """The graph cannot be read: `args[0]` names the layer and why."""
+    """The graph cannot be read: `args[0]` names the layer and why;
+    `shared` names a layer used at several places."""
+
+    def __init__(self, why, shared=None):
+        super().__init__(why)
+        self.shared = shared
 
 
 def _pairs(spec):
@@ -135,7 +140,8 @@ def _walk(model, inputs, prefix, nodes, shapes):
         op = by_name[entry["name"]]
         calls = entry.get("inbound_nodes") or []
         if len(calls) != 1:
-            raise Unsupported(f"layer '{op.name}' is used at {len(calls)} places")
+            raise Unsupported(f"layer '{op.name}' is used at {len(calls)} places",
+                              shared=op.name)
         tensors, constants = [], []
         _arguments(calls[0].get("args", []), tensors, constants)
         options = {}
@@ -220,11 +226,12 @@ class DepGraph:
         pinned: group -> why no channel of it can go (barriers' names,
             "model input", "model output").
         unsupported: why the graph could not be read, or None.
+        shared: the name of a layer used at several places, or None.
     """
 
     def __init__(self, model):
         self.nodes, self.shapes = [], {}
-        self.unsupported = None
+        self.unsupported = self.shared = None
         self.segments, self.flat, self.size = {}, {}, {}
         self.parent, self.owners, self.pinned = {}, {}, {}
         self.node_of = {}
@@ -235,7 +242,7 @@ class DepGraph:
         try:
             self.outputs = _walk(model, inputs, "", self.nodes, self.shapes)
         except Unsupported as why:
-            self.unsupported, self.nodes = str(why), []
+            self.unsupported, self.shared, self.nodes = str(why), why.shared, []
             return
         for key in inputs:
             self._start(key, "model input")

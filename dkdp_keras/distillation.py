@@ -9,7 +9,7 @@ import keras
 from keras import ops
 
 from dkdp_keras import _validation
-from dkdp_keras.graph import width_copy
+from dkdp_keras.narrowing import width_copy
 from dkdp_keras.prunable import check_graph_model, masked_layers, prunable
 
 KD_LOSSES = ("kl", "mse")
@@ -191,7 +191,7 @@ def make_student(teacher, student, width):
     Args:
         teacher: the (prunable) teacher.
         student: "auto" (a width-`width` copy of the teacher,
-            `dkdp_keras.graph.width_copy`), a Keras model, or a callable
+            `dkdp_keras.narrowing.width_copy`), a Keras model, or a callable
             `teacher -> student` that returns one.
         width: the width factor of the "auto" student, in (0, 1].
     """

@@ -2,8 +2,9 @@
 of, read with the public API (`model.layers`, `layer.input`,
 `layer.output`): which layers it has (nested models included), which are
 the library's masked twins, which BatchNormalization follows a layer,
-which layers own the model's output units, where a layer is shared; and
-copies of a model (cloned, rewired, width-scaled)."""
+which layers own the model's output units; and copies of a model (cloned,
+rewired). Which channels go together is `depgraph`'s, read from the
+model's config."""
 
 import keras
 
@@ -229,61 +230,3 @@ def batchnorm_after(model, source_filter=is_masked):
         own = {layer.name: layer for layer in iter_layers(model)}
         pairs = {name: own[bn.name] for name, bn in pairs.items()}
     return pairs
-
-
-def width_copy(model, width, name=None):
-    """A freshly initialised plain copy of `model` with every Dense/Conv
-    layer `width` times as wide (at least one unit), except the layers that
-    own the model's output units. Depthwise layers follow their input;
-    masked layers become their plain Keras layers.
-
-    Args:
-        model: a built Sequential or Functional model (masked or not).
-        width: factor in (0, 1] (or larger, for a wider copy).
-        name: name of the copy (default: `<model.name>_w<width>`).
-    """
-    check_graph_model(model)
-    shared = shared_layer_reader(model)
-    if shared is not None:
-        raise ValueError(
-            f"student='auto' builds a narrower copy of the teacher, and model "
-            f"'{model.name}' calls a layer at more than one place (layer "
-            f"'{shared}' reads the output of its second call): a narrower "
-            "copy would feed the shared layer inputs of two widths. Pass "
-            "student= a Keras model of your own (the teacher's input and "
-            "output shapes) or a callable teacher -> student."
-        )
-    keep = output_unit_layers(model)
-
-    def clone_function(layer):
-        if is_strippable(layer):
-            cls, config = layer.base_class, layer.base_config()
-        else:
-            cls, config = layer.__class__, layer.get_config()
-        if layer.name not in keep and is_kernel_layer(layer):
-            for key in ("units", "filters"):
-                if key in config:
-                    config[key] = max(1, int(round(config[key] * width)))
-        return cls.from_config(config)
-
-    copy = keras.models.clone_model(
-        model, clone_function=clone_function, recursive=True
-    )
-    copy.name = name or f"{model.name}_w{width:g}"
-    return copy
-
-
-def shared_layer_reader(model):
-    """The name of the first layer of `model` that reads the output of a
-    layer's second call (a layer shared between places of the graph), or
-    None when every layer is called once. Nested models are looked into."""
-    view = rewired(model)  # still misread after rewiring: a shared layer
-    found = _first_misreading(view)
-    if found is not None:
-        return found
-    for layer in view.layers:
-        if isinstance(layer, keras.Model):
-            found = shared_layer_reader(layer)
-            if found is not None:
-                return found
-    return None

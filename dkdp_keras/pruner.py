@@ -407,8 +407,9 @@ def shortfall_message(pruner, target, result, record, scores):
     if protected and pruner.granularity == "unit":
         share = sum(int(np.prod(l.kernel_mask.shape)) for l in protected) / entries
         line += (f" Protected: {_named([l.name for l in protected])}, whose units are "
-                 f"the model's outputs and are never removed, hold {share:.0%} of "
-                 "the masked kernels.")
+                 "the model's outputs or are read by a layer compact cannot see "
+                 "through (removing them would not shrink the model), hold "
+                 f"{share:.0%} of the masked kernels.")
     kinds = {}
     for layer in iter_layers(teacher):
         if layer.weights and not is_masked(layer) and not isinstance(

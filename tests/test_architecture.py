@@ -19,7 +19,7 @@ LAYERS = [
     ("graph",),
     ("state", "prunable"),
     ("depgraph",),
-    ("counting",),
+    ("counting", "narrowing"),
     ("compaction",),
     ("budget",),
     ("importance.base",),

@@ -34,35 +34,34 @@ def shortfall_warnings(caught):
 
 
 # --- 3. student="auto" on a model it cannot narrow ------------------------
-def test_the_auto_student_of_mobilenet_is_refused_at_construction_with_what_avoids_it():
-    teacher = dkdp.prunable(keras.applications.MobileNet(
-        weights=None, input_shape=(32, 32, 3), classes=10, alpha=0.25))
-    with pytest.raises(ValueError) as raised:
-        dkdp.DKDPModel(teacher, student="auto")
-    said = str(raised.value)
-    assert "student='auto' could not build a narrower copy of teacher" in said
-    # Keras' cloning error names the Reshape class only; this names the layer.
-    assert "layer 'reshape_2' (Reshape)" in said
-    assert "target_shape=(10,)" in said  # Keras' reason, ANSI codes removed
-    assert "\x1b" not in said
-    assert "student= a Keras model" in said and "callable teacher -> student" in said
-    # ... and student= does avoid it.
-    model = dkdp.DKDPModel(teacher, student=plain_student((32, 32, 3), 10))
-    assert model.student.output_shape == (None, 10)
+@pytest.mark.parametrize("build", [
+    lambda: keras.applications.MobileNet(weights=None, input_shape=(32, 32, 3),
+                                         classes=10, alpha=0.25),
+    lambda: keras.applications.EfficientNetB0(weights=None, input_shape=(32, 32, 3),
+                                              classes=10),
+], ids=["MobileNet", "EfficientNetB0"])
+def test_the_auto_student_of_a_model_with_reshapes_is_built_through_its_groups(build):
+    # Issue 22 item 3: Keras' cloning failed on the Reshape targets (MobileNet
+    # v1's head, EfficientNet's squeeze-and-excite); the copy now rewrites them.
+    teacher = dkdp.prunable(build())
+    model = dkdp.DKDPModel(teacher, student="auto")
+    student = model.student
+    assert student.output_shape == teacher.output_shape == (None, 10)
+    assert student.count_params() < 0.2 * dkdp.count_params(teacher, nonzero=False)
+    x = np.random.default_rng(0).random((2, 32, 32, 3)).astype("float32")
+    assert student(x).shape == (2, 10)
 
 
-def test_an_add_of_branches_narrowed_differently_names_the_add():
+def test_an_add_with_a_branch_it_cannot_narrow_keeps_the_other_as_wide():
     inputs = keras.Input((8, 8, 3))
     x = L.Conv2D(8, 3, padding="same")(inputs)
     a = L.SeparableConv2D(8, 3, padding="same")(x)  # not narrowed
-    b = L.Conv2D(8, 1, name="shortcut")(x)  # narrowed to 2
+    b = L.Conv2D(8, 1, name="shortcut")(x)  # was narrowed to 2: the Add failed
     x = L.Add(name="merge")([a, b])
     outputs = L.Dense(3)(L.GlobalAveragePooling2D()(x))
-    teacher = keras.Model(inputs, outputs)
-    with pytest.raises(ValueError, match=r"could not build a narrower copy.*"
-                       r"layer 'merge' \(Add\) cannot take its narrowed input.*"
-                       r"\(8, 8, 8\) and \(8, 8, 2\).*Pass student="):
-        dkdp.DKDPModel(teacher)
+    student = dkdp.DKDPModel(keras.Model(inputs, outputs)).student
+    assert student.get_layer("shortcut").filters == 8
+    assert student.layers[1].filters == 8  # read by the SeparableConv2D
 
 
 # --- 4. a frozen base under a gradient criterion ---------------------------
@@ -261,10 +260,13 @@ def test_a_separable_cnn_says_how_far_short_it_falls_and_which_layers_are_not_pr
         model = dkdp.prunable(separable_cnn())
     cb, said = fit_with_unit_schedule(model, x, y)
     reached = cb.history[-1]["sparsity"]
-    assert 0.0 < reached < 0.3  # the stem's units only: 216 of 856 entries
+    # The stem's units feed a SeparableConv2D, which compact cannot see
+    # through: removing them would shrink nothing, so they are kept.
+    assert reached == 0.0
     assert len(said) == 1
-    assert f"asked for sparsity 0.50 and reached {reached:.2f}" in said[0]
+    assert "asked for sparsity 0.50 and reached 0.00" in said[0]
     assert "Prunable (masked): 2 layers, 'stem', 'head'" in said[0]
+    assert "Protected: 'stem', 'head'" in said[0] and "cannot see through" in said[0]
     assert "SeparableConv2D (2 layers," in said[0]
 
 
