@@ -34,7 +34,7 @@ import numpy as np
 from keras import ops
 
 from dkdp_keras import depgraph
-from dkdp_keras.counting import count_macs, count_params, positions
+from dkdp_keras.counting import count_macs, count_params, positions, warn_guessed
 from dkdp_keras.graph import (
     _clone,
     batchnorm_after,
@@ -214,6 +214,7 @@ def deployed_counts(model, masks=None, snapshot=None):
         params += sum(int(np.count_nonzero(w)) for w in weights)
         if is_kernel_layer(layer):
             macs += int(np.count_nonzero(weights[0])) * positions(layer)
+    warn_guessed(model)
     return params, macs
 
 

@@ -44,7 +44,8 @@ def count_params(model, nonzero=True):
 
 #: layer -> its output positions at a reference input shape (`set_reference`).
 _POSITIONS = weakref.WeakKeyDictionary()
-_WARNED = set()
+_GUESSED = []  # layers counted per position since the last `warn_guessed`
+_WARNED = weakref.WeakSet()  # models warned about
 
 
 def _positions_of(shape, data_format):
@@ -60,7 +61,8 @@ def positions(layer):
     An output of unknown size (a `None` dimension: variable images or
     sequences) is counted at the model's reference input shape
     (`set_reference`); without one, per position of the unknown
-    dimensions (each taken as 1), with one warning per layer."""
+    dimensions (each taken as 1), which `warn_guessed` then says once
+    per model."""
     data_format = getattr(layer, "data_format", "channels_last")
     known = _positions_of(layer.output.shape, data_format)
     if known is not None:
@@ -69,19 +71,32 @@ def positions(layer):
         return _POSITIONS[layer]
     except (KeyError, TypeError):
         pass
-    if not _WARNED:
-        _WARNED.add(layer.name)
-        warnings.warn(
-            f"Layer '{layer.name}' has an output of unknown size "
-            f"{tuple(layer.output.shape)}: its multiply-accumulates (and those "
-            "of every such layer, without another warning) are counted as if "
-            "each unknown dimension were 1. Give the input shape the model "
-            "will run at: dkdp_keras.Budget(input_shape=...) (a DKDPModel takes "
-            "it from the data fit is given).",
-            stacklevel=2,
-        )
+    _GUESSED.append(layer.name)
     shape = [1 if d is None else d for d in layer.output.shape]
     return _positions_of(shape, data_format)
+
+
+def warn_guessed(model):
+    """Warn (once per model) if layers were just counted per position."""
+    if not _GUESSED:
+        return
+    first, more = _GUESSED[0], len(set(_GUESSED)) - 1
+    _GUESSED.clear()
+    try:
+        if model in _WARNED:
+            return
+        _WARNED.add(model)
+    except TypeError:
+        pass
+    warnings.warn(
+        f"Model '{model.name}': layer '{first}'"
+        + (f" and {more} more have outputs" if more else " has an output")
+        + " of unknown size (None dimensions): their multiply-accumulates are "
+        "counted as if each unknown dimension were 1. Give the input shape the "
+        "model will run at: dkdp_keras.Budget(input_shape=...) (a DKDPModel "
+        "takes it from the data fit is given).",
+        stacklevel=3,
+    )
 
 
 def has_unknown_positions(model):
@@ -123,6 +138,7 @@ def count_macs(model, nonzero=True):
     for layer, kernel in effective_kernels(model):
         count = int(np.count_nonzero(kernel)) if nonzero else kernel.size
         total += count * positions(layer)
+    warn_guessed(model)
     return total
 
 
