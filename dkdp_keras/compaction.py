@@ -270,7 +270,7 @@ def _zero_preserved(layer, in_shape, channel=None, snapshot=None):
     return passes
 
 
-def _zero_channels(graph, plain, channels, protected, snapshot):
+def _zero_channels(graph, plain, channels, protected, snapshot, structural=False):
     """Group -> which of its channels every layer that reads them sees as
     exact zeros (then removing them changes no output).
 
@@ -278,7 +278,9 @@ def _zero_channels(graph, plain, channels, protected, snapshot):
     its mask column and bias are (and its activation keeps 0); a
     channel-wise layer keeps a zero where it maps 0 to 0; a sum (Add, ...)
     is zero where all its inputs are, a product where any is (a
-    squeeze-and-excite gate of 0.5 times a removed channel is 0)."""
+    squeeze-and-excite gate of 0.5 times a removed channel is 0). With
+    `structural`, a plain BatchNormalization never keeps a zero, whatever
+    its weights are now (training moves them)."""
     at = {}  # tensor key -> bool per channel of its last axis
 
     def width(key):
@@ -290,7 +292,10 @@ def _zero_channels(graph, plain, channels, protected, snapshot):
             out = _zero_units(node.op, protected, plain)
         elif node.kind in ("carry", "flatten") and ins[0] is not None:
             out = ins[0]
-            if node.kind == "carry":
+            if node.kind == "carry" and structural and type(node.op) is (
+                    keras.layers.BatchNormalization):
+                out = np.zeros_like(out)  # its offsets are trained away from 0
+            elif node.kind == "carry":
                 out = out & _zero_preserved(node.op, graph.shapes[node.inputs[0]],
                                             channels.get(node.name), snapshot)
         elif node.kind == "concat" and all(z is not None for z in ins):
@@ -315,6 +320,22 @@ def _zero_channels(graph, plain, channels, protected, snapshot):
                 zero[group] &= at[node.inputs[0]][offset : offset + size]
             offset += size
     return zero
+
+
+def removable_groups(model):
+    """The `depgraph` groups of `model` whose channels would all be exact
+    zeros wherever they are read if every masked layer removed every unit:
+    those a structured prune can remove (a group read through a plain
+    BatchNormalization, which turns a removed channel into a constant, or
+    by a model output or a layer the graph cannot see through, is not)."""
+    graph = depgraph.of(model)
+    if graph.unsupported is not None:
+        return set()
+    masks = {layer.name: np.zeros(tuple(layer.kernel_mask.shape), "float32")
+             for layer in iter_layers(model) if is_masked(layer)}
+    plain, channels = _with_masks(model, masks)
+    zero = _zero_channels(graph, plain, channels, set(), None, structural=True)
+    return {g for g, z in zero.items() if z.all() and not graph.pinned[g]}
 
 
 def _plan(model, masks=None, snapshot=None):

@@ -8,15 +8,17 @@ entries of a unit `MaskPool`: a layer alone where it is its group's only
 member (as before groups existed), a `UnitGroup` where the group has
 several, so that τ, floors and `unit_multiple` decide per group and the
 masks of all members follow. Groups that no pruning can remove (read by a
-model output or a layer the graph cannot see through, or produced by an
-unmasked layer) are left out: pruning their units would only zero weights
-that `compact` keeps.
+model output, a layer the graph cannot see through or a plain
+BatchNormalization, or produced by an unmasked layer:
+`compaction.removable_groups`) are left out: pruning their units would
+only zero weights that `compact` keeps.
 """
 
 import numpy as np
 from keras import ops
 
 from dkdp_keras import depgraph
+from dkdp_keras.compaction import removable_groups
 from dkdp_keras.graph import is_masked
 from dkdp_keras.thresholds.mechanism import PruningResult
 
@@ -79,6 +81,7 @@ class UnitEntries:
         by_id = {id(layer): layer for layer in layers}
         self.entries, self.fixed, seen = [], set(), set()
         group_of = {}
+        removable = removable_groups(teacher)
         if graph.unsupported is None:
             for group in graph.roots():
                 members = [n.op for n in graph.members(group)]
@@ -94,7 +97,7 @@ class UnitEntries:
             group, members = group_of[id(layer)]
             masked = [m for m in members if id(m) in by_id]
             seen.update(id(m) for m in masked)
-            if graph.pinned[group] or len(masked) < len(members) or not all(
+            if group not in removable or len(masked) < len(members) or not all(
                     is_masked(m) for m in members):
                 self.fixed.update(m.name for m in masked)
                 self.entries.extend(masked)  # left in the pool, protected
