@@ -22,7 +22,7 @@ import numpy as np
 from keras import ops
 
 from dkdp_keras import _validation, depgraph
-from dkdp_keras.graph import is_strippable
+from dkdp_keras.graph import is_kernel_layer, is_strippable
 from dkdp_keras.prunable import effective_kernels, iter_layers, plain_weights
 
 
@@ -99,14 +99,18 @@ def warn_guessed(model):
     )
 
 
+def _unknown_size_layers(model):
+    """The kernel layers of `model` whose outputs have a `None` dimension
+    (read from the graph: no kernel is converted)."""
+    return [layer for layer in iter_layers(model) if is_kernel_layer(layer)
+            and _positions_of(layer.output.shape,
+                              getattr(layer, "data_format", "channels_last")) is None]
+
+
 def has_unknown_positions(model):
     """True when a kernel layer of `model` has an output of unknown size and
     no reference shape gives it one."""
-    for layer, _ in effective_kernels(model):
-        data_format = getattr(layer, "data_format", "channels_last")
-        if _positions_of(layer.output.shape, data_format) is None and layer not in _POSITIONS:
-            return True
-    return False
+    return any(layer not in _POSITIONS for layer in _unknown_size_layers(model))
 
 
 def set_reference(model, input_shape):
@@ -116,9 +120,7 @@ def set_reference(model, input_shape):
     `compute_output_shape` along the `depgraph`. Nothing in `model`
     changes."""
     shape = tuple(int(d) for d in input_shape)
-    unknown = [layer for layer, _ in effective_kernels(model)
-               if _positions_of(layer.output.shape,
-                                getattr(layer, "data_format", "channels_last")) is None]
+    unknown = _unknown_size_layers(model)
     if not unknown:
         return
     found = depgraph.of(model).shapes_at((1,) + shape)

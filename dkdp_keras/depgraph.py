@@ -366,10 +366,6 @@ class DepGraph:
                 found[key] = tuple(shape)
         return found
 
-    def input_of(self, layer):
-        """The key of the tensor `layer` reads (its first)."""
-        return self.node_of[id(layer)].inputs[0]
-
     def output_of(self, layer):
         return self.node_of[id(layer)].outputs[0]
 
