@@ -83,8 +83,8 @@ class DKDPCallback(keras.callbacks.Callback):
         layer_importance: if True, each layer's normalised scores are
             multiplied by its layer-level importance (mean 1 over layers).
         unit_multiple: at "unit" granularity, layers of at least
-            4 × `unit_multiple` units keep a multiple of it, which
-            LiteRT/XNNPACK run faster; 1 turns it off.
+            4 × `unit_multiple` units keep a multiple of it (16: XNNPACK's
+            tile, which `compact` aligns to as well); 1 turns it off.
         student_refresh: a `StudentRefresh`, or an int k for
             `StudentRefresh(every=k)`.
         calibration_data: `(x, y)` used to collect gradients for gradient
@@ -125,7 +125,7 @@ class DKDPCallback(keras.callbacks.Callback):
     def __init__(self, importance="magnitude", granularity="weight",
                  threshold=None, frequency="epoch", begin=0, end=None,
                  scope="global", normalize="lamp", floors=None,
-                 layer_importance=False, unit_multiple=8, student_refresh=None,
+                 layer_importance=False, unit_multiple=16, student_refresh=None,
                  calibration_data=None, log_dir=None, average=True,
                  validation_data=None, batchnorm_momentum="auto", verbose=1):
         super().__init__()

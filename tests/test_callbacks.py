@@ -546,7 +546,9 @@ def test_adaptive_fills_the_budget_that_a_coarse_unit_step_leaves():
         model.compile(optimizer=keras.optimizers.Adam(1e-2), loss=CE, metrics=["accuracy"])
         budget = dkdp.Budget(max_params=4_000)
         policy = thresholds.Adaptive(budget, tolerance=0.9, fill_budget=fill)
-        cb = dkdp.DKDPCallback(granularity="unit", threshold=policy, verbose=0)
+        # Steps of 8 units (the default, 16, aligns only layers of 64+ units).
+        cb = dkdp.DKDPCallback(granularity="unit", threshold=policy, verbose=0,
+                               unit_multiple=8)
         history = model.fit(x, y, epochs=5, batch_size=32, verbose=0, callbacks=[cb],
                             validation_data=(x[:64], y[:64]))
         assert budget.is_met(model)

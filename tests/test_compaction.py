@@ -8,7 +8,7 @@ import pytest
 
 import dkdp_keras as dkdp
 from dkdp_keras import importance
-from dkdp_keras.compaction import compact
+from dkdp_keras.compaction import ALIGN, compact, deployed_counts
 from dkdp_keras.prunable import sync_batchnorm
 from dkdp_keras.thresholds import compute_masks, apply_masks
 
@@ -26,6 +26,15 @@ def unit_prune(model, sparsity, rng=None):
     apply_masks(layers, result.masks)
     sync_batchnorm(model)
     return model
+
+
+def aligned(kept, width):
+    """The width compact gives a group that keeps `kept` of `width` channels
+    (compaction.ALIGN: a multiple of 16 from 64 channels on, or all)."""
+    if width < 4 * ALIGN:
+        return kept
+    up = -(-kept // ALIGN) * ALIGN
+    return width if up >= width else up
 
 
 def assert_same(a, b, x, atol=1e-5):
@@ -46,10 +55,14 @@ def test_reference_cnn_shrinks_and_keeps_its_outputs(rng):
     x = rng.random((8, 28, 28, 1)).astype("float32")
     assert_same(small, model, x)
     assert not dkdp.masked_layers(small)
-    kept = {l.name: int(l.unit_mask().numpy().sum()) for l in dkdp.masked_layers(model)}
+    kept = {l.name: aligned(int(l.unit_mask().numpy().sum()), l.num_units)
+            for l in dkdp.masked_layers(model)}
     sizes = {l.name: (l.units if hasattr(l, "units") else l.filters)
              for l in small.layers if hasattr(l, "kernel")}
     assert sizes == kept
+    # Channels kept for alignment are zeros: the budget's count is what ships.
+    assert deployed_counts(model) == (dkdp.count_params(small, nonzero=True),
+                                      dkdp.count_macs(small, nonzero=True))
     assert small.count_params() < 0.4 * dkdp.zoo.reference_cnn().count_params()
     assert small.output.shape[-1] == 10
 
@@ -60,7 +73,8 @@ def test_dense_chain_and_plain_models(rng):
     small = compact(model)
     assert_same(small, model, x)
     assert [l.units for l in small.layers if hasattr(l, "units")][:2] == [
-        int(l.unit_mask().numpy().sum()) for l in dkdp.masked_layers(model)[:2]]
+        aligned(int(l.unit_mask().numpy().sum()), l.num_units)
+        for l in dkdp.masked_layers(model)[:2]]
     # A stripped (plain) model with zero columns compacts the same way.
     again = compact(dkdp.strip(model))
     assert again.count_params() == small.count_params()
@@ -215,3 +229,36 @@ def test_a_sequential_loaded_from_a_keras_file_compacts(tmp_path, rng):
     assert_same(small, model, x)
     assert [l.units for l in small.layers] == [l.units for l in compact(model).layers]
     assert small.count_params() < dkdp.count_params(model, nonzero=False)
+
+
+@pytest.mark.parametrize("dead, width", [(25, 288), (13, 288), (8, 300), (0, 300), (44, 256)])
+def test_widths_are_aligned_for_xnnpack_with_zero_channels(rng, dead, width):
+    # LeNet-300-100 with `dead` hidden units of its first layer removed: XNNPACK
+    # runs a fully-connected layer of N outputs with N mod 16 in 1..8 about
+    # 1.8x slower at batch 1 (280 units: 1.55x dense's latency), so compact
+    # keeps a multiple of 16 (or all 300) by keeping a few removed units as
+    # zeros. Outputs, non-zero parameters and the counts all stay as they were.
+    model = dkdp.prunable(dkdp.zoo.lenet_300_100())
+    first = dkdp.masked_layers(model)[0]
+    mask = first.kernel_mask.numpy()
+    gone = rng.choice(300, dead, replace=False)
+    mask[:, gone] = 0.0
+    mask[rng.random(mask.shape) < 0.5] = 0.0  # and unstructured zeros
+    first.kernel_mask.assign(mask)
+    first.bias.assign(rng.normal(size=300).astype("float32"))  # masked with its units
+    second = dkdp.masked_layers(model)[1]
+    second.kernel.assign(rng.normal(size=second.kernel.shape).astype("float32"))
+    small = compact(model)
+    assert small.layers[2].units == width
+    x = rng.random((16, 28, 28, 1)).astype("float32")
+    scale = float(np.abs(model(x)).max())
+    assert_same(small, model, x, atol=1e-6 * scale)
+    # The removed units' rows of the next layer go (or stay, as zeros; with
+    # all 300 kept too): nothing else changes.
+    nonzero = dkdp.count_params(dkdp.strip(model), nonzero=True) - 100 * dead
+    assert dkdp.count_params(small, nonzero=True) == nonzero
+    assert deployed_counts(model) == (nonzero, dkdp.count_macs(small, nonzero=True))
+    if width % ALIGN == 0 and width < 300:
+        # the rows of the next layer that read a kept zero unit are zero too
+        kernel = small.layers[3].get_weights()[0]
+        assert (np.abs(kernel).sum(axis=1) == 0).sum() == width - (300 - dead)
