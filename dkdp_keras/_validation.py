@@ -2,6 +2,8 @@
 the value and what is allowed."""
 
 import math
+import os
+import pathlib
 
 
 def number(name, value, low=None, high=None, low_open=False, high_open=False,
@@ -119,3 +121,31 @@ def instance(name, value, cls, what):
     if value is not None and not isinstance(value, cls):
         raise TypeError(f"{name} must be {what}, got {value!r}.")
     return value
+
+
+def tflite_path(path):
+    """`path` as a pathlib.Path of a `.tflite` file that can be written."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a file path, got {path!r}.")
+    text = os.fspath(path)
+    # pathlib drops a trailing separator: "out/" would become the file "out".
+    if text.endswith(tuple(s for s in (os.sep, os.altsep) if s)) or os.path.isdir(text):
+        raise IsADirectoryError(
+            f"path must be a file, but {text!r} is a directory: pass a file "
+            f"path such as {os.path.join(text, 'model.tflite')!r}."
+        )
+    path = pathlib.Path(path)
+    if path.suffix != ".tflite":
+        raise ValueError(
+            f"path must end in .tflite, got {str(path)!r} (for example "
+            f"{str(path.with_suffix('.tflite'))!r})."
+        )
+    parent = path.parent if str(path.parent) else pathlib.Path(".")
+    if not parent.is_dir():
+        raise FileNotFoundError(
+            f"The directory {str(parent)!r} of {str(path)!r} does not exist: "
+            "create it first."
+        )
+    if not os.access(parent, os.W_OK):
+        raise PermissionError(f"The directory {str(parent)!r} is not writable.")
+    return path

@@ -299,3 +299,46 @@ def test_a_directory_is_refused_with_the_fix(tmp_path):
             dkdp.export_tflite(_linear_classifier(), path)
     assert [p.name for p in tmp_path.iterdir()] == ["out.tflite"]
     assert list((tmp_path / "out.tflite").iterdir()) == []
+
+
+def test_a_sparse_file_says_what_it_buys_and_runs_the_dense_kernels_on_avx(tmp_path):
+    # The converter's sparse encoding makes the file smaller; LiteRT loads it
+    # through DENSIFY ops, and on an x86 CPU with AVX XNNPACK keeps its dense
+    # kernels: the outputs are then bit for bit those of the dense-format
+    # file. The report says so instead of promising speed.
+    from dkdp_keras import sparse_format
+
+    keras.utils.set_random_seed(0)
+    model = dkdp.prunable(dkdp.zoo.lenet_300_100())
+    layers = dkdp.masked_layers(model)
+    scores = [dkdp.importance.Magnitude().score(l, "weight") for l in layers]
+    dkdp.thresholds.apply_masks(
+        layers, dkdp.thresholds.compute_masks(layers, scores, 0.9, normalize="none").masks)
+    x = np.random.default_rng(1).random((32, 28, 28, 1)).astype("float32")
+    plain = dkdp.export_tflite(model, tmp_path / "plain.tflite", check_data=x, latency_runs=2)
+    sparse = dkdp.export_tflite(model, tmp_path / "sparse.tflite", sparsity=True,
+                                check_data=x, latency_runs=2)
+    assert plain.sparse == ""
+    tensors, densify = sparse_format.encoding((tmp_path / "sparse.tflite").read_bytes())
+    assert tensors == densify >= 2  # the two large kernels at least
+    assert sparse.sparse.startswith(f"{tensors} weight tensors are stored sparse")
+    assert "Structured pruning" in sparse.sparse
+    assert sparse_format.encoding((tmp_path / "plain.tflite").read_bytes()) == (0, 0)
+    if sparse_format.x86_avx():
+        assert "here it runs at dense speed" in sparse.sparse
+        from dkdp_keras.export import _run
+
+        np.testing.assert_array_equal(_run(tmp_path / "sparse.tflite", x),
+                                      _run(tmp_path / "plain.tflite", x))
+
+
+def test_the_cpu_rule_for_sparse_kernels(tmp_path):
+    from dkdp_keras import sparse_format
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse sse2 avx avx2 fma\n")
+    assert sparse_format.x86_avx(info, "x86_64") is True
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse sse2 ssse3 avx512_fake_not\n")
+    assert sparse_format.x86_avx(info, "x86_64") is False
+    assert sparse_format.x86_avx(info, "aarch64") is False
+    assert sparse_format.x86_avx(tmp_path / "missing", "AMD64") is None

@@ -217,7 +217,10 @@ table(rows, ["float32 model", "zeros", "params after compact", "file", "gzipped"
 # weight-pruned file is as large and as slow as the dense one. They only
 # pay off after compression: gzip, or the converter's sparse encoding
 # (`export_tflite(..., sparsity=True)`), which shrinks the file but does
-# not by itself make it faster. Removing whole units makes every matrix smaller:
+# not by itself make it faster: LiteRT densifies those weights when it loads
+# the file, except where XNNPACK runs its sparse kernels (CPUs without AVX,
+# such as ARM phones, and only MobileNet-like float32 graphs; `report.sparse`
+# says what this machine does). Removing whole units makes every matrix smaller:
 # fewer parameters, a smaller file and a faster model, with no special
 # runtime. That is why the budgets below prune units.
 #
@@ -284,8 +287,8 @@ plt.show()
 # best before pruning" means that budget is tight for this little
 # fine-tuning: train longer, relax the budget or raise the tolerance.
 # (Budgets at unit granularity are met with a margin: by default
-# layers of 32 units or more keep a multiple of 8, widths that hardware
-# runs efficiently.)
+# layers of 64 units or more keep a multiple of 16, widths that XNNPACK,
+# LiteRT's CPU path, runs efficiently.)
 #
 # A word on milliseconds: the budget's latency is the Keras batch-1 time
 # of the dense model scaled by MACs, and a Keras call on a CPU is mostly
