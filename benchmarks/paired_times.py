@@ -7,9 +7,15 @@ the dense model again, and so on, `--pairs` times, so that the machine's
 drift between minutes falls on both. Besides the benchmark's `train_s`, each
 run reports the seconds spent validating (`on_test_begin` to `on_test_end`)
 and, for DKDP, in `DKDPCallback.on_epoch_end` (pruning decisions, averaging,
-state). Prints one line per run and a table of the ratios; writes nothing.
+state). Prints one line per run and a table of the ratios (and writes them
+to `--out` as JSON).
 
     python benchmarks/paired_times.py --model lenet_300_100 --target 0.9 --pairs 3
+    python benchmarks/paired_times.py --model mobilenet_v2 --structured macs:0.3
+    python benchmarks/paired_times.py --model reference_cnn --system tfmot --target 0.95
+
+`--system tfmot` pairs TFMOT (train_tfmot.py) with the same tf_keras model
+trained without it: TFMOT's own cost ratio, which DKDP's must not exceed.
 
 `--work` must hold the benchmark's `data.npz` (`run.py` writes it; the
 default is the full run's directory).
@@ -51,11 +57,13 @@ def one_run(args):
     if args.system == "dense":
         model = run.build()
     else:
-        # As the benchmark builds its unstructured runs (system_dkdp).
+        # As the benchmark builds its runs (system_dkdp).
         model = dkdp.DKDPModel(run.build())
-        budget, _ = tk.structured_budget(f"params:{1 - args.target:g}", run.build())
+        spec = args.structured or f"params:{1 - args.target:g}"
+        budget, _ = tk.structured_budget(spec, run.build())
         defaults = argparse.Namespace(importance=None, initial_step=None, finish_by=None)
-        callback, _ = tk.dkdp_callback("weight", budget, defaults)
+        granularity = "unit" if args.structured else "weight"
+        callback, _ = tk.dkdp_callback(granularity, budget, defaults, run, spec)
         original = callback.on_epoch_end
 
         def timed(epoch, logs=None):
@@ -71,18 +79,41 @@ def one_run(args):
                       **{k: round(v, 2) for k, v in spent.items()}}), flush=True)
 
 
+def commands(args, system):
+    """The one-process command of `system` in a pair: Keras 3 dense and DKDP
+    through this file's `one_run`; TFMOT and its own dense baseline (the
+    tf_keras model without TFMOT's wrappers) through train_tfmot.py."""
+    if args.system == "tfmot":
+        target = "0" if system == "dense" else str(args.target)
+        return ([sys.executable, str(HERE / "train_tfmot.py"), args.work, "--model", args.model,
+                 "--targets", target, "--epochs", str(args.epochs), "--time-only"],
+                dict(os.environ, TF_USE_LEGACY_KERAS="1", TF_CPP_MIN_LOG_LEVEL="3"))
+    cmd = [sys.executable, __file__, "--one", system, "--model", args.model,
+           "--target", str(args.target), "--epochs", str(args.epochs), "--work", args.work]
+    if args.structured:
+        cmd += ["--structured", args.structured]
+    return cmd, None
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="lenet_300_100")
+    parser.add_argument("--system", choices=("dkdp", "tfmot"), default="dkdp",
+                        help="dkdp: against Keras 3 dense; tfmot: against the same model in "
+                             "tf_keras without TFMOT (TFMOT's own ratio)")
     parser.add_argument("--target", type=float, default=0.9,
-                        help="unstructured DKDP sparsity target (weight granularity)")
+                        help="sparsity target (unstructured DKDP: of the parameters; TFMOT: "
+                             "of the kernels)")
+    parser.add_argument("--structured", default=None,
+                        help="a structured DKDP budget instead (params:F, macs:F, int8:BYTES)")
     parser.add_argument("--pairs", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=15)
-    parser.add_argument("--work", default=str(HERE / "work" / "full"))
-    parser.add_argument("--one", choices=("dense", "dkdp"), dest="system",
-                        help=argparse.SUPPRESS)
+    parser.add_argument("--work", default=str(HERE / "work" / "v2"))
+    parser.add_argument("--out", default=None, help="also write the pairs here as JSON")
+    parser.add_argument("--one", choices=("dense", "dkdp"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.system:
+    if args.one:
+        args.system = args.one
         return one_run(args)
     if not (pathlib.Path(args.work) / "data.npz").exists():
         raise SystemExit(f"{args.work}/data.npz is missing: run benchmarks/run.py "
@@ -90,30 +121,36 @@ def main():
     rows = []
     for pair in range(args.pairs):
         row = {}
-        for system in ("dense", "dkdp"):
-            proc = subprocess.run(
-                [sys.executable, __file__, "--one", system, "--model", args.model,
-                 "--target", str(args.target), "--epochs", str(args.epochs),
-                 "--work", args.work],
-                capture_output=True, text=True)
-            lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
+        for system in ("dense", "dkdp" if args.system == "dkdp" else "tfmot"):
+            cmd, env = commands(args, system)
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
             if proc.returncode or not lines:
                 raise SystemExit(f"{system} run failed:\n{proc.stderr[-3000:]}")
             row[system] = json.loads(lines[-1])
             print(f"pair {pair + 1}/{args.pairs}: {lines[-1]}", flush=True)
         rows.append(row)
-    ratios = [r["dkdp"]["train_s"] / r["dense"]["train_s"] for r in rows]
-    print(f"\n{args.model}, DKDP at {args.target:g} sparsity, {args.epochs} epochs: "
-          f"train_s (validation s, DKDP epoch-end s)\n")
-    print("| pair | dense | DKDP | DKDP / dense |")
+    other = "dkdp" if args.system == "dkdp" else "tfmot"
+    ratios = [r[other]["train_s"] / r["dense"]["train_s"] for r in rows]
+    what = args.structured or f"{args.target:g}"
+    print(f"\n{args.model}, {args.system} at {what}, {args.epochs} epochs: train_s "
+          "(validation s, DKDP epoch-end s)\n")
+    print(f"| pair | dense | {args.system} | ratio |")
     print("|---|---|---|---|")
     for i, (r, ratio) in enumerate(zip(rows, ratios), 1):
-        d, k = r["dense"], r["dkdp"]
-        print(f"| {i} | {d['train_s']:.1f} s ({d['validation_s']:.1f}) "
-              f"| {k['train_s']:.1f} s ({k['validation_s']:.1f}, {k['epoch_end_s']:.1f}) "
+        d, k = r["dense"], r[other]
+        extra = lambda t: (f" ({t['validation_s']:.1f}" + (f", {t['epoch_end_s']:.1f}"  # noqa: E731
+                                                           if "epoch_end_s" in t else "") + ")"
+                           ) if "validation_s" in t else ""
+        print(f"| {i} | {d['train_s']:.1f} s{extra(d)} | {k['train_s']:.1f} s{extra(k)} "
               f"| {ratio:.2f}× |")
-    print(f"\nmedian {statistics.median(ratios):.2f}×, range "
-          f"{min(ratios):.2f}–{max(ratios):.2f}×")
+    median = statistics.median(ratios)
+    print(f"\nmedian {median:.2f}×, range {min(ratios):.2f}–{max(ratios):.2f}×")
+    if args.out:
+        pathlib.Path(args.out).write_text(json.dumps(
+            {"model": args.model, "system": args.system, "target": args.target,
+             "structured": args.structured, "epochs": args.epochs, "pairs": rows,
+             "ratios": ratios, "median": median}, indent=1))
 
 
 if __name__ == "__main__":

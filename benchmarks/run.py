@@ -35,8 +35,15 @@ import sys
 import time
 
 HERE = pathlib.Path(__file__).resolve().parent
-SYSTEMS = ("dense", "kd", "tfmot", "dkdp")
-MODELS = ("reference_cnn", "lenet_300_100")
+sys.path.insert(0, str(HERE))
+import protocol  # noqa: E402
+
+SYSTEMS = ("dense", "kd", "tfmot", "tfmot_xnnpack", "dkdp", "dense_avg", "ablation")
+# `run.py` alone runs the protocol's systems; the ablations (PROTOCOL.md
+# version 2) are asked for by name: --systems dense_avg ablation.
+DEFAULT_SYSTEMS = ("dense", "kd", "tfmot", "tfmot_xnnpack", "dkdp")
+MODELS = protocol.MODELS
+ABLATIONS = ("uniform", "poly", "no_avg", "no_kd")
 # DKDP's structured budgets aim at the issue's targets: 15%, 20% and 25% of
 # dense's MACs for batch-1 latency <= 0.2x dense and for the kd width-0.5
 # student's latency, about 0.3x dense (a parameter budget says nothing of
@@ -49,9 +56,29 @@ FULL = {"epochs": 15, "targets": [0.5, 0.8, 0.9, 0.95],
         "structured": ["params:0.15", "int8:58000", "macs:0.07", "params:0.063",
                        "macs:0.15", "macs:0.2", "macs:0.25"],
         "extra_targets": {"lenet_300_100": [0.917]},
+        "ablation_targets": [0.9, 0.95],
+        # Model 3 (PROTOCOL.md version 2): TFMOT's targets but 0.95, XNNPACK's
+        # policy at 0.8 and 0.9, DKDP structured under MACs budgets and
+        # unstructured with a sparse-format export beside each file.
+        "mobilenet_v2": {"targets": [0.5, 0.8, 0.9], "xnnpack_targets": [0.8, 0.9],
+                         "structured": ["macs:0.5", "macs:0.3", "macs:0.2"],
+                         "sparse_export": True},
         "runs": 500, "warmup": 50}
 QUICK = {"epochs": 2, "targets": [0.9], "structured": ["params:0.1"], "runs": 20, "warmup": 5,
-         "train": 2000, "val": 500, "test": 500}
+         "train": 2000, "val": 500, "test": 500, "ablation_targets": [0.9],
+         # Model 3 at its smallest: the systems only it has (tests/
+         # test_applications.py trains it structured, with a student).
+         "mobilenet_v2": {"targets": [0.9], "xnnpack_targets": [0.9], "structured": [],
+                          "sparse_export": True, "skip": ["kd", "tfmot"]}}
+
+
+def for_model(settings, model):
+    """The settings of one model: the protocol's, with model 3's own."""
+    mine = dict(settings)
+    mine.update(settings.get(model, {}))
+    mine.update(settings.get("given", {}))  # the command line's, for every model
+    mine.setdefault("xnnpack_targets", [])
+    return mine
 
 
 def write_data(work, quick):
@@ -76,20 +103,35 @@ def write_data(work, quick):
 
 
 def commands(system, model, work, settings):
-    """The training command(s) of one system on one model."""
+    """The training command(s) of one system on one model (none where the
+    protocol does not run that system on that model)."""
+    settings = for_model(settings, model)
+    if system in settings.get("skip", ()):
+        return []
     py = [sys.executable]
-    epochs = ["--epochs", str(settings["epochs"])]
-    if system == "tfmot":
-        targets = [str(t) for t in settings["targets"]]
+    common = ["--epochs", str(settings["epochs"]), "--seed", str(settings.get("seed", 0))]
+    if system in ("tfmot", "tfmot_xnnpack"):
+        targets = settings["targets"] if system == "tfmot" else settings["xnnpack_targets"]
+        if not targets:
+            return []
         return [py + [str(HERE / "train_tfmot.py"), str(work), "--model", model,
-                      "--targets", *targets] + epochs
+                      "--targets", *map(str, targets)] + common
+                + (["--policy", "xnnpack"] if system == "tfmot_xnnpack" else [])
                 + (["--begin-epoch", "0", "--end-epoch", "1"] if settings.get("quick") else [])]
-    cmd = py + [str(HERE / "train_keras3.py"), str(work), system, "--model", model] + epochs
+    if system in ("dense_avg", "ablation") and model != "reference_cnn":
+        return []
+    cmd = py + [str(HERE / "train_keras3.py"), str(work), system, "--model", model] + common
+    if system == "ablation":
+        targets = map(str, settings["ablation_targets"])
+        base = cmd[:3] + ["dkdp"] + cmd[4:] + ["--targets", *targets, "--structured"]
+        return [base + ["--ablate", name] for name in ABLATIONS]
     if system == "dkdp":
         extra = settings.get("extra_targets", {}).get(model, [])
         cmd += ["--targets", *map(str, settings["targets"] + extra)]
-        structured = settings["structured"] if model == "reference_cnn" else []
+        structured = settings["structured"] if model != "lenet_300_100" else []
         cmd += ["--structured", *map(str, structured)]
+        if settings.get("sparse_export"):
+            cmd += ["--sparse-export"]
     return [cmd]
 
 
@@ -99,7 +141,7 @@ def train(systems, models, work, settings, log):
         for model in models:
             for cmd in commands(system, model, work, settings):
                 env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-                if system == "tfmot":
+                if system.startswith("tfmot"):
                     env["TF_USE_LEGACY_KERAS"] = "1"
                 print(f"\n== {system} on {model}: {' '.join(cmd[1:])}", flush=True)
                 log_path = work / "logs" / f"{system}-{model}.log"
@@ -125,18 +167,21 @@ def measure(work, models, settings):
     """Measure every exported `.tflite` in this one process."""
     import numpy as np
 
+    from dkdp_keras import sparse_format
     from dkdp_keras.export import _run, measure_tflite_latencies_ms
 
     data = np.load(work / "data.npz")
-    xt, yt = data["x_test"].astype("float32") / 255.0, data["y_test"]
     import dkdp_keras as dkdp
 
     rows = []
     for model in models:
+        if not (work / model).is_dir():
+            continue
+        xt, yt = protocol.images(data["x_test"], model), data["y_test"]
         # Files converted from tf_keras (TFMOT) carry no Keras 3 model: they
         # execute the reference architecture densely, zeros included.
-        dense_macs = dkdp.count_macs(getattr(dkdp.zoo, model)(), nonzero=False)
-        mine = []
+        dense_macs = dkdp.count_macs(protocol.build(model), nonzero=False)
+        mine, outputs = [], {}
         for meta in sorted((work / model).glob("*.json")):
             record = json.loads(meta.read_text())
             record.setdefault("macs", dense_macs)
@@ -144,12 +189,18 @@ def measure(work, models, settings):
             path = work / model / record["file"]
             blob = path.read_bytes()
             logits = _run(path, xt)
+            outputs[record["file"]] = logits
+            sparse, densify = sparse_format.encoding(blob)
             record.update({
                 "tflite_test_acc": float(np.mean(np.argmax(logits, -1) == yt)),
                 "tflite_bytes": len(blob),
                 "tflite_gzip_bytes": len(gzip.compress(blob, compresslevel=9)),
+                "sparse_tensors": sparse, "densify_ops": densify,
             })
             mine.append((record, path))
+        for record, _ in mine:
+            if record["sparse_tensors"]:
+                record.update(sparse_evidence(record, outputs))
         # Latencies of all of the model's files interleaved in rounds: a
         # drift of the machine's speed during the pass hits every file.
         paths = [p for _, p in mine]
@@ -174,6 +225,31 @@ def measure(work, models, settings):
     return rows
 
 
+def sparse_evidence(record, outputs):
+    """Whether a sparse-format file ran sparse kernels here, and how that is
+    known (PROTOCOL.md version 2, sparse inference): XNNPACK's own rule for
+    this CPU, and, for a DKDP file, its outputs on the test images against
+    those of the same model in the dense format (the same kernels give the
+    same bits; XNNPACK's sparse kernels sum in another order)."""
+    from dkdp_keras import sparse_format
+
+    import numpy as np
+
+    avx = sparse_format.x86_avx()
+    why = [f"{record['densify_ops']} DENSIFY ops"]
+    if avx:
+        why.append("x86 CPU with AVX: XNNPACK keeps its dense kernels "
+                   "(xnn_is_chw_compatible_config)")
+    twin = record["file"].replace("-sparse.tflite", ".tflite")
+    same = None
+    if twin != record["file"] and twin in outputs:
+        same = bool(np.array_equal(outputs[twin], outputs[record["file"]]))
+        why.append(f"outputs on the test images {'bit-identical to' if same else 'differ from'}"
+                   f" {twin}'s")
+    ran = False if (avx or same) else None
+    return {"sparse_kernels_ran": ran, "sparse_kernels": "; ".join(why)}
+
+
 def _tick_label(value, unit):
     """A log-axis tick written plainly: "0.02" (ms), "300 kB", "1 MB"."""
     if unit == "bytes":
@@ -188,7 +264,9 @@ def pareto_plot(rows, model, path):
     import matplotlib.pyplot as plt
     from matplotlib import ticker
 
-    colors = {"dense": "black", "tfmot": "tab:orange", "kd": "tab:blue", "dkdp": "tab:red"}
+    colors = {"dense": "black", "tfmot": "tab:orange", "tfmot_xnnpack": "tab:brown",
+              "kd": "tab:blue", "dkdp": "tab:red", "dense_avg": "tab:gray",
+              "ablation": "tab:pink"}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, key, unit, subs, label in (
             (axes[0], "tflite_bytes", "bytes", (1.0, 3.0), "TFLite file size (log)"),
@@ -242,88 +320,183 @@ def table(rows, model):
 
 
 def checks(rows):
-    """The benchmark issue's targets, each with its figure: (text, met)."""
+    """The benchmark issue's targets (version 2 of the protocol), each with
+    its figure: (text, met). Accuracy is the TFLite file's on the test set
+    unless the target is of the Keras model (non-zero counts)."""
     out = []
 
     def pick(model, system):
         return [r for r in rows if r["model"] == model and r["system"] == system]
+
+    def top(candidates, key="tflite_test_acc"):
+        return max(candidates, key=lambda r: r[key], default=None)
+
+    def drop_pp(d, r, key="tflite_test_acc"):
+        return 100 * (d[key] - r[key])
 
     for model in MODELS:
         dense = pick(model, "dense")
         if not dense:
             continue
         d = dense[0]
-        dk = [r for r in pick(model, "dkdp") if r["quantize"] == "none"]
+        dk = [r for r in pick(model, "dkdp") if r["quantize"] == "none"
+              and not r.get("sparse_format")]
+        structured = [r for r in dk if "structured" in r["variant"]
+                      and "unstructured" not in r["variant"] and "student" not in r["variant"]]
+        int8 = [r for r in pick(model, "dkdp") if r["quantize"] == "int8"]
         if model == "reference_cnn":
-            best = [r for r in dk if r["nonzero_params"] <= 0.10 * d["nonzero_params"]]
-            top = max(best, key=lambda r: r["test_acc"], default=None)
-            if top:
-                drop = 100 * (d["test_acc"] - top["test_acc"])
-                out.append((f"{model}: ≤10% of dense's non-zero parameters at ≤0.5 pp below "
-                            f"dense: best {top['variant']} {top['nonzero_params']:,} params, "
-                            f"{-drop:+.2f} pp vs dense", drop <= 0.5))
-            fast = [r for r in dk if r["lat_b1_x_dense"] <= 0.2]
-            top = max(fast, key=lambda r: r["test_acc"], default=None)
-            if top:
-                drop = 100 * (d["test_acc"] - top["test_acc"])
-                out.append((f"{model}: compacted float32 at ≤0.2× dense batch-1 latency and "
-                            f"≤1 pp below dense: {top['variant']} at "
-                            f"{top['lat_b1_x_dense']:.2f}×, {-drop:+.2f} pp vs dense",
-                            drop <= 1.0))
-            else:
-                out.append((f"{model}: no DKDP float32 model at ≤0.2× dense latency", False))
-            small = [r for r in pick(model, "dkdp") if r["quantize"] == "int8"
-                     and r["tflite_bytes"] <= d["tflite_bytes"] / 50]
-            top = max(small, key=lambda r: r["tflite_test_acc"], default=None)
-            if top:
-                drop = 100 * (d["test_acc"] - top["tflite_test_acc"])
-                out.append((f"{model}: full-int8 file ≤1/50 of dense ({d['tflite_bytes'] / 50:,.0f} B)"
-                            f" at ≤1 pp below dense: {top['tflite_bytes']:,} B, "
-                            f"{-drop:+.2f} pp vs dense", drop <= 1.0))
-            else:
-                out.append((f"{model}: no DKDP int8 file at ≤1/50 of dense", False))
-            kd = pick(model, "kd")
-            for k in kd:
-                rivals = [r for r in dk if r["lat_b1_ms"] <= k["lat_b1_ms"]]
-                top = max(rivals, key=lambda r: r["tflite_test_acc"], default=None)
-                ok = top is not None and top["tflite_test_acc"] >= k["tflite_test_acc"]
+            r = top([r for r in dk if r["nonzero_params"] <= 0.02 * d["nonzero_params"]],
+                    "test_acc")
+            out.append((f"{model}: ≤2% of dense's non-zero parameters at ≤0.5 pp below dense: "
+                        + (f"{r['variant']} {r['nonzero_params']:,}, {-drop_pp(d, r, 'test_acc'):+.2f} pp"
+                           if r else "none"), bool(r) and drop_pp(d, r, "test_acc") <= 0.5))
+            r = top([r for r in structured if r["lat_b1_x_dense"] <= 0.10])
+            out.append((f"{model}: compacted float32 at ≤0.10× dense batch-1 latency within "
+                        "0.5 pp: " + (f"{r['variant']} {r['lat_b1_x_dense']:.3f}×, "
+                                      f"{-drop_pp(d, r):+.2f} pp" if r else "none"),
+                        bool(r) and drop_pp(d, r) <= 0.5))
+            limit, share = d["tflite_bytes"] / 100, "1/100"
+        else:
+            limit, share = d["tflite_bytes"] / 8, "1/8"
+        if model != "lenet_300_100":
+            r = top([r for r in int8 if r["tflite_bytes"] <= limit])
+            out.append((f"{model}: full-int8 file ≤{share} of dense's float32 ({limit:,.0f} B) "
+                        "within 1 pp: " + (f"{r['variant']} {r['tflite_bytes']:,} B, "
+                                           f"{-drop_pp(d, r):+.2f} pp" if r else "none"),
+                        bool(r) and drop_pp(d, r) <= 1.0))
+        if model == "mobilenet_v2":
+            r = top([r for r in structured if r["lat_b1_x_dense"] <= 0.5])
+            out.append((f"{model}: structured at ≤0.5× dense batch-1 latency within 0.5 pp: "
+                        + (f"{r['variant']} {r['lat_b1_x_dense']:.2f}×, {-drop_pp(d, r):+.2f} pp"
+                           if r else "none"), bool(r) and drop_pp(d, r) <= 0.5))
+            t8 = [t for t in pick(model, "tfmot") if t["target"] == 0.8]
+            sparse = [r for r in pick(model, "dkdp") if r.get("sparse_format")]
+            if t8:
+                r = min((r for r in sparse if r["tflite_test_acc"] >= t8[0]["tflite_test_acc"]),
+                        key=lambda r: r["tflite_bytes"], default=None)
+                out.append((f"{model}: a sparse-format file ≥3× smaller than dense's at "
+                            f"TFMOT-0.8's accuracy ({t8[0]['tflite_test_acc']:.2%}) or better: "
+                            + (f"{r['variant']} {1 / r['bytes_x_dense']:.1f}× smaller, "
+                               f"{r['tflite_test_acc']:.2%}" if r else "none"),
+                            bool(r) and r["bytes_x_dense"] <= 1 / 3))
+            for r in sparse:
+                if r.get("sparse_kernels_ran") is not False:
+                    fast = 1 / r["lat_b1_x_dense"]
+                    out.append((f"{model}: sparse inference {r['variant']}: "
+                                f"{fast:.2f}× dense's batch-1 speed ({r['sparse_kernels']}), "
+                                f"{-drop_pp(d, r):+.2f} pp (target ≥1.3× within 0.5 pp)",
+                                fast >= 1.3 and drop_pp(d, r) <= 0.5))
+        if model != "lenet_300_100":
+            for k in pick(model, "kd"):
+                if k["quantize"] != "none":
+                    continue
+                rivals = [r for r in structured if r["lat_b1_ms"] <= k["lat_b1_ms"]]
+                r = top(rivals)
+                ok = r is not None and r["tflite_test_acc"] >= k["tflite_test_acc"]
                 out.append((f"{model}: a DKDP model at ≤ the latency of kd {k['variant']} "
                             f"({k['lat_b1_ms']:.3f} ms, {k['tflite_test_acc']:.2%}) with more "
-                            f"accuracy: " + (f"{top['variant']} {top['lat_b1_ms']:.3f} ms, "
-                                             f"{top['tflite_test_acc']:.2%}" if top else "none"),
-                            ok))
+                            "accuracy: " + (f"{r['variant']} {r['lat_b1_ms']:.3f} ms, "
+                                            f"{r['tflite_test_acc']:.2%}" if r else "none"), ok))
         for t in pick(model, "tfmot"):
-            rivals = [r for r in dk if r["nonzero_params"] <= t["nonzero_params"]]
-            top = max(rivals, key=lambda r: r["test_acc"], default=None)
-            ok = top is not None and top["test_acc"] >= t["test_acc"]
+            r = top([r for r in dk if r["nonzero_params"] <= t["nonzero_params"]], "test_acc")
+            ok = r is not None and r["test_acc"] >= t["test_acc"]
             out.append((f"{model}: at TFMOT {t['target']:g} ({t['nonzero_params']:,} non-zero, "
                         f"{t['test_acc']:.2%}), DKDP with no more non-zero parameters: "
-                        + (f"{top['variant']} {top['nonzero_params']:,}, {top['test_acc']:.2%}"
-                           if top else "none"), ok))
+                        + (f"{r['variant']} {r['nonzero_params']:,}, {r['test_acc']:.2%}"
+                           if r else "none"), ok))
         if model == "lenet_300_100":
             t9 = [t for t in pick(model, "tfmot") if t["target"] == 0.9]
-            rivals = [r for r in dk if r["nonzero_params"] * 12 <= d["nonzero_params"]]
-            top = max(rivals, key=lambda r: r["test_acc"], default=None)
-            if t9 and top:
-                out.append((f"{model}: ≥12× fewer non-zero parameters than dense with at least "
-                            f"TFMOT-0.9's accuracy ({t9[0]['test_acc']:.2%}): {top['variant']} "
-                            f"{d['nonzero_params'] / top['nonzero_params']:.1f}×, "
-                            f"{top['test_acc']:.2%}", top["test_acc"] >= t9[0]["test_acc"]))
-        if dk:
-            worst = max(dk, key=lambda r: r["train_x_dense"])
-            out.append((f"{model}: DKDP training wall time ≤1.35× dense in this run (each "
-                        "system trained in its own process, at its own time): at most "
-                        f"{worst['train_x_dense']:.2f}× ({worst['variant']})",
-                        worst["train_x_dense"] <= 1.35))
+            r = top([r for r in dk if r["nonzero_params"] * 20 <= d["nonzero_params"]],
+                    "test_acc")
+            if t9:
+                out.append((f"{model}: ≥20× fewer non-zero parameters than dense with at least "
+                            f"TFMOT-0.9's accuracy ({t9[0]['test_acc']:.2%}): "
+                            + (f"{r['variant']} {d['nonzero_params'] / r['nonzero_params']:.1f}×, "
+                               f"{r['test_acc']:.2%}" if r else "none"),
+                            bool(r) and r["test_acc"] >= t9[0]["test_acc"]))
+            slow = max(dk, key=lambda r: r["lat_b1_x_dense"], default=None)
+            if slow:
+                out.append((f"{model}: compacted unstructured files no slower than dense at "
+                            f"batch 1: slowest {slow['variant']} {slow['lat_b1_x_dense']:.2f}×",
+                            slow["lat_b1_x_dense"] <= 1.0))
     return out
 
 
 def machine():
+    """The CPU model and its vector extensions (PROTOCOL.md version 2:
+    latency ratios hold only within one machine), cores and versions."""
     import tensorflow as tf
 
-    cpus = os.cpu_count()
-    return (f"{platform.processor() or platform.machine()}, {cpus} cores, Python "
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name") and model in ("", platform.machine()):
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    vector = [name for flag, name in (("avx2", "AVX2"), ("fma", "FMA"), ("avx512f", "AVX-512"))
+              if flag in flags] or ["no AVX2"]
+    return (f"{model} ({', '.join(vector)}), {os.cpu_count()} cores, Python "
             f"{platform.python_version()}, TensorFlow {tf.__version__}")
+
+
+COST_BOUND = {"lenet_300_100": 1.5}  # else 1.35 (PROTOCOL.md version 2, training cost)
+
+
+def cost_lines(paths):
+    """The training-cost section: each `paired_times.py --out` file (median of
+    paired runs) against its bound, and DKDP's against TFMOT's own ratio for
+    the same model and target where that was measured."""
+    found = [json.loads(p.read_text()) for p in paths]
+    if not found:
+        return []
+    lines = ["", "## Training cost (medians of paired runs, `benchmarks/paired_times.py`)", ""]
+    tfmot = {(t["model"], t["target"]): t["median"] for t in found if t["system"] == "tfmot"}
+    for t in found:
+        what = t["structured"] or f"{t['target']:g}"
+        text = (f"{t['model']}, {t['system']} at {what}: median **{t['median']:.2f}×** of "
+                f"{len(t['ratios'])} pairs ({', '.join(f'{r:.2f}' for r in t['ratios'])})")
+        if t["system"] == "tfmot":
+            lines.append(f"- TFMOT's own ratio, {text}")
+            continue
+        bound = COST_BOUND.get(t["model"], 1.35)
+        ok = t["median"] <= bound
+        rival = tfmot.get((t["model"], t["target"])) if not t["structured"] else None
+        if rival is not None:
+            ok = ok and t["median"] <= rival
+        lines.append(f"- {'met' if ok else '**not met**'}: {text}; bound {bound}×"
+                     + (f", TFMOT's own {rival:.2f}×" if rival is not None else ""))
+    return lines
+
+
+def ablation_lines(rows):
+    """The ablation table (PROTOCOL.md version 2): DKDP with one part removed
+    and dense+avg, against DKDP whole at the same budget and against dense."""
+    parts = [r for r in rows if r["system"] in ("ablation", "dense_avg")]
+    if not parts:
+        return []
+    whole = {(r["model"], r["budget"]): r for r in rows if r["system"] == "dkdp" and r.get("budget")
+             and not r.get("sparse_format") and r["quantize"] == "none"
+             and "student" not in r["variant"]}
+    dense = {r["model"]: r for r in rows if r["system"] == "dense"}
+    lines = ["", "## Ablations (reference_cnn)", "",
+             "| variant | budget | test acc | Δ vs DKDP whole (pp) | Δ vs dense (pp) | non-zero |",
+             "|---|---|---:|---:|---:|---:|"]
+    for r in sorted(parts, key=lambda r: (r.get("budget") or "", r["variant"])):
+        w, d = whole.get((r["model"], r.get("budget"))), dense.get(r["model"])
+        vs_whole = f"{100 * (r['test_acc'] - w['test_acc']):+.2f}" if w else ""
+        vs_dense = f"{100 * (r['test_acc'] - d['test_acc']):+.2f}" if d else ""
+        lines.append(f"| {r['variant']} | {r.get('budget') or 'none'} | {r['test_acc']:.2%} "
+                     f"| {vs_whole} | {vs_dense} | {r['nonzero_params']:,} |")
+    for w in sorted(whole.values(), key=lambda r: r["budget"]):
+        if any((r["model"], r.get("budget")) == (w["model"], w["budget"]) for r in parts):
+            d = dense.get(w["model"])
+            lines.append(f"| DKDP whole | {w['budget']} | {w['test_acc']:.2%} | 0 "
+                         f"| {100 * (w['test_acc'] - d['test_acc']):+.2f} "
+                         f"| {w['nonzero_params']:,} |" if d else "")
+    return lines
 
 
 def write_report(rows, failures, results, date, argv, elapsed, path):
@@ -359,10 +532,20 @@ def write_report(rows, failures, results, date, argv, elapsed, path):
                          f"({t['model']}, {t['granularity']} granularity, student width "
                          f"{t['student_width']}): {t['dkdp_epoch_s']:.1f} s vs "
                          f"{t['dense_epoch_s']:.1f} s, **{t['ratio']:.2f}×**")
+    lines += cost_lines(sorted(results.glob("*-paired-*.json")))
+    lines += ablation_lines(rows)
     for model in MODELS:
         if not any(r["model"] == model for r in rows):
             continue
-        lines += ["", f"## {model}", "", table(rows, model),
+        sparse = [r for r in rows if r["model"] == model and r.get("sparse_tensors")]
+        notes = ["Sparse-format files (the converter's sparse weight encoding): whether "
+                 "the sparse kernels ran, and how that is known:", ""] if sparse else []
+        for r in sparse:
+            ran = {True: "yes", False: "no", None: "not established"}[r["sparse_kernels_ran"]]
+            notes.append(f"- `{r['file']}`: {r['bytes_x_dense']:.3f}× dense's bytes, "
+                         f"{r['lat_b1_x_dense']:.2f}× its batch-1 latency; sparse kernels "
+                         f"ran: **{ran}** ({r['sparse_kernels']}).")
+        lines += ["", f"## {model}", "", table(rows, model), *notes, "",
                   f"![{model}]({os.path.relpath(results / f'{date}-{model}-pareto.png', path.parent)})",
                   ""]
     path.write_text("\n".join(lines) + "\n")
@@ -372,7 +555,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
                         help="tiny data, 2 epochs, one target: a smoke test of the pipeline")
-    parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
+    parser.add_argument("--systems", nargs="+", default=list(DEFAULT_SYSTEMS), choices=SYSTEMS)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--work", default=None,
                         help="where models and logs go (default benchmarks/work/<date>[-quick])")
@@ -380,6 +563,11 @@ def main(argv=None):
     parser.add_argument("--report", action="store_true",
                         help="also rewrite benchmarks/RESULTS.md")
     parser.add_argument("--measure-only", action="store_true")
+    parser.add_argument("--train-only", action="store_true",
+                        help="train and export, measure later (--measure-only)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="every system's seed (PROTOCOL.md version 2, seeds); other than 0 "
+                             "the work and result files are named ...-seed<N>")
     parser.add_argument("--verbose", action="store_true", help="show TensorFlow's log lines")
     parser.add_argument("--targets", type=float, nargs="*", default=None,
                         help="DKDP's unstructured targets (default: the protocol's)")
@@ -387,21 +575,28 @@ def main(argv=None):
                         help="DKDP's structured budgets (default: %s)"
                         % " ".join(FULL["structured"]))
     args = parser.parse_args(argv)
-    date = datetime.date.today().isoformat() + ("-quick" if args.quick else "")
+    date = (datetime.date.today().isoformat() + ("-quick" if args.quick else "")
+            + (f"-seed{args.seed}" if args.seed else ""))
     work = pathlib.Path(args.work or HERE / "work" / date)
     work.mkdir(parents=True, exist_ok=True)
     results = pathlib.Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
-    settings = dict(QUICK if args.quick else FULL, quick=args.quick)
+    settings = dict(QUICK if args.quick else FULL, quick=args.quick, seed=args.seed)
+    settings["given"] = {}
     if args.targets is not None:
-        settings.update(targets=args.targets, extra_targets={})
+        settings["given"].update(targets=args.targets, xnnpack_targets=[
+            t for t in args.targets if t in for_model(settings, "mobilenet_v2")["xnnpack_targets"]])
+        settings["extra_targets"] = {}
     if args.structured is not None:
-        settings["structured"] = args.structured
+        settings["given"]["structured"] = args.structured
     start = time.perf_counter()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     write_data(work, args.quick)
     failures = [] if args.measure_only else train(args.systems, args.models, work, settings,
                                                   args.verbose)
+    if args.train_only:
+        print("\n".join(["Trained; measure with --measure-only.", *failures]))
+        return 1 if failures else 0
     rows = measure(work, args.models, settings)
     with open(results / f"{date}.jsonl", "w") as f:
         for r in rows:

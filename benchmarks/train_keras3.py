@@ -26,6 +26,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import dkdp_keras as dkdp  # noqa: E402
+import protocol  # noqa: E402
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
@@ -45,24 +46,24 @@ class TrainTimer(keras.callbacks.Callback):
 class Run:
     """The protocol's data and training settings for one model."""
 
-    def __init__(self, work, model, epochs, batch):
+    def __init__(self, work, model, epochs, batch, seed=0):
         self.work = pathlib.Path(work)
         data = np.load(self.work / "data.npz")
-        scale = lambda a: a.astype("float32") / 255.0  # noqa: E731
+        scale = lambda a: protocol.images(a, model)  # noqa: E731
         self.x, self.y = scale(data["x_train"]), data["y_train"]
         self.xv, self.yv = scale(data["x_val"]), data["y_val"]
         self.xt, self.yt = scale(data["x_test"]), data["y_test"]
-        self.model, self.epochs, self.batch = model, epochs, batch
+        self.model, self.epochs, self.batch, self.seed = model, epochs, batch, seed
         self.steps = int(np.ceil(len(self.x) / batch))
         self.dir = self.work / model
         self.dir.mkdir(parents=True, exist_ok=True)
 
     def build(self, width=1.0):
-        return getattr(dkdp.zoo, self.model)(width=width)
+        return protocol.build(self.model, width)
 
     def pipeline(self):
         ds = tf.data.Dataset.from_tensor_slices((self.x, self.y))
-        ds = ds.shuffle(len(self.x), seed=0, reshuffle_each_iteration=True)
+        ds = ds.shuffle(len(self.x), seed=self.seed, reshuffle_each_iteration=True)
         return ds.batch(self.batch).repeat().prefetch(tf.data.AUTOTUNE)
 
     def fit(self, model, callbacks=()):
@@ -85,7 +86,7 @@ class Run:
             return True
         return False
 
-    def export(self, stem, model, record, quantize=None):
+    def export(self, stem, model, record, quantize=None, sparsity=False):
         """Write the .tflite (checked against Keras by export_tflite), the
         .keras and the .json record of one exported model."""
         plain = dkdp.budget.deployed(model)
@@ -94,16 +95,17 @@ class Run:
         if quantize == "int8":
             kwargs = dict(representative_data=self.x[:500], min_top1_agreement=0.0)
         report = dkdp.export_tflite(plain, self.dir / f"{stem}.tflite", quantize=quantize,
-                                    check_data=self.xt[:256], latency_runs=1, **kwargs)
-        if quantize is None:
+                                    sparsity=sparsity, check_data=self.xt[:256],
+                                    latency_runs=1, **kwargs)
+        if quantize is None and not sparsity:
             plain.save(self.dir / f"{stem}.keras")
         record = {
-            "model": self.model, **record,
+            "model": self.model, "seed": self.seed, **record,
             "test_acc": float(plain.evaluate(self.xt, self.yt, verbose=0, batch_size=256)[1]),
             "params": int(dkdp.count_params(plain, nonzero=False)),
             "nonzero_params": int(dkdp.count_params(plain, nonzero=True)),
             "macs": int(dkdp.count_macs(plain, nonzero=False)),
-            "file": f"{stem}.tflite", "quantize": quantize or "none",
+            "file": f"{stem}.tflite", "quantize": quantize or "none", "sparse_format": sparsity,
             "export_check": {"max_abs_diff": report.max_abs_diff,
                              "top1_agreement": report.top1_agreement},
         }
@@ -120,7 +122,7 @@ def compile_(model):
 def system_dense(run, args):
     if run.done("dense"):
         return
-    keras.utils.set_random_seed(0)
+    keras.utils.set_random_seed(run.seed)
     model = run.build()
     compile_(model)
     train_s = run.fit(model)
@@ -141,7 +143,7 @@ def system_kd(run, args):
         stem = f"kd-w{width:g}"
         if run.done(stem) and (width != min(args.widths) or run.done(f"{stem}-dynamic")):
             continue
-        keras.utils.set_random_seed(0)
+        keras.utils.set_random_seed(run.seed)
         student = run.build(width)
         distiller = keras.distillation.Distiller(
             teacher=teacher, student=student,
@@ -160,17 +162,44 @@ def system_kd(run, args):
                        quantize="dynamic")
 
 
-def dkdp_callback(granularity, budget, args):
+ABLATIONS = {
+    "uniform": "layer-uniform sparsity instead of global LAMP",
+    "poly": "PolynomialDecay instead of Adaptive",
+    "no_avg": "no weight averaging",
+    "no_kd": "lambda_kd=0",
+}
+
+
+def kernel_sparsity(model, keep):
+    """The kernel sparsity at which `model` keeps `keep` non-zero parameters
+    (biases and BatchNormalization are not pruned): what a schedule aims at
+    to hold the same parameter count as a budget."""
+    kernels = sum(int(np.prod(layer.kernel.shape)) for layer in model.layers
+                  if hasattr(layer, "kernel") and len(layer.kernel.shape) > 1)
+    return min(0.999, max(0.0, 1 - (keep - (model.count_params() - kernels)) / kernels))
+
+
+def dkdp_callback(granularity, budget, args, run=None, spec=None):
     """The library's defaults: an adaptive threshold held to the budget;
     magnitude scores for weights (DKDPCallback's default), Taylor scores
     for units (`dkdp run`'s default). Options given on the command line
-    override them (for the method work, not for the committed run)."""
+    override them (for the method work, not for the committed run), and
+    `--ablate` removes one part of the method (PROTOCOL.md, ablations)."""
     importance = args.importance or ("magnitude" if granularity == "weight" else "taylor")
     adaptive = {k: v for k, v in (("initial_step", args.initial_step),
                                   ("finish_by", args.finish_by)) if v is not None}
+    ablate = getattr(args, "ablate", None)
+    threshold = dkdp.thresholds.Adaptive(budget, **adaptive)
+    if ablate == "poly":
+        # TFMOT's schedule (train_tfmot.py): from the end of epoch 1 to the
+        # end of epoch 10, to the sparsity that keeps the budget's count.
+        keep = budget.max_params
+        target = kernel_sparsity(run.build(), keep)
+        threshold = dkdp.thresholds.PolynomialDecay(0.0, target, run.steps, 10 * run.steps)
     callback = dkdp.DKDPCallback(
-        importance=importance, granularity=granularity,
-        threshold=dkdp.thresholds.Adaptive(budget, **adaptive))
+        importance=importance, granularity=granularity, threshold=threshold,
+        scope="layer" if ablate == "uniform" else "global",
+        average=ablate != "no_avg")
     return callback, importance
 
 
@@ -201,16 +230,21 @@ def system_dkdp(run, args):
         kind = "unstructured" if granularity == "weight" else "structured"
         budget, label = structured_budget(spec, run.build())
         stem = f"dkdp-{kind}-{spec.replace(':', '-')}"
+        system = "dkdp"
+        if args.ablate:
+            stem += f"-ablate-{args.ablate}"
+            label += f", {ABLATIONS[args.ablate]}"
+            system = "ablation"
         if run.done(stem):
             continue
-        keras.utils.set_random_seed(0)
+        keras.utils.set_random_seed(run.seed)
         options = {k: v for k, v in (("student_width", args.student_width),
                                      ("lambda_kd", args.lambda_kd),
                                      ("student_hard_loss_weight", args.hard_weight))
                    if v is not None}
         model = dkdp.DKDPModel(run.build(), mutual=args.mutual, **options)
         compile_(model)
-        callback, importance = dkdp_callback(granularity, budget, args)
+        callback, importance = dkdp_callback(granularity, budget, args, run, spec)
         train_s = run.fit(model, [callback])
         model.save(run.dir / f"{stem}-dkdpmodel.keras")
         history = model.history.history
@@ -220,8 +254,9 @@ def system_dkdp(run, args):
         # val_teacher_accuracy is of the last epoch's weights.
         final_val = float(model.evaluate(run.xv, run.yv, verbose=0,
                                          batch_size=256, return_dict=True)["teacher_accuracy"])
-        base = {"system": "dkdp", "target": 1 - kept / dense_params, "train_s": train_s,
-                "budget": spec, "averaged_epochs": callback.averaged_epochs,
+        base = {"system": system, "target": 1 - kept / dense_params, "train_s": train_s,
+                "budget": spec, "ablation": args.ablate,
+                "averaged_epochs": callback.averaged_epochs,
                 "final_val_teacher_accuracy": round(final_val, 5),
                 "val_teacher_accuracy": [round(float(v), 5) for v in history["val_teacher_accuracy"]],
                 "val_student_accuracy": [round(float(v), 5) for v in history["val_student_accuracy"]],
@@ -232,17 +267,46 @@ def system_dkdp(run, args):
                        {**base, "variant": f"{kind} {label}, full int8"}, quantize="int8")
             run.export(f"{stem}-student", model.student,
                        {**base, "variant": f"student, {kind} {label} run"})
+        if granularity == "weight" and args.sparse_export:
+            # The converter's sparse weight encoding: a smaller file (what
+            # runs it, and how fast, is measured by run.py).
+            run.export(f"{stem}-sparse", small, {**base, "variant": f"{kind} {label}, "
+                                                 "sparse format"}, sparsity=True)
         run.export(stem, small, {**base, "variant": f"{kind} {label} ({importance})"})
+
+
+def system_dense_avg(run, args):
+    """`dense+avg` (PROTOCOL.md, ablations): the dense model with DKDP's
+    weight averaging and nothing else (masks that never prune, so the mean
+    runs over every epoch end after the first, checked on the validation
+    images against the last epoch as DKDP's is)."""
+    if run.done("dense-avg"):
+        return
+    keras.utils.set_random_seed(run.seed)
+    model = dkdp.prunable(run.build())
+    compile_(model)
+    callback = dkdp.DKDPCallback(threshold=dkdp.thresholds.ConstantSparsity(0.0),
+                                 validation_data=(run.xv, run.yv), verbose=0)
+    train_s = run.fit(model, [callback])
+    run.export("dense-avg", model, {"system": "dense_avg", "target": 0.0,
+                                    "variant": "dense + weight averaging", "train_s": train_s,
+                                    "averaged_epochs": callback.averaged_epochs})
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("work")
-    parser.add_argument("system", choices=("dense", "kd", "dkdp"))
-    parser.add_argument("--model", required=True, choices=("reference_cnn", "lenet_300_100"))
+    parser.add_argument("system", choices=("dense", "kd", "dkdp", "dense_avg"))
+    parser.add_argument("--model", required=True, choices=protocol.MODELS)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ablate", choices=sorted(ABLATIONS), default=None,
+                        help="DKDP with one part removed (PROTOCOL.md, ablations)")
+    parser.add_argument("--sparse-export", action="store_true",
+                        help="also export unstructured models in the sparse weight format")
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--widths", type=float, nargs="+", default=[0.5, 0.25])
+    parser.add_argument("--widths", type=float, nargs="+", default=None,
+                        help="kd students' widths (default: protocol.KD_WIDTHS)")
     parser.add_argument("--targets", type=float, nargs="*", default=[0.5, 0.8, 0.9, 0.95])
     parser.add_argument("--structured", nargs="*", default=["macs:0.15", "int8:58000"],
                         help="budgets of structured runs: params:F, macs:F or int8:BYTES")
@@ -256,8 +320,11 @@ def main():
     parser.add_argument("--importance", default=None,
                         help="default: magnitude for weights, taylor for units")
     args = parser.parse_args()
-    run = Run(args.work, args.model, args.epochs, args.batch)
-    {"dense": system_dense, "kd": system_kd, "dkdp": system_dkdp}[args.system](run, args)
+    if args.widths is None:
+        args.widths = list(protocol.KD_WIDTHS[args.model])
+    run = Run(args.work, args.model, args.epochs, args.batch, args.seed)
+    {"dense": system_dense, "kd": system_kd, "dkdp": system_dkdp,
+     "dense_avg": system_dense_avg}[args.system](run, args)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ import tensorflow as tf  # noqa: E402
 import tensorflow_model_optimization as tfmot  # noqa: E402
 import tf_keras  # noqa: E402
 
+from protocol import images  # noqa: E402  (numpy only: no Keras 3 here)
+
 L = tf_keras.layers
 
 
@@ -52,7 +54,53 @@ def lenet_300_100():
     return tf_keras.Model(inputs, L.Dense(10)(x))
 
 
-MODELS = {"reference_cnn": (reference_cnn, 824_746), "lenet_300_100": (lenet_300_100, 266_610)}
+def mobilenet_v2():
+    return tf_keras.applications.MobileNetV2(input_shape=(32, 32, 3), alpha=1.0, weights=None,
+                                             classes=10, classifier_activation=None)
+
+
+def xnnpack_ready(model):
+    """The same MobileNetV2 (same weights' shapes, same activation shapes at
+    32x32) in the form `PruneForLatencyOnXNNPack` accepts, which it refuses
+    for `tf_keras.applications.MobileNetV2` as built: the first convolution
+    as ZeroPadding2D(1) + a VALID convolution (built: SAME), every stride-2
+    depthwise block padded (1, 1) on each side (built: (0, 1), which gives
+    the same 16/8/4/2-pixel maps at 32x32), and the global pooling with
+    keepdims=True followed by a Flatten (built: keepdims=False). XNNPACK's
+    sparse subgraph runs from such a convolution to such a MEAN."""
+    import copy
+
+    cfg = copy.deepcopy(model.get_config())
+    layers = cfg["layers"]
+    for i, layer in enumerate(list(layers)):
+        conf, kind = layer["config"], layer["class_name"]
+        if layer["name"] == "Conv1":
+            conf["padding"] = "valid"
+            pad = {"class_name": "ZeroPadding2D", "name": "Conv1_pad",
+                   "config": {"name": "Conv1_pad", "padding": ((1, 1), (1, 1)),
+                              "trainable": True, "dtype": "float32"},
+                   "inbound_nodes": layer["inbound_nodes"]}
+            layer["inbound_nodes"] = [[["Conv1_pad", 0, 0, {}]]]
+            layers.insert(layers.index(layer), pad)
+        elif kind == "ZeroPadding2D":
+            conf["padding"] = ((1, 1), (1, 1))
+        elif kind == "GlobalAveragePooling2D":
+            conf["keepdims"] = True
+            flat = {"class_name": "Flatten", "name": f"{layer['name']}_flat",
+                    "config": {"name": f"{layer['name']}_flat", "trainable": True,
+                               "dtype": "float32"},
+                    "inbound_nodes": [[[layer["name"], 0, 0, {}]]]}
+            for other in layers:
+                for node in other.get("inbound_nodes", []):
+                    for edge in node:
+                        if edge[0] == layer["name"]:
+                            edge[0] = flat["name"]
+            layers.insert(layers.index(layer) + 1, flat)
+    return tf_keras.Model.from_config(cfg)
+
+
+MODELS = {"reference_cnn": (reference_cnn, 824_746), "lenet_300_100": (lenet_300_100, 266_610),
+          "mobilenet_v2": (mobilenet_v2, 2_270_794)}
 
 
 def pipeline(x, y, batch, seed):
@@ -83,30 +131,44 @@ def main():
     parser.add_argument("--end-epoch", type=int, default=10)
     parser.add_argument("--frequency", type=int, default=100,
                         help="steps between pruning steps (TFMOT's default 100)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--time-only", action="store_true",
+                        help="train, print the training seconds as JSON, write nothing "
+                             "(benchmarks/paired_times.py); target 0 trains the tf_keras "
+                             "model without TFMOT, TFMOT's own dense baseline")
+    parser.add_argument("--policy", choices=("all", "xnnpack"), default="all",
+                        help="xnnpack: PruneForLatencyOnXNNPack (1x1 convolutions only), "
+                             "converted with EXPERIMENTAL_SPARSITY")
     args = parser.parse_args()
     work = pathlib.Path(args.work)
     data = np.load(work / "data.npz")
-    x, y = data["x_train"].astype("float32") / 255.0, data["y_train"]
-    xv, yv = data["x_val"].astype("float32") / 255.0, data["y_val"]
-    xt, yt = data["x_test"].astype("float32") / 255.0, data["y_test"]
+    x, y = images(data["x_train"], args.model), data["y_train"]
+    xv, yv = images(data["x_val"], args.model), data["y_val"]
+    xt, yt = images(data["x_test"], args.model), data["y_test"]
     steps = int(np.ceil(len(x) / args.batch))
     build, expected = MODELS[args.model]
     out_dir = work / args.model
     out_dir.mkdir(parents=True, exist_ok=True)
     for target in args.targets:
-        stem = f"tfmot-{target:g}"
-        if (out_dir / f"{stem}.json").exists():
-            print(f"tfmot {args.model} {target:g}: done already, skipped", flush=True)
+        xnnpack = args.policy == "xnnpack"
+        stem = f"tfmot{'-xnnpack' if xnnpack else ''}-{target:g}"
+        if (out_dir / f"{stem}.json").exists() and not args.time_only:
+            print(f"tfmot {args.model} {stem}: done already, skipped", flush=True)
             continue
-        tf_keras.utils.set_random_seed(0)
+        tf_keras.utils.set_random_seed(args.seed)
         base = build()
         assert base.count_params() == expected, (base.count_params(), expected)
+        policy = {}
+        if xnnpack:
+            base = xnnpack_ready(base)
+            policy = {"pruning_policy": tfmot.sparsity.keras.PruneForLatencyOnXNNPack()}
         schedule = tfmot.sparsity.keras.PolynomialDecay(
             initial_sparsity=0.0, final_sparsity=target,
             begin_step=args.begin_epoch * steps,
             end_step=max(args.end_epoch, args.begin_epoch + 1) * steps,
             frequency=min(args.frequency, steps))
-        model = tfmot.sparsity.keras.prune_low_magnitude(base, pruning_schedule=schedule)
+        model = base if target == 0 else tfmot.sparsity.keras.prune_low_magnitude(
+            base, pruning_schedule=schedule, **policy)
         model.compile(optimizer=tf_keras.optimizers.Adam(1e-3),
                       loss=tf_keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                       metrics=["accuracy"])
@@ -114,20 +176,30 @@ def main():
         # Timed as train_keras3.TrainTimer: to the end of training, not of
         # the tf.data iterator's teardown as fit returns.
         timer = TrainTimer()
-        model.fit(pipeline(x, y, args.batch, 0), steps_per_epoch=steps, epochs=args.epochs,
+        model.fit(pipeline(x, y, args.batch, args.seed), steps_per_epoch=steps,
+                  epochs=args.epochs,
                   validation_data=(xv, yv), verbose=2,
-                  callbacks=[tfmot.sparsity.keras.UpdatePruningStep(), timer])
+                  callbacks=[tfmot.sparsity.keras.UpdatePruningStep(), timer][target == 0:])
         train_s = timer.seconds
+        if args.time_only:
+            print(json.dumps({"system": "tfmot", "target": target,
+                              "train_s": round(train_s, 2)}), flush=True)
+            continue
         stripped = tfmot.sparsity.keras.strip_pruning(model)
         stripped.compile(loss=tf_keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                          metrics=["accuracy"])
         test_acc = float(stripped.evaluate(xt, yt, verbose=0, batch_size=256)[1])
         weights = stripped.get_weights()
         converter = tf.lite.TFLiteConverter.from_keras_model(stripped)
+        if xnnpack:
+            converter.optimizations = [tf.lite.Optimize.EXPERIMENTAL_SPARSITY]
         (out_dir / f"{stem}.tflite").write_bytes(converter.convert())
         record = {
-            "model": args.model, "system": "tfmot", "target": target,
-            "variant": f"prune_low_magnitude {target:g}", "test_acc": test_acc,
+            "model": args.model, "seed": args.seed,
+            "system": "tfmot_xnnpack" if xnnpack else "tfmot", "target": target,
+            "variant": (f"PruneForLatencyOnXNNPack {target:g}, sparse format" if xnnpack
+                        else f"prune_low_magnitude {target:g}"),
+            "test_acc": test_acc, "sparse_format": xnnpack,
             "params": int(sum(w.size for w in weights)),
             "nonzero_params": int(sum(np.count_nonzero(w) for w in weights)),
             "train_s": train_s, "file": f"{stem}.tflite", "quantize": "none",

@@ -23,7 +23,7 @@ def quick_run(tmp_path_factory):
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick",
          "--work", str(base / "work"), "--results", str(base / "results")],
-        capture_output=True, text=True, timeout=900)
+        capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (jsonl,) = (base / "results").glob("*.jsonl")
     rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
@@ -36,6 +36,9 @@ def test_every_system_and_model_is_measured_with_the_protocol_fields(quick_run):
     for model in ("reference_cnn", "lenet_300_100"):
         systems = {r["system"] for r in rows if r["model"] == model}
         assert systems == {"dense", "kd", "tfmot", "dkdp"}, (model, systems)
+    # Model 3 at its smallest: the systems only it has.
+    systems = {r["system"] for r in rows if r["model"] == "mobilenet_v2"}
+    assert systems == {"dense", "tfmot_xnnpack", "dkdp"}, systems
     for r in rows:
         missing = [f for f in FIELDS if f not in r]
         assert not missing, (r["file"], missing)
@@ -70,6 +73,35 @@ def test_figures_hold_together(quick_run):
     assert int8["tflite_bytes"] < structured["tflite_bytes"] / 3
     kd = by[(cnn, "kd-w0.25.tflite")]
     assert kd["params"] == 52_210
+
+
+@pytest.mark.slow
+def test_model_3_and_its_sparse_files(quick_run):
+    # keras.applications.MobileNetV2 at 32x32 on the padded 3-channel images;
+    # the sparse-format files are smaller, and the runner says whether their
+    # sparse kernels ran and how it knows.
+    from dkdp_keras import sparse_format
+
+    _, rows, _ = quick_run
+    by = {r["file"]: r for r in rows if r["model"] == "mobilenet_v2"}
+    dense = by["dense.tflite"]
+    assert dense["params"] == dense["nonzero_params"] == 2_270_794
+    assert dense["macs"] == 6_124_928
+    assert dense["sparse_tensors"] == 0
+    xnn = by["tfmot-xnnpack-0.9.tflite"]
+    assert xnn["params"] == 2_270_794  # the same network, XNNPACK's padding
+    assert xnn["nonzero_params"] < 0.2 * xnn["params"]  # its 1x1 kernels at 90%
+    sparse = by["dkdp-unstructured-params-0.1-sparse.tflite"]
+    plain = by["dkdp-unstructured-params-0.1.tflite"]
+    assert sparse["nonzero_params"] == plain["nonzero_params"] <= 227_080
+    assert sparse["tflite_bytes"] < dense["tflite_bytes"] / 3
+    assert plain["tflite_bytes"] > 0.9 * dense["tflite_bytes"]
+    for r in (xnn, sparse):
+        assert r["sparse_tensors"] == r["densify_ops"] > 10
+        assert "DENSIFY" in r["sparse_kernels"]
+    if sparse_format.x86_avx():
+        assert sparse["sparse_kernels_ran"] is False
+        assert "bit-identical" in sparse["sparse_kernels"]
 
 
 @pytest.mark.slow
