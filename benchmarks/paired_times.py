@@ -63,7 +63,7 @@ def one_run(args):
         budget, _ = tk.structured_budget(spec, run.build())
         defaults = argparse.Namespace(importance=None, initial_step=None, finish_by=None)
         granularity = "unit" if args.structured else "weight"
-        callback, _ = tk.dkdp_callback(granularity, budget, defaults, run, spec)
+        callback, _ = tk.dkdp_callback(granularity, budget, defaults, run)
         original = callback.on_epoch_end
 
         def timed(epoch, logs=None):
@@ -137,12 +137,15 @@ def main():
           "(validation s, DKDP epoch-end s)\n")
     print(f"| pair | dense | {args.system} | ratio |")
     print("|---|---|---|---|")
+    def spent(times):
+        """The seconds validating (and in DKDP's epoch ends) of a Keras 3 run,
+        in brackets; TFMOT's run reports none."""
+        parts = [f"{times[key]:.1f}" for key in ("validation_s", "epoch_end_s") if key in times]
+        return f" ({', '.join(parts)})" if parts else ""
+
     for i, (r, ratio) in enumerate(zip(rows, ratios), 1):
         d, k = r["dense"], r[other]
-        extra = lambda t: (f" ({t['validation_s']:.1f}" + (f", {t['epoch_end_s']:.1f}"  # noqa: E731
-                                                           if "epoch_end_s" in t else "") + ")"
-                           ) if "validation_s" in t else ""
-        print(f"| {i} | {d['train_s']:.1f} s{extra(d)} | {k['train_s']:.1f} s{extra(k)} "
+        print(f"| {i} | {d['train_s']:.1f} s{spent(d)} | {k['train_s']:.1f} s{spent(k)} "
               f"| {ratio:.2f}× |")
     median = statistics.median(ratios)
     print(f"\nmedian {median:.2f}×, range {min(ratios):.2f}–{max(ratios):.2f}×")

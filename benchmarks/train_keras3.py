@@ -179,7 +179,7 @@ def kernel_sparsity(model, keep):
     return min(0.999, max(0.0, 1 - (keep - (model.count_params() - kernels)) / kernels))
 
 
-def dkdp_callback(granularity, budget, args, run=None, spec=None):
+def dkdp_callback(granularity, budget, args, run=None):
     """The library's defaults: an adaptive threshold held to the budget;
     magnitude scores for weights (DKDPCallback's default), Taylor scores
     for units (`dkdp run`'s default). Options given on the command line
@@ -244,7 +244,7 @@ def system_dkdp(run, args):
                    if v is not None}
         model = dkdp.DKDPModel(run.build(), mutual=args.mutual, **options)
         compile_(model)
-        callback, importance = dkdp_callback(granularity, budget, args, run, spec)
+        callback, importance = dkdp_callback(granularity, budget, args, run)
         train_s = run.fit(model, [callback])
         model.save(run.dir / f"{stem}-dkdpmodel.keras")
         history = model.history.history

@@ -72,7 +72,7 @@ def xnnpack_ready(model):
 
     cfg = copy.deepcopy(model.get_config())
     layers = cfg["layers"]
-    for i, layer in enumerate(list(layers)):
+    for layer in list(layers):
         conf, kind = layer["config"], layer["class_name"]
         if layer["name"] == "Conv1":
             conf["padding"] = "valid"

@@ -59,6 +59,7 @@ from dkdp_keras.prunable import plain_weights, strip
 
 ALIGN = 16  # what a compacted group's width is a multiple of (rule 4 above)
 
+
 def _zero_units(layer, protected, plain=plain_weights):
     weights = plain(layer)
     kernel = weights[0].reshape(-1, weights[0].shape[-1])
