@@ -5,7 +5,9 @@ Run by `benchmarks/run.py`, one process per system. Reads the protocol's
 data from the run's `data.npz`, writes into WORK_DIR/<model>/ one `.tflite`,
 one `.json` (Keras-side figures: test accuracy, parameters, MACs, training
 seconds) and the `.keras` model per exported model. A model whose `.json`
-exists is skipped, so an interrupted run continues where it stopped.
+exists is skipped, and every epoch of one in training is backed up in
+WORK_DIR/<model>/backup/<stem>, so an interrupted run continues after its
+last completed epoch, to the model it would have made uninterrupted.
 
     python benchmarks/train_keras3.py WORK_DIR dense --model reference_cnn
     python benchmarks/train_keras3.py WORK_DIR kd --model reference_cnn
@@ -17,6 +19,7 @@ import argparse
 import json
 import os
 import pathlib
+import shutil
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -43,6 +46,51 @@ class TrainTimer(keras.callbacks.Callback):
         self.seconds = time.perf_counter() - self.start
 
 
+def completed(backup):
+    """(epochs completed, their training seconds, their epoch logs) of a
+    backup directory whose `BackupAndRestore` has restored (and so, if the
+    last backup was cut short, fallen back to the one before)."""
+    try:
+        epochs = int(json.loads((backup / "training_metadata.json").read_text())["epoch"])
+        logs = json.loads((backup / "epochs.json").read_text())[:epochs]
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0, 0.0, []
+    return epochs, sum(entry.pop("seconds") for entry in logs), logs
+
+
+class EpochLog(keras.callbacks.Callback):
+    """Writes every epoch's logs and seconds (those of earlier attempts
+    included) into the backup directory, before `BackupAndRestore` backs
+    the epoch up; `history` is the whole run's, as `model.history.history`
+    is of an uninterrupted one."""
+
+    def __init__(self, path, logs):
+        super().__init__()
+        self.path, self.logs = path, list(logs)
+        self.seconds = [None] * len(self.logs)
+
+    def on_train_begin(self, logs=None):
+        self.last = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        now = time.perf_counter()
+        self.logs.append({k: float(v) for k, v in (logs or {}).items()})
+        self.seconds.append(now - self.last)
+        self.last = now
+        kept = json.loads(self.path.read_text()) if self.path.exists() else []
+        entries = kept[:len(self.logs) - 1] + [dict(self.logs[-1], seconds=self.seconds[-1])]
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(entries))
+        os.replace(tmp, self.path)
+
+    @property
+    def history(self):
+        keys = [k for k in (self.logs[0] if self.logs else {})
+                if all(k in entry for entry in self.logs)]
+        return {k: [entry[k] for entry in self.logs] for k in keys}
+
+
 class Run:
     """The protocol's data and training settings for one model."""
 
@@ -61,24 +109,56 @@ class Run:
     def build(self, width=1.0):
         return protocol.build(self.model, width)
 
-    def pipeline(self):
-        ds = tf.data.Dataset.from_tensor_slices((self.x, self.y))
+    def pipeline(self, start=0):
+        """Shuffled batches, reshuffled each epoch, from epoch `start` on.
+        The shuffle runs on indices: the order is the one the same seeded
+        shuffle of the examples gives (checked), and a run resumed at epoch
+        `start` skips to that epoch's batches without reading the data."""
+        xs, ys = tf.constant(self.x), tf.constant(self.y)
+        ds = tf.data.Dataset.range(len(self.x))
         ds = ds.shuffle(len(self.x), seed=self.seed, reshuffle_each_iteration=True)
-        return ds.batch(self.batch).repeat().prefetch(tf.data.AUTOTUNE)
+        ds = ds.batch(self.batch).repeat().skip(start * self.steps)
+        ds = ds.map(lambda i: (tf.gather(xs, i), tf.gather(ys, i)))
+        return ds.prefetch(tf.data.AUTOTUNE)
 
-    def fit(self, model, callbacks=()):
+    def fit(self, model, callbacks=(), stem=None):
         """Train with the protocol's pipeline; wall seconds of training, from
         the start of `fit` to the end of its last callback's `on_train_end`.
+
+        With a `stem`, every epoch end is backed up in WORK/<model>/backup/
+        <stem> (`keras.callbacks.BackupAndRestore`, listed after DKDP's
+        callback as it asks), so an interrupted run resumes at its last
+        completed epoch with the batches it would have seen; the seconds
+        of earlier attempts' completed epochs are added (`self.resumed`
+        says after which epoch, `self.history` has every epoch's logs). `export_done` removes the backup.
 
         Not counted: the tf.data iterator's teardown as `fit` returns. With
         this repeated, shuffled pipeline it took 0 to 30 s after the last
         epoch, for the dense model as for DKDP (LeNet, same harness: 13 s
         and 12 s), which is no training work and would swamp a 40 s run."""
         timer = TrainTimer()
-        model.fit(self.pipeline(), steps_per_epoch=self.steps, epochs=self.epochs,
-                  validation_data=(self.xv, self.yv), callbacks=[*callbacks, timer],
-                  verbose=2)
-        return timer.seconds
+        callbacks, start, before, log = list(callbacks), 0, 0.0, None
+        if stem is not None:
+            backup = self.dir / "backup" / stem
+            restore = keras.callbacks.BackupAndRestore(
+                str(backup), delete_checkpoint=False, double_checkpoint=True)
+            restore.set_model(model)
+            restore.on_train_begin()  # falls back to the backup before a cut-short one
+            start, before, earlier = completed(backup)
+            if start:
+                print(f"{self.model} {stem}: resumes after epoch {start}", flush=True)
+            log = EpochLog(backup / "epochs.json", earlier)
+            callbacks += [log, restore]
+        self.resumed = start
+        history = model.fit(self.pipeline(start), steps_per_epoch=self.steps,
+                            epochs=self.epochs, validation_data=(self.xv, self.yv),
+                            callbacks=[*callbacks, timer], verbose=2)
+        self.history = log.history if log is not None else history.history
+        return before + timer.seconds
+
+    def export_done(self, stem):
+        """The run's files are written: its backup is no longer needed."""
+        shutil.rmtree(self.dir / "backup" / stem, ignore_errors=True)
 
     def done(self, stem):
         if (self.dir / f"{stem}.json").exists():
@@ -125,9 +205,10 @@ def system_dense(run, args):
     keras.utils.set_random_seed(run.seed)
     model = run.build()
     compile_(model)
-    train_s = run.fit(model)
+    train_s = run.fit(model, stem="dense")
     run.export("dense", model, {"system": "dense", "target": 0.0, "variant": "dense",
-                                "train_s": train_s})
+                                "train_s": train_s, "resumed_after_epoch": run.resumed})
+    run.export_done("dense")
 
 
 def system_kd(run, args):
@@ -152,14 +233,16 @@ def system_kd(run, args):
             student_loss_weight=0.5)
         distiller.compile(optimizer=keras.optimizers.Adam(1e-3), loss=LOSS,
                           metrics=["accuracy"], jit_compile=False)
-        train_s = run.fit(distiller)
+        distiller(run.x[:1])  # built, as BackupAndRestore needs
+        train_s = run.fit(distiller, stem=stem)
         base = {"system": "kd", "target": 1 - student.count_params() / teacher.count_params(),
-                "train_s": train_s}
+                "train_s": train_s, "resumed_after_epoch": run.resumed}
         run.export(stem, student, {**base, "variant": f"width {width:g}"})
         if width == min(args.widths):
             run.export(f"{stem}-dynamic", student,
                        {**base, "variant": f"width {width:g}, dynamic-range int8"},
                        quantize="dynamic")
+        run.export_done(stem)
 
 
 ABLATIONS = {
@@ -245,9 +328,9 @@ def system_dkdp(run, args):
         model = dkdp.DKDPModel(run.build(), mutual=args.mutual, **options)
         compile_(model)
         callback, importance = dkdp_callback(granularity, budget, args, run)
-        train_s = run.fit(model, [callback])
+        train_s = run.fit(model, [callback], stem=stem)
         model.save(run.dir / f"{stem}-dkdpmodel.keras")
-        history = model.history.history
+        history = run.history
         kept = int(dkdp.count_params(dkdp.budget.deployed(model.teacher)))
         # The teacher as training left it (the epochs' mean, see
         # DKDPCallback(average=...)), on the validation images: the last
@@ -255,7 +338,7 @@ def system_dkdp(run, args):
         final_val = float(model.evaluate(run.xv, run.yv, verbose=0,
                                          batch_size=256, return_dict=True)["teacher_accuracy"])
         base = {"system": system, "target": 1 - kept / dense_params, "train_s": train_s,
-                "budget": spec, "ablation": args.ablate,
+                "resumed_after_epoch": run.resumed, "budget": spec, "ablation": args.ablate,
                 "averaged_epochs": callback.averaged_epochs,
                 "final_val_teacher_accuracy": round(final_val, 5),
                 "val_teacher_accuracy": [round(float(v), 5) for v in history["val_teacher_accuracy"]],
@@ -273,6 +356,7 @@ def system_dkdp(run, args):
             run.export(f"{stem}-sparse", small, {**base, "variant": f"{kind} {label}, "
                                                  "sparse format"}, sparsity=True)
         run.export(stem, small, {**base, "variant": f"{kind} {label} ({importance})"})
+        run.export_done(stem)
 
 
 def system_dense_avg(run, args):
@@ -287,10 +371,12 @@ def system_dense_avg(run, args):
     compile_(model)
     callback = dkdp.DKDPCallback(threshold=dkdp.thresholds.ConstantSparsity(0.0),
                                  validation_data=(run.xv, run.yv), verbose=0)
-    train_s = run.fit(model, [callback])
+    train_s = run.fit(model, [callback], stem="dense-avg")
     run.export("dense-avg", model, {"system": "dense_avg", "target": 0.0,
                                     "variant": "dense + weight averaging", "train_s": train_s,
+                                    "resumed_after_epoch": run.resumed,
                                     "averaged_epochs": callback.averaged_epochs})
+    run.export_done("dense-avg")
 
 
 def main():

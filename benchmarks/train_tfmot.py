@@ -4,7 +4,9 @@ Toolkit's magnitude pruning, which needs tf_keras (Keras 2).
 Run by `benchmarks/run.py` in a process of its own with
 TF_USE_LEGACY_KERAS=1, so that tf_keras never meets Keras 3 (and
 dkdp_keras is never imported here). Reads the protocol's data from the
-run's `data.npz`, writes one `.tflite` and one `.json` per target.
+run's `data.npz`, writes one `.tflite` and one `.json` per target. Every
+epoch is backed up in WORK_DIR/<model>/backup/<stem>: an interrupted run
+continues after its last completed epoch.
 
     TF_USE_LEGACY_KERAS=1 python benchmarks/train_tfmot.py WORK_DIR \
         --model reference_cnn --targets 0.5 0.8 0.9 0.95 --epochs 15
@@ -14,6 +16,7 @@ import argparse
 import json
 import os
 import pathlib
+import shutil
 import time
 
 os.environ["TF_USE_LEGACY_KERAS"] = "1"
@@ -103,10 +106,52 @@ MODELS = {"reference_cnn": (reference_cnn, 824_746), "lenet_300_100": (lenet_300
           "mobilenet_v2": (mobilenet_v2, 2_270_794)}
 
 
-def pipeline(x, y, batch, seed):
-    ds = tf.data.Dataset.from_tensor_slices((x, y))
+def pipeline(x, y, batch, seed, start=0):
+    """As train_keras3.Run.pipeline: the seeded shuffle on indices, from
+    epoch `start` on (a resumed run gets the batches it would have had)."""
+    xs, ys = tf.constant(x), tf.constant(y)
+    steps = int(np.ceil(len(x) / batch))
+    ds = tf.data.Dataset.range(len(x))
     ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
-    return ds.batch(batch).repeat().prefetch(tf.data.AUTOTUNE)
+    ds = ds.batch(batch).repeat().skip(start * steps)
+    ds = ds.map(lambda i: (tf.gather(xs, i), tf.gather(ys, i)))
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def completed(backup):
+    """(epochs completed, each one's training seconds) of a tf_keras
+    BackupAndRestore directory and the epoch log beside it."""
+    latest = tf.train.latest_checkpoint(str(backup / "chief"))
+    if latest is None:
+        return 0, []
+    reader = tf.train.load_checkpoint(latest)
+    epochs = int(reader.get_tensor("ckpt_saved_epoch/.ATTRIBUTES/VARIABLE_VALUE")) + 1
+    try:
+        seconds = json.loads((backup / "epochs.json").read_text())[:epochs]
+    except (OSError, ValueError):
+        seconds = []
+    return epochs, seconds
+
+
+class EpochSeconds(tf_keras.callbacks.Callback):
+    """Each epoch's seconds, written into the backup directory before the
+    epoch is backed up (listed before BackupAndRestore)."""
+
+    def __init__(self, path, before):
+        super().__init__()
+        self.path, self.seconds = path, list(before)
+
+    def on_train_begin(self, logs=None):
+        self.last = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        now = time.perf_counter()
+        self.seconds = self.seconds[:epoch] + [now - self.last]
+        self.last = now
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.seconds))
+        os.replace(tmp, self.path)
 
 
 class TrainTimer(tf_keras.callbacks.Callback):
@@ -175,12 +220,27 @@ def main():
         print(f"tfmot {args.model} target {target:g}: {args.epochs} epochs", flush=True)
         # Timed as train_keras3.TrainTimer: to the end of training, not of
         # the tf.data iterator's teardown as fit returns.
+        # Every epoch end is backed up (not in --time-only runs): an
+        # interrupted run resumes after its last completed epoch with the
+        # batches it would have seen. BackupAndRestore comes before
+        # UpdatePruningStep, which reads the restored step count.
+        callbacks, start, before = [], 0, 0.0
+        if not args.time_only:
+            backup = out_dir / "backup" / stem
+            start, earlier = completed(backup)
+            before = sum(earlier)
+            if start:
+                print(f"tfmot {args.model} {stem}: resumes after epoch {start}", flush=True)
+            callbacks = [EpochSeconds(backup / "epochs.json", earlier),
+                         tf_keras.callbacks.BackupAndRestore(str(backup),
+                                                             delete_checkpoint=False)]
+        if target != 0:
+            callbacks.append(tfmot.sparsity.keras.UpdatePruningStep())
         timer = TrainTimer()
-        model.fit(pipeline(x, y, args.batch, args.seed), steps_per_epoch=steps,
-                  epochs=args.epochs,
-                  validation_data=(xv, yv), verbose=2,
-                  callbacks=[tfmot.sparsity.keras.UpdatePruningStep(), timer][target == 0:])
-        train_s = timer.seconds
+        model.fit(pipeline(x, y, args.batch, args.seed, start), steps_per_epoch=steps,
+                  epochs=args.epochs, validation_data=(xv, yv), verbose=2,
+                  callbacks=[*callbacks, timer])
+        train_s = before + timer.seconds
         if args.time_only:
             print(json.dumps({"system": "tfmot", "target": target,
                               "train_s": round(train_s, 2)}), flush=True)
@@ -202,9 +262,11 @@ def main():
             "test_acc": test_acc, "sparse_format": xnnpack,
             "params": int(sum(w.size for w in weights)),
             "nonzero_params": int(sum(np.count_nonzero(w) for w in weights)),
-            "train_s": train_s, "file": f"{stem}.tflite", "quantize": "none",
+            "train_s": train_s, "resumed_after_epoch": start, "file": f"{stem}.tflite",
+            "quantize": "none",
         }
         (out_dir / f"{stem}.json").write_text(json.dumps(record, indent=1))
+        shutil.rmtree(out_dir / "backup" / stem, ignore_errors=True)
         print(json.dumps(record), flush=True)
 
 

@@ -131,6 +131,69 @@ def test_an_interrupted_run_continues_without_training_again(quick_run):
     assert "done already, skipped" in proc.stdout
 
 
+def _killed_at_first_backup(cmd, backup, env):
+    """Start `cmd`, kill it as soon as its first epoch is backed up."""
+    import os
+    import signal
+    import time
+
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not backup.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("system", ["dkdp", "tfmot"])
+def test_a_run_killed_mid_training_resumes_to_the_model_it_would_have_made(
+        tmp_path, monkeypatch, system):
+    # Model 3's runs take an hour or more here: one killed at epoch k must
+    # continue from its backup of epoch k (weights, optimizer, DKDP's masks
+    # and state, TFMOT's pruning step, the data order), not start again.
+    import os
+    import shutil
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import run
+
+    data = run.write_data(tmp_path, quick=True)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    if system == "dkdp":
+        script, stem = "train_keras3.py", "dkdp-unstructured-params-0.1"
+        args = ["dkdp", "--model", "lenet_300_100", "--epochs", "5", "--targets", "0.9",
+                "--structured"]
+        marker = pathlib.Path("backup", stem, "training_metadata.json")
+    else:
+        env["TF_USE_LEGACY_KERAS"] = "1"
+        script, stem = "train_tfmot.py", "tfmot-0.9"
+        args = ["--model", "lenet_300_100", "--targets", "0.9", "--epochs", "5",
+                "--begin-epoch", "0", "--end-epoch", "2"]
+        marker = pathlib.Path("backup", stem, "chief", "checkpoint")
+    records = {}
+    for name in ("killed", "whole"):
+        work = tmp_path / name
+        work.mkdir()
+        shutil.copy(data, work / "data.npz")
+        cmd = [sys.executable, str(ROOT / "benchmarks" / script), str(work), *args]
+        if name == "killed":
+            _killed_at_first_backup(cmd, work / "lenet_300_100" / marker, env)
+            assert not (work / "lenet_300_100" / f"{stem}.json").exists()
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        records[name] = json.loads((work / "lenet_300_100" / f"{stem}.json").read_text())
+        assert not (work / "lenet_300_100" / "backup" / stem).exists()
+    killed, whole = records["killed"], records["whole"]
+    assert 1 <= killed["resumed_after_epoch"] <= 4 and whole["resumed_after_epoch"] == 0
+    keys = ["test_acc", "nonzero_params"] + (
+        ["val_teacher_accuracy", "sparsity"] if system == "dkdp" else [])
+    assert {k: killed[k] for k in keys} == {k: whole[k] for k in keys}
+    if system == "dkdp":
+        assert len(killed["val_teacher_accuracy"]) == 5
+
+
 def test_training_seconds_end_with_the_last_callback_not_with_fit(monkeypatch):
     # The benchmark's training time includes every callback's end-of-training
     # work (DKDP's final averaging) and stops there: what `fit` does after
