@@ -12,24 +12,22 @@ from dkdp_keras.distillation import (
     check_refresh_strategy,
     feature_layer_names,
     get_kd_loss,
-    kd_value,
     make_metrics,
     make_student,
     prunable_teacher,
 )
 from dkdp_keras.graph import rewired
 from dkdp_keras.state import pruning_state
+from dkdp_keras.step import forward_losses, update_metrics
 from dkdp_keras.training import (
     Forward,
     apply_gradients,
-    batch_head,
     check_inputs,
     clone_optimizer,
     compile_optimizers,
     fit_input_shape,
     fit_validation,
     fold_gradients,
-    logged_values,
     objectives,
     select_statistics,
     task_loss,
@@ -321,45 +319,6 @@ class DKDPModel(keras.Model):
         return model(inputs, training=training)
 
     # ---------------------------------------------------------------- steps
-    def _forward_losses(self, x, y, sample_weight, training):
-        """Outputs and each replica's share of the three losses, and the
-        labels and sample weights the student's output is read against.
-
-        In training the student reads the first `student_batch_fraction`
-        of the batch (`batch_head`); the teacher always reads all of it.
-
-        Under a distribution strategy each loss is the replica's share of
-        the global batch's value (`dkdp_keras.training`): a Keras loss with
-        a mean reduction divides itself by the replica count, a loss
-        function (a string in a DistillationLoss) is divided here.
-        """
-        t_out, t_feat = self._teacher_forward(x, training=training)
-        teacher_loss = self._loss_fn(y, t_out, sample_weight=sample_weight)
-        xs, ys, ws = x, y, sample_weight
-        if training and self.student_batch_fraction < 1.0:
-            xs, ys, ws, t_feat = batch_head(
-                (x, y, sample_weight, t_feat), self.student_batch_fraction
-            )
-        s_out, s_feat = self._student_forward(xs, training=training)
-        student_loss = self._loss_fn(ys, s_out, sample_weight=ws)
-        target = t_feat if self.mutual else ops.stop_gradient(t_feat)
-        kd = kd_value(self._kd, target, s_feat)
-        if not distribute.divides_itself(self._kd):
-            kd = kd / distribute.replicas()
-        return t_out, s_out, teacher_loss, student_loss, kd, (ys, ws)
-
-    def _update_metrics(self, y, t_out, s_out, sample_weight, teacher_loss,
-                        student_loss, kd, student_truth=None):
-        values = logged_values(teacher_loss, student_loss, kd, self.lambda_kd,
-                               distribute.replicas())
-        for tracker, value in zip(self._trackers, values):
-            tracker.update_state(value)
-        for metric in self._teacher_metrics:
-            metric.update_state(y, t_out, sample_weight=sample_weight)
-        ys, ws = student_truth or (y, sample_weight)
-        for metric in self._student_metrics:
-            metric.update_state(ys, s_out, sample_weight=ws)
-
     def train_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         check_inputs(self.teacher, x)
@@ -367,9 +326,7 @@ class DKDPModel(keras.Model):
         student_vars = self.student.trainable_variables
         with tf.GradientTape(persistent=self.mutual) as tape:
             (t_out, s_out, teacher_loss, student_loss, kd,
-             student_truth) = self._forward_losses(
-                x, y, sample_weight, training=True
-            )
+             student_truth) = forward_losses(self, x, y, sample_weight, training=True)
             replicas = distribute.replicas()
             teacher_total, student_total = objectives(
                 teacher_loss, student_loss, kd, self.lambda_kd,
@@ -400,7 +357,7 @@ class DKDPModel(keras.Model):
             apply_gradients(self.optimizer, teacher_grads, teacher_vars)
             apply_gradients(self.student_optimizer, student_grads, student_vars)
             if skip:
-                self._update_metrics(*metric_args)
+                update_metrics(self, *metric_args)
             return tf.constant(True)
 
         # A step whose losses or gradients are not finite applies nothing.
@@ -416,7 +373,7 @@ class DKDPModel(keras.Model):
             # drops assertions: with jit_compile=True the step is refused
             # all the same, and its NaN loss shows in the logs.)
             tf.debugging.Assert(finite, [_NONFINITE])
-            self._update_metrics(*metric_args)
+            update_metrics(self, *metric_args)
         return {m.name: m.result() for m in self.metrics}
 
     def fit(self, *args, **kwargs):
@@ -440,11 +397,11 @@ class DKDPModel(keras.Model):
     def test_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         check_inputs(self.teacher, x)
-        t_out, s_out, teacher_loss, student_loss, kd, _ = self._forward_losses(
-            x, y, sample_weight, training=False
+        t_out, s_out, teacher_loss, student_loss, kd, _ = forward_losses(
+            self, x, y, sample_weight, training=False
         )
-        self._update_metrics(y, t_out, s_out, sample_weight, teacher_loss,
-                             student_loss, kd)
+        update_metrics(self, y, t_out, s_out, sample_weight, teacher_loss,
+                       student_loss, kd)
         return {m.name: m.result() for m in self.metrics}
 
     # --------------------------------------------------------------- config

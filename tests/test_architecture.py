@@ -30,6 +30,7 @@ LAYERS = [
     ("thresholds.adaptive", "grouping"),
     ("thresholds",),
     ("pruner", "distillation", "zoo", "datasets", "_data_checks", "distribute", "training"),
+    ("continual", "step"),
     ("model",),
     ("refinement", "report", "export", "_checks"),
     ("callbacks",),
