@@ -5,7 +5,7 @@ layers, threshold policies prune the teacher, and a smaller student is
 distilled from it in the same training step.
 """
 
-from dkdp_keras import datasets, importance, report, thresholds, zoo
+from dkdp_keras import continual, datasets, importance, report, thresholds, zoo
 from dkdp_keras._version import __version__
 from dkdp_keras.budget import Budget, count_macs, count_params
 from dkdp_keras.callbacks import DKDPCallback, StudentRefresh
@@ -42,6 +42,7 @@ __all__ = [
     "StudentRefresh",
     "__version__",
     "compact",
+    "continual",
     "count_macs",
     "count_params",
     "datasets",

@@ -5,6 +5,7 @@ import tensorflow as tf
 from keras import ops
 
 from dkdp_keras import _data_checks, _validation, distribute
+from dkdp_keras import continual as _continual
 from dkdp_keras.compaction import compact
 from dkdp_keras.counting import set_reference
 from dkdp_keras.distillation import (
@@ -182,6 +183,8 @@ class DKDPModel(keras.Model):
         # DKDPCallback's state (events, τ, the adaptive controller): in
         # `.keras` files and checkpoints with the weights (dkdp_keras.state).
         pruning_state(self)
+        # The continual mode's frozen copy and settings (`next_task`).
+        self.previous, self.continual, self._seen_labels, self._old_kd = None, None, None, None
         self.built = True
 
     # -------------------------------------------------------------- student
@@ -245,6 +248,20 @@ class DKDPModel(keras.Model):
         self._collect_gradients = "gradient" in kinds
         if changed and self.compiled:
             self.make_train_function(force=True)
+
+    def next_task(self, x, y, buffer_size=500, lambda_old=3.0, temperature=2.0,
+                  align=True, replay=None, seed=0):
+        """Move on to new classes without forgetting those of `(x, y)`, the
+        task just learnt (`dkdp_keras.continual`): freezes the teacher as it
+        is, and from now on both networks also distil its outputs on the
+        old classes (weight `lambda_old`, temperature `temperature`), and
+        each `fit` ends by aligning the new classes' output weights
+        (`align`). `replay`: the buffer of the tasks before, which the new
+        one is drawn from too. Returns a class-balanced
+        `continual.ReplayBuffer` of `buffer_size` examples: train the next
+        task on `buffer.mix(x_new, y_new, batch_size)`."""
+        return _continual.start(self, x, y, buffer_size, lambda_old, temperature,
+                                align, seed, replay)
 
     def compact_teacher(self):
         """The pruned teacher as a plain, physically smaller Keras model
@@ -311,7 +328,7 @@ class DKDPModel(keras.Model):
     @property
     def metrics(self):
         return (list(self._trackers) + list(self._teacher_metrics)
-                + list(self._student_metrics))
+                + list(self._student_metrics) + [m for m in [self._old_kd] if m])
 
     # ----------------------------------------------------------------- call
     def call(self, inputs, training=False):
@@ -333,6 +350,9 @@ class DKDPModel(keras.Model):
                 self.student_hard_loss_weight, self.mutual,
                 self.teacher.losses, self.student.losses, replicas,
             )
+            if self.previous is not None:  # continual: the old classes' outputs
+                teacher_total, student_total = _continual.add_terms(
+                    self, x, y, t_out, s_out, teacher_total, student_total)
             both = teacher_total + student_total
         teacher_grads, student_grads = two_gradients(
             tape, teacher_total, student_total, both, teacher_vars,
@@ -387,12 +407,14 @@ class DKDPModel(keras.Model):
             for network in (self.teacher, self.student):
                 set_reference(network, shape)
         try:
-            return super().fit(*args, **kwargs)
+            history = super().fit(*args, **kwargs)
         except tf.errors.InvalidArgumentError as error:
             if _NONFINITE not in str(error):
                 raise
             step = int(ops.convert_to_numpy(self.optimizer.iterations))
             raise _nonfinite_error(step) from None
+        _continual.finish_fit(self)
+        return history
 
     def test_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
@@ -414,6 +436,8 @@ class DKDPModel(keras.Model):
         }
         if not isinstance(self.kd_loss, str):
             config["kd_loss"] = keras.saving.serialize_keras_object(self.kd_loss)
+        if self.previous is not None:
+            config["continual"] = _continual.get_config(self)
         return config
 
     @classmethod
@@ -430,4 +454,8 @@ class DKDPModel(keras.Model):
             config["kd_loss"] = keras.saving.deserialize_keras_object(
                 config["kd_loss"]
             )
-        return cls(**config)
+        continual = config.pop("continual", None)
+        model = cls(**config)
+        if continual is not None:
+            _continual.from_config(model, continual)
+        return model
