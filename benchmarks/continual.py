@@ -34,6 +34,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import dkdp_keras as dkdp  # noqa: E402
+import protocol  # noqa: E402
 from dkdp_keras import continual  # noqa: E402
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -58,12 +59,6 @@ def data(settings):
     return {"a": task(x, y, OLD, n), "b": task(x, y, NEW, n),
             "a_val": task(xv, yv, OLD, nv), "b_val": task(xv, yv, NEW, nv),
             "a_test": task(xt, yt, OLD, 5000), "b_test": task(xt, yt, NEW, 5000)}
-
-
-def pipeline(x, y, seed):
-    ds = tf.data.Dataset.from_tensor_slices((x, y))
-    ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
-    return ds.batch(BATCH).repeat().prefetch(tf.data.AUTOTUNE)
 
 
 def accuracy(net, x, y):
@@ -129,12 +124,13 @@ def after_a(seed, d, settings, work):
         model = dkdp.DKDPModel(dkdp.zoo.reference_cnn(),
                                student=dkdp.zoo.reference_cnn(width=WIDTH, name="student"))
         model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=LOSS, metrics=["accuracy"])
-        model.fit(pipeline(xa, ya, seed), steps_per_epoch=steps, epochs=settings["epochs_a"],
-                  validation_data=d["a_val"], callbacks=[dkdp_callback()], verbose=2)
+        model.fit(protocol.pipeline(xa, ya, BATCH, seed), steps_per_epoch=steps,
+                  epochs=settings["epochs_a"], validation_data=d["a_val"],
+                  callbacks=[dkdp_callback()], verbose=2)
         model.save(paths[0])
         net = plain(seed)
-        net.fit(pipeline(xa, ya, seed), steps_per_epoch=steps, epochs=settings["epochs_a"],
-                verbose=2)
+        net.fit(protocol.pipeline(xa, ya, BATCH, seed), steps_per_epoch=steps,
+                epochs=settings["epochs_a"], verbose=2)
         net.save(paths[1])
     return [keras.saving.load_model(p) for p in paths]
 
@@ -180,7 +176,7 @@ def run_method(method, seed, d, settings, work, args):
         net = plain(seed)
         x = np.concatenate([d["a"][0], xb])
         y = np.concatenate([d["a"][1], yb])
-        net.fit(pipeline(x, y, seed), steps_per_epoch=len(x) // BATCH,
+        net.fit(protocol.pipeline(x, y, BATCH, seed), steps_per_epoch=len(x) // BATCH,
                 epochs=settings["epochs_a"] + epochs, verbose=0)
         nets = {"joint": (net, "plain")}
     else:

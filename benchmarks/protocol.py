@@ -3,8 +3,9 @@ systems (`train_keras3.py`, `run.py`, `paired_times.py`).
 
 Model 3 (`mobilenet_v2`, PROTOCOL.md version 2) is the MobileNetV2 a user
 starts from, on Fashion-MNIST zero-padded by 2 pixels to 32x32 and repeated
-to 3 channels. `train_tfmot.py` builds the same models with tf_keras (it
-never imports this module: TFMOT's tf_keras must not meet Keras 3).
+to 3 channels. `train_tfmot.py` builds the same models with tf_keras and
+takes only `images` and `pipeline` from here, which import no Keras
+(TFMOT's tf_keras must not meet Keras 3).
 """
 
 import numpy as np
@@ -40,3 +41,20 @@ def images(x, model):
         x = np.pad(x, ((0, 0), (2, 2), (2, 2), (0, 0)))
         x = np.repeat(x, 3, axis=-1)
     return x
+
+
+def pipeline(x, y, batch, seed, start=0):
+    """The protocol's training batches from epoch `start` on: shuffled with
+    `seed`, reshuffled each epoch, repeated. The shuffle runs on indices,
+    which gives the order the same seeded shuffle of the examples gives
+    (checked), so a run resumed at epoch `start` skips to that epoch's
+    batches without reading the data."""
+    import tensorflow as tf
+
+    xs, ys = tf.constant(x), tf.constant(y)
+    steps = int(np.ceil(len(x) / batch))
+    ds = tf.data.Dataset.range(len(x))
+    ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
+    ds = ds.batch(batch).repeat().skip(start * steps)
+    ds = ds.map(lambda i: (tf.gather(xs, i), tf.gather(ys, i)))
+    return ds.prefetch(tf.data.AUTOTUNE)

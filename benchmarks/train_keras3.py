@@ -26,7 +26,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
 
 import dkdp_keras as dkdp  # noqa: E402
 import protocol  # noqa: E402
@@ -47,15 +46,15 @@ class TrainTimer(keras.callbacks.Callback):
 
 
 def completed(backup):
-    """(epochs completed, their training seconds, their epoch logs) of a
-    backup directory whose `BackupAndRestore` has restored (and so, if the
-    last backup was cut short, fallen back to the one before)."""
+    """(epochs completed, their epoch logs, each with its training
+    `seconds`) of a backup directory whose `BackupAndRestore` has restored
+    (and so, if the last backup was cut short, fallen back to the one
+    before)."""
     try:
         epochs = int(json.loads((backup / "training_metadata.json").read_text())["epoch"])
-        logs = json.loads((backup / "epochs.json").read_text())[:epochs]
+        return epochs, json.loads((backup / "epochs.json").read_text())[:epochs]
     except (OSError, ValueError, KeyError, TypeError):
-        return 0, 0.0, []
-    return epochs, sum(entry.pop("seconds") for entry in logs), logs
+        return 0, []
 
 
 class EpochLog(keras.callbacks.Callback):
@@ -64,31 +63,28 @@ class EpochLog(keras.callbacks.Callback):
     the epoch up; `history` is the whole run's, as `model.history.history`
     is of an uninterrupted one."""
 
-    def __init__(self, path, logs):
+    def __init__(self, path, entries):
         super().__init__()
-        self.path, self.logs = path, list(logs)
-        self.seconds = [None] * len(self.logs)
+        self.path, self.entries = path, list(entries)
 
     def on_train_begin(self, logs=None):
         self.last = time.perf_counter()
 
     def on_epoch_end(self, epoch, logs=None):
         now = time.perf_counter()
-        self.logs.append({k: float(v) for k, v in (logs or {}).items()})
-        self.seconds.append(now - self.last)
+        self.entries.append({**{k: float(v) for k, v in (logs or {}).items()},
+                             "seconds": now - self.last})
         self.last = now
-        kept = json.loads(self.path.read_text()) if self.path.exists() else []
-        entries = kept[:len(self.logs) - 1] + [dict(self.logs[-1], seconds=self.seconds[-1])]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(entries))
+        tmp.write_text(json.dumps(self.entries))
         os.replace(tmp, self.path)
 
     @property
     def history(self):
-        keys = [k for k in (self.logs[0] if self.logs else {})
-                if all(k in entry for entry in self.logs)]
-        return {k: [entry[k] for entry in self.logs] for k in keys}
+        keys = [k for k in (self.entries[0] if self.entries else {})
+                if k != "seconds" and all(k in entry for entry in self.entries)]
+        return {k: [entry[k] for entry in self.entries] for k in keys}
 
 
 class Run:
@@ -110,16 +106,7 @@ class Run:
         return protocol.build(self.model, width)
 
     def pipeline(self, start=0):
-        """Shuffled batches, reshuffled each epoch, from epoch `start` on.
-        The shuffle runs on indices: the order is the one the same seeded
-        shuffle of the examples gives (checked), and a run resumed at epoch
-        `start` skips to that epoch's batches without reading the data."""
-        xs, ys = tf.constant(self.x), tf.constant(self.y)
-        ds = tf.data.Dataset.range(len(self.x))
-        ds = ds.shuffle(len(self.x), seed=self.seed, reshuffle_each_iteration=True)
-        ds = ds.batch(self.batch).repeat().skip(start * self.steps)
-        ds = ds.map(lambda i: (tf.gather(xs, i), tf.gather(ys, i)))
-        return ds.prefetch(tf.data.AUTOTUNE)
+        return protocol.pipeline(self.x, self.y, self.batch, self.seed, start)
 
     def fit(self, model, callbacks=(), stem=None):
         """Train with the protocol's pipeline; wall seconds of training, from
@@ -130,7 +117,8 @@ class Run:
         callback as it asks), so an interrupted run resumes at its last
         completed epoch with the batches it would have seen; the seconds
         of earlier attempts' completed epochs are added (`self.resumed`
-        says after which epoch, `self.history` has every epoch's logs). `export_done` removes the backup.
+        says after which epoch, `self.history` has every epoch's logs).
+        `export_done` removes the backup.
 
         Not counted: the tf.data iterator's teardown as `fit` returns. With
         this repeated, shuffled pipeline it took 0 to 30 s after the last
@@ -144,7 +132,8 @@ class Run:
                 str(backup), delete_checkpoint=False, double_checkpoint=True)
             restore.set_model(model)
             restore.on_train_begin()  # falls back to the backup before a cut-short one
-            start, before, earlier = completed(backup)
+            start, earlier = completed(backup)
+            before = sum(entry["seconds"] for entry in earlier)
             if start:
                 print(f"{self.model} {stem}: resumes after epoch {start}", flush=True)
             log = EpochLog(backup / "epochs.json", earlier)

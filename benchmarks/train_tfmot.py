@@ -27,7 +27,7 @@ import tensorflow as tf  # noqa: E402
 import tensorflow_model_optimization as tfmot  # noqa: E402
 import tf_keras  # noqa: E402
 
-from protocol import images  # noqa: E402  (numpy only: no Keras 3 here)
+from protocol import images, pipeline  # noqa: E402  (numpy only: no Keras 3 here)
 
 L = tf_keras.layers
 
@@ -104,18 +104,6 @@ def xnnpack_ready(model):
 
 MODELS = {"reference_cnn": (reference_cnn, 824_746), "lenet_300_100": (lenet_300_100, 266_610),
           "mobilenet_v2": (mobilenet_v2, 2_270_794)}
-
-
-def pipeline(x, y, batch, seed, start=0):
-    """As train_keras3.Run.pipeline: the seeded shuffle on indices, from
-    epoch `start` on (a resumed run gets the batches it would have had)."""
-    xs, ys = tf.constant(x), tf.constant(y)
-    steps = int(np.ceil(len(x) / batch))
-    ds = tf.data.Dataset.range(len(x))
-    ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
-    ds = ds.batch(batch).repeat().skip(start * steps)
-    ds = ds.map(lambda i: (tf.gather(xs, i), tf.gather(ys, i)))
-    return ds.prefetch(tf.data.AUTOTUNE)
 
 
 def completed(backup):

@@ -31,7 +31,7 @@ from dkdp_keras import _validation, distribute
 from dkdp_keras.compaction import compact
 from dkdp_keras.distillation import feature_layer_names, prunable_teacher
 from dkdp_keras.graph import rewired
-from dkdp_keras.training import Forward, batch_head, clone_optimizer
+from dkdp_keras.training import Forward, batch_head, clone_optimizer, untrack
 
 #: What `DKDPModel.get_config` keeps of the continual mode, besides the
 #: frozen previous model.
@@ -152,17 +152,16 @@ def compact_teacher(model):
     benchmarks/continual.py, LwF on the teacher alone): training the
     masked teacher kept 39.7% of the old classes, its compacted copy 58.3%;
     DKDP's continual mode 36.6% against 53.3%."""
+    # Compacted again, not `previous` made prunable: `prunable` keeps the
+    # layers it cannot mask, so the two would share their weights.
     teacher = prunable_teacher(compact(model.teacher))
-    tracker = getattr(model, "_tracker", None)
-    if hasattr(tracker, "untrack"):
-        tracker.untrack(model.teacher)
+    untrack(model, model.teacher)
     model.teacher = teacher
     model._teacher_forward = Forward(teacher, feature_layer_names(model._kd)[0])
     if model.compiled:
         optimizer = clone_optimizer(model.optimizer)
         optimizer.build(teacher.trainable_variables)
-        if hasattr(tracker, "untrack"):
-            tracker.untrack(model.optimizer)
+        untrack(model, model.optimizer)
         model.optimizer = optimizer
         model._compile_args["teacher_optimizer"] = optimizer
 
@@ -171,14 +170,12 @@ def set_state(model, previous, settings):
     """Install `previous` (frozen) and the settings on `model`, with the
     count of labels seen since (for the aligning) and the `old_kd_loss`
     log; rebuild its steps."""
-    tracker = getattr(model, "_tracker", None)
-    if hasattr(tracker, "untrack"):
-        # Keras saves sub-models in the order they were tracked, and
-        # `from_config` tracks teacher, student, previous: so must we.
-        for network in (model.teacher, model.student, model.previous):
-            if network is not None:
-                tracker.untrack(network)
-        model.teacher, model.student = model.teacher, model.student
+    # Keras saves sub-models in the order they were tracked, and
+    # `from_config` tracks teacher, student, previous: so must we.
+    for network in (model.teacher, model.student, model.previous):
+        if network is not None:
+            untrack(model, network)
+    model.teacher, model.student = model.teacher, model.student
     model.previous = previous
     model.continual = dict(settings)
     outputs = int(model.teacher.outputs[0].shape[-1])

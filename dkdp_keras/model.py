@@ -33,6 +33,7 @@ from dkdp_keras.training import (
     select_statistics,
     task_loss,
     two_gradients,
+    untrack,
 )
 
 SERVE = ("student", "teacher")
@@ -55,15 +56,6 @@ def _trackers(on_nonfinite):
     if on_nonfinite == "skip":
         trackers.append(keras.metrics.Sum(name="skipped_steps"))
     return trackers
-
-
-def _untrack(model, sub_model):
-    """Keras tracks sub-models assigned as attributes and never forgets
-    them; a replaced one must leave `model`'s tracker, or `layers`, the
-    weights and `.keras` files would still carry it."""
-    tracker = getattr(model, "_tracker", None)
-    if tracker is not None and hasattr(tracker, "untrack"):
-        tracker.untrack(sub_model)
 
 
 def _nonfinite_error(step):
@@ -214,7 +206,7 @@ class DKDPModel(keras.Model):
         if isinstance(strategy, str):
             new = "auto" if strategy == "width" else compact
         student = self._make_student(new)
-        _untrack(self, self.student)
+        untrack(self, self.student)
         self.student = student
         if self.compiled:
             optimizer = clone_optimizer(self.student_optimizer)

@@ -95,6 +95,15 @@ class Forward:
         return out, feat
 
 
+def untrack(model, sub_model):
+    """Keras tracks sub-models (and optimizers) assigned as attributes and
+    never forgets them; a replaced one must leave `model`'s tracker, or
+    `layers`, the weights and `.keras` files would still carry it."""
+    tracker = getattr(model, "_tracker", None)
+    if tracker is not None and hasattr(tracker, "untrack"):
+        tracker.untrack(sub_model)
+
+
 def batch_head(tree, fraction):
     """The first ceil(fraction · batch) examples (at least one) of every
     tensor in `tree` (None entries stay None): what the student trains on
