@@ -58,3 +58,15 @@ def pipeline(x, y, batch, seed, start=0):
     ds = ds.batch(batch).repeat().skip(start * steps)
     ds = ds.map(lambda i: (tf.gather(xs, i), tf.gather(ys, i)))
     return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def write_json(path, value):
+    """Write `value` to `path` as JSON whole or not at all (a kill mid-write
+    leaves the file before it), creating its directory."""
+    import json
+    import os
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(value))
+    os.replace(tmp, path)

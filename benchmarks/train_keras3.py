@@ -29,6 +29,7 @@ import numpy as np  # noqa: E402
 
 import dkdp_keras as dkdp  # noqa: E402
 import protocol  # noqa: E402
+from protocol import write_json  # noqa: E402
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
@@ -75,10 +76,7 @@ class EpochLog(keras.callbacks.Callback):
         self.entries.append({**{k: float(v) for k, v in (logs or {}).items()},
                              "seconds": now - self.last})
         self.last = now
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.entries))
-        os.replace(tmp, self.path)
+        write_json(self.path, self.entries)
 
     @property
     def history(self):

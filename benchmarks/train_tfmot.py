@@ -27,7 +27,7 @@ import tensorflow as tf  # noqa: E402
 import tensorflow_model_optimization as tfmot  # noqa: E402
 import tf_keras  # noqa: E402
 
-from protocol import images, pipeline  # noqa: E402  (numpy only: no Keras 3 here)
+from protocol import images, pipeline, write_json  # noqa: E402  (numpy only: no Keras 3 here)
 
 L = tf_keras.layers
 
@@ -136,10 +136,7 @@ class EpochSeconds(tf_keras.callbacks.Callback):
         now = time.perf_counter()
         self.seconds = self.seconds[:epoch] + [now - self.last]
         self.last = now
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.seconds))
-        os.replace(tmp, self.path)
+        write_json(self.path, self.seconds)
 
 
 class TrainTimer(tf_keras.callbacks.Callback):
