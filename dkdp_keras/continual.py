@@ -35,7 +35,7 @@ from dkdp_keras.training import Forward, batch_head, clone_optimizer, untrack
 
 #: What `DKDPModel.get_config` keeps of the continual mode, besides the
 #: frozen previous model.
-SETTINGS = ("old_classes", "lambda_old", "temperature", "align")
+SETTINGS = ("old_classes", "lambda_old", "temperature", "align", "ewc")
 
 
 class ReplayBuffer:
@@ -107,16 +107,78 @@ def old_class_distillation(previous_logits, logits, classes, temperature):
     return temperature ** 2 * ops.mean(kl) / distribute.replicas()
 
 
-def check_settings(lambda_old, temperature, align, buffer_size):
+class Anchors(keras.layers.Layer):
+    """What the EWC penalty reads: each trainable variable's value at the
+    end of the task before (`anchors`) and its diagonal Fisher information
+    there (`fisher`), for the teacher's variables then the student's. A
+    layer, so that a `.keras` file keeps them."""
+
+    def __init__(self, shapes, **kwargs):
+        super().__init__(**kwargs)
+        self.anchors = [self.add_weight(shape=shape, initializer="zeros", trainable=False,
+                                        name=f"anchor_{i}") for i, shape in enumerate(shapes)]
+        self.fisher = [self.add_weight(shape=shape, initializer="zeros", trainable=False,
+                                       name=f"fisher_{i}") for i, shape in enumerate(shapes)]
+        self.built = True
+
+
+def fisher_information(network, loss_fn, x, y, samples, seed=0):
+    """The diagonal empirical Fisher information of `network`'s trainable
+    variables: the mean, over `samples` examples of `(x, y)` drawn at
+    random, of each squared per-example gradient of `loss_fn`."""
+    import tensorflow as tf
+
+    x, y = np.asarray(x), np.asarray(y)
+    rng = np.random.default_rng(seed)
+    pick = np.sort(rng.choice(len(y), min(int(samples), len(y)), replace=False))
+    variables = network.trainable_variables
+    totals = [tf.Variable(tf.zeros(v.shape, "float32"), trainable=False) for v in variables]
+
+    @tf.function
+    def add(xi, yi):
+        with tf.GradientTape() as tape:
+            loss = loss_fn(yi, network(xi, training=False))
+        for total, grad in zip(totals, tape.gradient(loss, variables)):
+            if grad is not None:
+                total.assign_add(ops.square(ops.cast(grad, "float32")))
+
+    for i in pick:
+        add(x[i:i + 1], y[i:i + 1])
+    return [ops.convert_to_numpy(t) / len(pick) for t in totals]
+
+
+def ewc_penalty(model, network, part):
+    """(ewc / 2) · Σ F·(θ - θ*)² over `network`'s trainable variables, with
+    `part` the anchors' share that is `network`'s ("teacher" or
+    "student"); the replica's share under a distribution strategy."""
+    variables = network.trainable_variables
+    count = len(model.teacher.trainable_variables)
+    start = 0 if part == "teacher" else count
+    anchors = model._anchors.anchors[start:start + len(variables)]
+    fisher = model._anchors.fisher[start:start + len(variables)]
+    total = 0.0
+    for variable, anchor, weight in zip(variables, anchors, fisher):
+        total = total + ops.sum(weight * ops.square(variable - anchor))
+    return 0.5 * model.continual["ewc"] * total / distribute.replicas()
+
+
+def check_settings(lambda_old, temperature, align, buffer_size, ewc=0.0, fisher_samples=1):
     _validation.number("lambda_old", lambda_old, low=0.0)
+    _validation.number("ewc", ewc, low=0.0)
+    _validation.number("fisher_samples", fisher_samples, low=1, integer=True)
     _validation.number("temperature", temperature, low=0.0, low_open=True)
     _validation.boolean("align", align)
     _validation.number("buffer_size", buffer_size, low=0, integer=True)
 
 
-def start(model, x, y, buffer_size, lambda_old, temperature, align, seed, replay):
+def start(model, x, y, buffer_size, lambda_old, temperature, align, seed, replay,
+          ewc=100.0, fisher_samples=1000):
     """What `DKDPModel.next_task` does; returns the new replay buffer."""
-    check_settings(lambda_old, temperature, align, buffer_size)
+    check_settings(lambda_old, temperature, align, buffer_size, ewc, fisher_samples)
+    if ewc and getattr(model, "_loss_fn", None) is None:
+        raise ValueError(
+            "next_task(ewc=...) measures the Fisher information with the "
+            "model's loss: compile the DKDPModel before calling next_task.")
     outputs = int(model.teacher.outputs[0].shape[-1])
     seen = np.unique(_class_ids(y))
     if len(y) == 0 or seen.min() < 0 or seen.max() >= outputs:
@@ -140,7 +202,24 @@ def start(model, x, y, buffer_size, lambda_old, temperature, align, seed, replay
     compact_teacher(model)
     previous.trainable = False
     set_state(model, previous, {"old_classes": old, "lambda_old": float(lambda_old),
-                                "temperature": float(temperature), "align": bool(align)})
+                                "temperature": float(temperature), "align": bool(align),
+                                "ewc": float(ewc)})
+    if ewc:
+        # Of the task just learnt (x, y), not of the buffer's earlier tasks:
+        # their importance is what the anchors of the task before held.
+        x_task, y_task = (x[:len(x) - len(replay)], y[:len(y) - len(replay)]) \
+            if replay is not None else (x, y)
+        values = []
+        for network in (model.teacher, model.student):
+            values.append(([ops.convert_to_numpy(v) for v in network.trainable_variables],
+                           fisher_information(network, model._loss_fn, x_task, y_task,
+                                              fisher_samples, seed)))
+        anchors = [a for network_values, _ in values for a in network_values]
+        fisher = [f for _, network_fisher in values for f in network_fisher]
+        for variable, value in zip(model._anchors.anchors, anchors):
+            variable.assign(value)
+        for variable, value in zip(model._anchors.fisher, fisher):
+            variable.assign(value)
     return buffer
 
 
@@ -172,12 +251,19 @@ def set_state(model, previous, settings):
     log; rebuild its steps."""
     # Keras saves sub-models in the order they were tracked, and
     # `from_config` tracks teacher, student, previous: so must we.
-    for network in (model.teacher, model.student, model.previous):
+    for network in (model.teacher, model.student, model.previous,
+                    getattr(model, "_anchors", None)):
         if network is not None:
             untrack(model, network)
     model.teacher, model.student = model.teacher, model.student
     model.previous = previous
+    settings = {"ewc": 0.0, **settings}  # files written before EWC have none
     model.continual = dict(settings)
+    model._anchors = None
+    if settings["ewc"]:
+        shapes = [tuple(v.shape) for network in (model.teacher, model.student)
+                  for v in network.trainable_variables]
+        model._anchors = Anchors(shapes, name="ewc_anchors")
     outputs = int(model.teacher.outputs[0].shape[-1])
     if getattr(model, "_seen_labels", None) is None:
         model._seen_labels = model.add_weight(shape=(outputs,), initializer="zeros",
@@ -209,7 +295,12 @@ def add_terms(model, x, y, t_out, s_out, teacher_total, student_total):
         counts = ops.sum(ops.one_hot(labels, outputs), axis=0)
     model._seen_labels.assign_add(counts)
     model._old_kd.update_state(teacher_old * distribute.replicas())
-    return teacher_total + weight * teacher_old, student_total + weight * student_old
+    teacher_total = teacher_total + weight * teacher_old
+    student_total = student_total + weight * student_old
+    if model._anchors is not None:
+        teacher_total = teacher_total + ewc_penalty(model, model.teacher, "teacher")
+        student_total = student_total + ewc_penalty(model, model.student, "student")
+    return teacher_total, student_total
 
 
 def get_config(model):
@@ -254,6 +345,43 @@ def align_classes(network, old, new):
     kernel[:, new] *= gain
     layer.kernel.assign(kernel)
     return gain
+
+
+def aligned_logits(model, logits):
+    """The teacher's `logits` as aligning would leave them at this step:
+    z_c + (g - 1)(z_c - b_c) for each class c trained since `next_task`,
+    g the gain `align_classes` would apply now, b_c the output bias.
+
+    The student distils these in continual mode. The teacher learns the
+    new classes mostly from their own examples, its new logits run high,
+    and a student copying them calls old images new; aligning the
+    student afterwards does not undo it (measured, seed 0 of
+    benchmarks/continual.py: all-class 62.7% with the teacher's own
+    logits, 71.5% with these). Exact when the teacher's last layer is its
+    linear Dense output and the distillation reads that output; otherwise
+    (or with `align=False`) `logits` are returned as they are."""
+    layer = output_layer(model.teacher)
+    linear = getattr(layer, "activation", None) in (None, keras.activations.linear)
+    if (not model.continual["align"] or model.teacher.layers[-1] is not layer
+            or not linear or feature_layer_names(model._kd)[0] is not None):
+        return logits
+    outputs = int(logits.shape[-1])
+    old = np.zeros(outputs, "float32")
+    old[model.continual["old_classes"]] = 1.0
+    new = ops.cast(model._seen_labels > 0, "float32") * (1.0 - old)
+    kernel = layer.kernel
+    mask = getattr(layer, "kernel_mask", None)
+    if mask is not None:
+        kernel = kernel * mask
+    norms = ops.sqrt(ops.sum(ops.square(kernel), axis=0))
+    new_norm = ops.sum(norms * new) / ops.maximum(ops.sum(new), 1.0)
+    gain = ops.where(new_norm > 0, ops.sum(norms * old) / old.sum() / ops.maximum(new_norm, 1e-12),
+                     1.0)
+    bias = layer.bias if getattr(layer, "bias", None) is not None else 0.0
+    # The student's loss must not reach the teacher through the gain or
+    # the bias (only through `logits`, and only when they carry a gradient).
+    gain, bias = ops.stop_gradient(gain), ops.stop_gradient(bias)
+    return logits + new * (gain - 1.0) * (logits - bias)
 
 
 def finish_fit(model):

@@ -177,6 +177,7 @@ class DKDPModel(keras.Model):
         pruning_state(self)
         # The continual mode's frozen copy and settings (`next_task`).
         self.previous, self.continual, self._seen_labels, self._old_kd = None, None, None, None
+        self._anchors = None  # the EWC penalty's (next_task(ewc=...))
         self.built = True
 
     # -------------------------------------------------------------- student
@@ -242,18 +243,22 @@ class DKDPModel(keras.Model):
             self.make_train_function(force=True)
 
     def next_task(self, x, y, buffer_size=500, lambda_old=3.0, temperature=2.0,
-                  align=True, replay=None, seed=0):
+                  align=True, replay=None, seed=0, ewc=100.0, fisher_samples=1000):
         """Move on to new classes without forgetting those of `(x, y)`, the
         task just learnt (`dkdp_keras.continual`): freezes the teacher as it
         is, and from now on both networks also distil its outputs on the
         old classes (weight `lambda_old`, temperature `temperature`), and
         each `fit` ends by aligning the new classes' output weights
-        (`align`). `replay`: the buffer of the tasks before, which the new
-        one is drawn from too. Returns a class-balanced
-        `continual.ReplayBuffer` of `buffer_size` examples: train the next
-        task on `buffer.mix(x_new, y_new, batch_size)`."""
+        (`align`). `ewc` > 0 also pulls each weight back to its value now,
+        in proportion to its Fisher information on `fisher_samples`
+        examples of `(x, y)` (EWC; 0 turns it off; the defaults were
+        chosen on validation images in benchmarks/continual.py). `replay`:
+        the buffer of the tasks
+        before, which the new one is drawn from too. Returns a
+        class-balanced `continual.ReplayBuffer` of `buffer_size` examples:
+        train the next task on `buffer.mix(x_new, y_new, batch_size)`."""
         return _continual.start(self, x, y, buffer_size, lambda_old, temperature,
-                                align, seed, replay)
+                                align, seed, replay, ewc, fisher_samples)
 
     def compact_teacher(self):
         """The pruned teacher as a plain, physically smaller Keras model

@@ -4,7 +4,7 @@ and the metrics that record them."""
 
 from keras import ops
 
-from dkdp_keras import distribute
+from dkdp_keras import continual, distribute
 from dkdp_keras.distillation import kd_value
 from dkdp_keras.training import batch_head, logged_values
 
@@ -31,6 +31,8 @@ def forward_losses(model, x, y, sample_weight, training):
     s_out, s_feat = model._student_forward(xs, training=training)
     student_loss = model._loss_fn(ys, s_out, sample_weight=ws)
     target = t_feat if model.mutual else ops.stop_gradient(t_feat)
+    if model.previous is not None:  # continual: as aligning will leave them
+        target = continual.aligned_logits(model, target)
     kd = kd_value(model._kd, target, s_feat)
     if not distribute.divides_itself(model._kd):
         kd = kd / distribute.replicas()

@@ -6,6 +6,7 @@ import pytest
 
 import dkdp_keras as dkdp
 from dkdp_keras import continual
+from tests.test_datasets import needs_fashion
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
@@ -110,9 +111,11 @@ def test_next_task_freezes_the_teacher_and_the_mode_survives_a_keras_file(tmp_pa
     model = small_model()
     model.fit(xa, ya, epochs=1, batch_size=16, verbose=0)
     masked_before = model.teacher
-    replay = model.next_task(xa, ya, buffer_size=10, lambda_old=2.0, temperature=3.0)
+    replay = model.next_task(xa, ya, buffer_size=10, lambda_old=2.0, temperature=3.0,
+                             ewc=0.0)
     assert model.continual == {"old_classes": [0, 1, 2, 3, 4], "lambda_old": 2.0,
-                               "temperature": 3.0, "align": True}
+                               "temperature": 3.0, "align": True, "ewc": 0.0}
+    assert model._anchors is None
     assert len(replay) == 10 and not model.previous.trainable
     # The teacher the next task trains is the compacted one, prunable again.
     masked = dkdp.masked_layers(model.teacher)
@@ -139,3 +142,160 @@ def test_next_task_freezes_the_teacher_and_the_mode_survives_a_keras_file(tmp_pa
         np.testing.assert_allclose(a.predict(xb, verbose=0), b.predict(xb, verbose=0),
                                    atol=1e-5)
 
+
+
+def test_the_student_distils_the_teachers_logits_as_aligning_will_leave_them():
+    rng = np.random.default_rng(2)
+    xa = rng.random((48, 8, 8, 1)).astype("float32")
+    model = small_model()
+    model.fit(xa, np.arange(48) % 5, epochs=1, batch_size=16, verbose=0)
+    model.next_task(xa, np.arange(48) % 5, buffer_size=10)
+    xb = rng.random((48, 8, 8, 1)).astype("float32") + 0.5
+    model.fit(xb, 5 + np.arange(48) % 3, epochs=1, batch_size=16, verbose=0)
+    layer = continual.output_layer(model.teacher)
+    # Make the new classes' (5, 6, 7) weights clearly larger, as training
+    # on them does; 8 and 9 were never trained and are left as they are.
+    kernel = layer.kernel.numpy()
+    kernel[:, 5:8] *= 3.0
+    layer.kernel.assign(kernel)
+    target = continual.aligned_logits(model, model.teacher(xb, training=False))
+    gain = continual.align_classes(model.teacher, np.arange(5), np.arange(5, 8))
+    assert gain < 0.5
+    np.testing.assert_allclose(np.asarray(target), model.teacher.predict(xb, verbose=0),
+                               rtol=1e-4, atol=1e-4)
+    # Without aligning, the target is the teacher's own output.
+    model.continual["align"] = False
+    logits = model.teacher(xb, training=False)
+    np.testing.assert_array_equal(np.asarray(continual.aligned_logits(model, logits)),
+                                  np.asarray(logits))
+
+
+def test_ewc_anchors_the_weights_by_their_fisher_information(tmp_path):
+    rng = np.random.default_rng(3)
+    xa = rng.random((40, 8, 8, 1)).astype("float32")
+    ya = np.arange(40) % 5
+    model = small_model()
+    model.fit(xa, ya, epochs=1, batch_size=16, verbose=0)
+    with pytest.raises(ValueError, match="compile the DKDPModel"):
+        dkdp.DKDPModel(dkdp.zoo.lenet_300_100(input_shape=(8, 8, 1), width=0.2)).next_task(
+            xa, ya, ewc=1.0)
+    model.next_task(xa, ya, buffer_size=10, ewc=50.0, fisher_samples=40)
+    assert model.continual["ewc"] == 50.0
+    # The Fisher information is the mean squared per-example gradient.
+    teacher = model.teacher
+    variables = teacher.trainable_variables
+    import tensorflow as tf
+    expected = [np.zeros(v.shape) for v in variables]
+    for i in range(40):
+        with tf.GradientTape() as tape:
+            loss = LOSS(ya[i:i + 1], teacher(xa[i:i + 1], training=False))
+        for e, g in zip(expected, tape.gradient(loss, variables)):
+            e += np.square(g.numpy()) / 40
+    for e, f, v, a in zip(expected, model._anchors.fisher, variables, model._anchors.anchors):
+        np.testing.assert_allclose(f.numpy(), e, rtol=1e-3, atol=1e-7)
+        np.testing.assert_array_equal(a.numpy(), v.numpy())
+    assert float(continual.ewc_penalty(model, teacher, "teacher")) == 0.0
+    # The penalty holds the weights that mattered for task A closer to
+    # their values than training without it does.
+    xb = rng.random((40, 8, 8, 1)).astype("float32") + 0.5
+    yb = 5 + np.arange(40) % 5
+
+    def drift(ewc):
+        m = small_model()
+        m.fit(xa, ya, epochs=1, batch_size=16, verbose=0)
+        m.next_task(xa, ya, buffer_size=10, ewc=ewc, fisher_samples=40)
+        before = [v.numpy() for v in m.teacher.trainable_variables]
+        fisher = [f.numpy() for f in m._anchors.fisher] if ewc else None
+        m.fit(xb, yb, epochs=3, batch_size=8, verbose=0)
+        return before, [v.numpy() for v in m.teacher.trainable_variables], fisher
+
+    before, free, _ = drift(0.0)
+    _, held, fisher = drift(1e4)
+
+    def weighted(after):
+        return sum(float(np.sum(f * (w - b) ** 2)) for f, w, b in zip(fisher, after, before))
+
+    assert weighted(held) < 0.5 * weighted(free)
+    # The anchors and the setting survive a .keras file.
+    model.fit(xb, yb, epochs=1, batch_size=16, verbose=0)
+    penalty = float(continual.ewc_penalty(model, model.teacher, "teacher"))
+    assert penalty > 0
+    path = tmp_path / "ewc.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert loaded.continual["ewc"] == 50.0
+    assert float(continual.ewc_penalty(loaded, loaded.teacher, "teacher")) == pytest.approx(
+        penalty, rel=1e-5)
+
+
+def test_in_continual_mode_the_students_distillation_does_not_train_the_teacher():
+    # mutual=False: the teacher's step is the same whatever the student's
+    # distillation weight (the aligned target must not leak its gradient).
+    rng = np.random.default_rng(4)
+    xa = rng.random((32, 8, 8, 1)).astype("float32")
+    xb = rng.random((32, 8, 8, 1)).astype("float32") + 0.5
+    teachers = []
+    for lambda_kd in (0.0, 5.0):
+        keras.utils.set_random_seed(0)
+        model = dkdp.DKDPModel(dkdp.zoo.lenet_300_100(input_shape=(8, 8, 1), width=0.2),
+                               lambda_kd=lambda_kd)
+        model.compile(optimizer=keras.optimizers.SGD(0.5), loss=LOSS)
+        model.fit(xa, np.arange(32) % 5, epochs=1, batch_size=32, verbose=0, shuffle=False)
+        model.next_task(xa, np.arange(32) % 5, buffer_size=4)
+        layer = continual.output_layer(model.teacher)
+        kernel = layer.kernel.numpy()
+        kernel[:, 5:] *= 3.0  # new classes trained harder: the gain is not 1
+        layer.kernel.assign(kernel)
+        model._seen_labels.assign(np.ones(10, "float32"))
+        model.fit(xb, 5 + np.arange(32) % 5, epochs=2, batch_size=32, verbose=0, shuffle=False)
+        teachers.append([v.numpy() for v in model.teacher.trainable_variables])
+    for a, b in zip(*teachers):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+@needs_fashion
+def test_the_continual_mode_forgets_far_less_than_fine_tuning_on_a_small_split():
+    """Fashion-MNIST 0-4, then 5-9, 3,000 images a task: the teacher and
+    the student of `next_task` (its defaults) against plain fine-tuning of
+    the teacher's own task-A weights on the same batches of task B and the
+    same 5% buffer. (benchmarks/continual.py measures the full split.)"""
+    (x, y), (xt, yt) = dkdp.datasets.load("fashion_mnist", as_numpy=True)
+
+    def task(x, y, classes, n):
+        keep = np.flatnonzero(np.isin(y, classes))[:n]
+        return x[keep], y[keep]
+
+    (xa, ya), (xb, yb) = task(x, y, range(5), 3000), task(x, y, range(5, 10), 3000)
+    old, new = task(xt, yt, range(5), 1000), task(xt, yt, range(5, 10), 1000)
+    keras.utils.set_random_seed(0)
+    model = dkdp.DKDPModel(dkdp.zoo.reference_cnn(width=0.5),
+                           student=dkdp.zoo.reference_cnn(width=0.25, name="student"))
+    for network in (model.teacher, model.student):  # 94 steps an epoch: follow them
+        for layer in network.layers:
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.momentum = 0.9
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=LOSS)
+    model.fit(xa, ya, epochs=3, batch_size=32, verbose=0)
+    plain = keras.models.clone_model(model.teacher)
+    plain.set_weights(model.teacher.get_weights())
+    plain.compile(optimizer=keras.optimizers.Adam(1e-3), loss=LOSS)
+
+    def accuracy(net, data):
+        return float(np.mean(net.predict(data[0], verbose=0).argmax(-1) == data[1]))
+
+    after_a = accuracy(model.teacher, old)
+    assert after_a > 0.8
+    replay = model.next_task(xa, ya, buffer_size=150)
+    steps = replay.steps(xb, 32)
+    model.fit(replay.mix(xb, yb, 32, seed=1), steps_per_epoch=steps, epochs=2, verbose=0)
+    plain.fit(replay.mix(xb, yb, 32, seed=1), steps_per_epoch=steps, epochs=2, verbose=0)
+    scores = {name: (accuracy(net, old), accuracy(net, new)) for name, net in
+              (("teacher", model.teacher), ("student", model.student), ("plain", plain))}
+    plain_old, plain_new = scores["plain"]
+    assert plain_old < after_a - 0.4, scores  # fine-tuning forgets
+    teacher_old, teacher_new = scores["teacher"]
+    assert teacher_old > plain_old + 0.15, scores
+    assert (teacher_old + teacher_new) / 2 > (plain_old + plain_new) / 2 + 0.06, scores
+    assert scores["student"][0] > plain_old + 0.08, scores
+    assert min(teacher_new, scores["student"][1]) > 0.75, scores  # and learns the new
