@@ -205,14 +205,12 @@ def start(model, x, y, buffer_size, lambda_old, temperature, align, seed, replay
                                 "temperature": float(temperature), "align": bool(align),
                                 "ewc": float(ewc)})
     if ewc:
-        # Of the task just learnt (x, y), not of the buffer's earlier tasks:
-        # their importance is what the anchors of the task before held.
-        x_task, y_task = (x[:len(x) - len(replay)], y[:len(y) - len(replay)]) \
-            if replay is not None else (x, y)
+        # On the task just learnt and the earlier tasks' buffer (`x` holds
+        # both): the anchors replace those of the task before.
         values = []
         for network in (model.teacher, model.student):
             values.append(([ops.convert_to_numpy(v) for v in network.trainable_variables],
-                           fisher_information(network, model._loss_fn, x_task, y_task,
+                           fisher_information(network, model._loss_fn, x, y,
                                               fisher_samples, seed)))
         anchors = [a for network_values, _ in values for a in network_values]
         fisher = [f for _, network_fisher in values for f in network_fisher]
