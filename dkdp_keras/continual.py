@@ -147,13 +147,12 @@ def fisher_information(network, loss_fn, x, y, samples, seed=0):
     return [ops.convert_to_numpy(t) / len(pick) for t in totals]
 
 
-def ewc_penalty(model, network, part):
-    """(ewc / 2) · Σ F·(θ - θ*)² over `network`'s trainable variables, with
-    `part` the anchors' share that is `network`'s ("teacher" or
-    "student"); the replica's share under a distribution strategy."""
-    variables = network.trainable_variables
-    count = len(model.teacher.trainable_variables)
-    start = 0 if part == "teacher" else count
+def ewc_penalty(model, part):
+    """(ewc / 2) · Σ F·(θ - θ*)² over the trainable variables of `part`
+    ("teacher" or "student"), whose anchors follow the teacher's in
+    `model._anchors`; the replica's share under a distribution strategy."""
+    variables = getattr(model, part).trainable_variables
+    start = 0 if part == "teacher" else len(model.teacher.trainable_variables)
     anchors = model._anchors.anchors[start:start + len(variables)]
     fisher = model._anchors.fisher[start:start + len(variables)]
     total = 0.0
@@ -207,16 +206,12 @@ def start(model, x, y, buffer_size, lambda_old, temperature, align, seed, replay
     if ewc:
         # On the task just learnt and the earlier tasks' buffer (`x` holds
         # both): the anchors replace those of the task before.
-        values = []
+        anchors, fisher = [], []
         for network in (model.teacher, model.student):
-            values.append(([ops.convert_to_numpy(v) for v in network.trainable_variables],
-                           fisher_information(network, model._loss_fn, x, y,
-                                              fisher_samples, seed)))
-        anchors = [a for network_values, _ in values for a in network_values]
-        fisher = [f for _, network_fisher in values for f in network_fisher]
-        for variable, value in zip(model._anchors.anchors, anchors):
-            variable.assign(value)
-        for variable, value in zip(model._anchors.fisher, fisher):
+            anchors += [ops.convert_to_numpy(v) for v in network.trainable_variables]
+            fisher += fisher_information(network, model._loss_fn, x, y, fisher_samples, seed)
+        for variable, value in zip(model._anchors.anchors + model._anchors.fisher,
+                                   anchors + fisher):
             variable.assign(value)
     return buffer
 
@@ -296,8 +291,8 @@ def add_terms(model, x, y, t_out, s_out, teacher_total, student_total):
     teacher_total = teacher_total + weight * teacher_old
     student_total = student_total + weight * student_old
     if model._anchors is not None:
-        teacher_total = teacher_total + ewc_penalty(model, model.teacher, "teacher")
-        student_total = student_total + ewc_penalty(model, model.student, "student")
+        teacher_total = teacher_total + ewc_penalty(model, "teacher")
+        student_total = student_total + ewc_penalty(model, "student")
     return teacher_total, student_total
 
 
@@ -328,18 +323,36 @@ def output_layer(network):
     )
 
 
+def alignment_gain(layer, old, new):
+    """The factor that brings the mean norm of the output kernel's columns
+    weighted by `new` (0/1 per class) to that of the columns weighted by
+    `old`, with the layer's mask applied; 1 when the new columns are all
+    zero."""
+    kernel = layer.kernel
+    mask = getattr(layer, "kernel_mask", None)
+    if mask is not None:
+        kernel = kernel * mask
+    norms = ops.sqrt(ops.sum(ops.square(kernel), axis=0))
+    old_norm = ops.sum(norms * old) / ops.maximum(ops.sum(old), 1.0)
+    new_norm = ops.sum(norms * new) / ops.maximum(ops.sum(new), 1.0)
+    return ops.where(new_norm > 0, old_norm / ops.maximum(new_norm, 1e-12), 1.0)
+
+
+def _indicator(classes, outputs):
+    weights = np.zeros(outputs, "float32")
+    weights[np.asarray(classes, "int64")] = 1.0
+    return weights
+
+
 def align_classes(network, old, new):
     """Scale the output kernel's columns of the classes `new` so their mean
     norm equals that of `old` (zeros stay zeros: masks and budget are
     untouched). Returns the factor."""
     layer = output_layer(network)
+    outputs = int(layer.kernel.shape[-1])
+    gain = float(ops.convert_to_numpy(
+        alignment_gain(layer, _indicator(old, outputs), _indicator(new, outputs))))
     kernel = ops.convert_to_numpy(layer.kernel)
-    mask = getattr(layer, "kernel_mask", None)
-    effective = kernel * ops.convert_to_numpy(mask) if mask is not None else kernel
-    norms = np.linalg.norm(effective, axis=0)
-    if norms[new].mean() == 0:
-        return 1.0
-    gain = float(norms[old].mean() / norms[new].mean())
     kernel[:, new] *= gain
     layer.kernel.assign(kernel)
     return gain
@@ -363,18 +376,9 @@ def aligned_logits(model, logits):
     if (not model.continual["align"] or model.teacher.layers[-1] is not layer
             or not linear or feature_layer_names(model._kd)[0] is not None):
         return logits
-    outputs = int(logits.shape[-1])
-    old = np.zeros(outputs, "float32")
-    old[model.continual["old_classes"]] = 1.0
+    old = _indicator(model.continual["old_classes"], int(logits.shape[-1]))
     new = ops.cast(model._seen_labels > 0, "float32") * (1.0 - old)
-    kernel = layer.kernel
-    mask = getattr(layer, "kernel_mask", None)
-    if mask is not None:
-        kernel = kernel * mask
-    norms = ops.sqrt(ops.sum(ops.square(kernel), axis=0))
-    new_norm = ops.sum(norms * new) / ops.maximum(ops.sum(new), 1.0)
-    gain = ops.where(new_norm > 0, ops.sum(norms * old) / old.sum() / ops.maximum(new_norm, 1e-12),
-                     1.0)
+    gain = alignment_gain(layer, old, new)
     bias = layer.bias if getattr(layer, "bias", None) is not None else 0.0
     # The student's loss must not reach the teacher through the gain or
     # the bias (only through `logits`, and only when they carry a gradient).

@@ -253,10 +253,10 @@ class DKDPModel(keras.Model):
         in proportion to its Fisher information on `fisher_samples`
         examples of `(x, y)` (EWC; 0 turns it off; the defaults were
         chosen on validation images in benchmarks/continual.py). `replay`:
-        the buffer of the tasks
-        before, which the new one is drawn from too. Returns a
-        class-balanced `continual.ReplayBuffer` of `buffer_size` examples:
-        train the next task on `buffer.mix(x_new, y_new, batch_size)`."""
+        the buffer of the tasks before, which the new one is drawn from
+        too. Returns a class-balanced `continual.ReplayBuffer` of
+        `buffer_size` examples: train the next task on
+        `buffer.mix(x_new, y_new, batch_size)`."""
         return _continual.start(self, x, y, buffer_size, lambda_old, temperature,
                                 align, seed, replay, ewc, fisher_samples)
 

@@ -194,7 +194,7 @@ def test_ewc_anchors_the_weights_by_their_fisher_information(tmp_path):
     for e, f, v, a in zip(expected, model._anchors.fisher, variables, model._anchors.anchors):
         np.testing.assert_allclose(f.numpy(), e, rtol=1e-3, atol=1e-7)
         np.testing.assert_array_equal(a.numpy(), v.numpy())
-    assert float(continual.ewc_penalty(model, teacher, "teacher")) == 0.0
+    assert float(continual.ewc_penalty(model, "teacher")) == 0.0
     # The penalty holds the weights that mattered for task A closer to
     # their values than training without it does.
     xb = rng.random((40, 8, 8, 1)).astype("float32") + 0.5
@@ -218,13 +218,13 @@ def test_ewc_anchors_the_weights_by_their_fisher_information(tmp_path):
     assert weighted(held) < 0.5 * weighted(free)
     # The anchors and the setting survive a .keras file.
     model.fit(xb, yb, epochs=1, batch_size=16, verbose=0)
-    penalty = float(continual.ewc_penalty(model, model.teacher, "teacher"))
+    penalty = float(continual.ewc_penalty(model, "teacher"))
     assert penalty > 0
     path = tmp_path / "ewc.keras"
     model.save(path)
     loaded = keras.saving.load_model(path)
     assert loaded.continual["ewc"] == 50.0
-    assert float(continual.ewc_penalty(loaded, loaded.teacher, "teacher")) == pytest.approx(
+    assert float(continual.ewc_penalty(loaded, "teacher")) == pytest.approx(
         penalty, rel=1e-5)
 
 
