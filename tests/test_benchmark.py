@@ -219,3 +219,41 @@ def test_training_seconds_end_with_the_last_callback_not_with_fit(monkeypatch):
     elapsed = time.perf_counter() - timer.start
     assert timer.seconds >= 0.3
     assert timer.seconds <= elapsed - 0.5
+
+
+def _row(system, variant, acc, lat_ms, quantize="none", **extra):
+    return {"model": "mobilenet_v2", "system": system, "variant": variant, "target": 0.0,
+            "quantize": quantize, "test_acc": acc, "tflite_test_acc": acc,
+            "nonzero_params": 1000, "tflite_bytes": 8_000_000, "lat_b1_ms": lat_ms,
+            "lat_b1_x_dense": lat_ms / 0.38, "bytes_x_dense": 1.0, **extra}
+
+
+def test_the_kd_checks_weigh_dkdp_students_and_accuracy_counts_against_dense_avg(
+        monkeypatch):
+    # The 2026-12-02 figures of model 3: DKDP's student (0.049 ms, 87.04%)
+    # is faster and more accurate than both keras.distillation students, and
+    # dense's lagging BatchNormalization statistics (85.33%) must not make
+    # a DKDP row look better than dense with the same momentum (90.58%).
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import run
+
+    rows = [_row("dense", "dense", 0.8533, 0.383),
+            _row("dense_avg", "dense + weight averaging", 0.9058, 0.375),
+            _row("dkdp", "structured 0.5 MACs (taylor)", 0.9077, 0.152),
+            _row("dkdp", "student, structured 0.5 MACs run", 0.8704, 0.049),
+            _row("kd", "width 0.5", 0.8467, 0.119),
+            _row("kd", "width 0.35", 0.8551, 0.087)]
+    kd = [(text, ok) for text, ok in run.checks(rows) if "latency of kd" in text]
+    assert len(kd) == 2
+    for text, ok in kd:
+        assert ok and "student, structured 0.5 MACs run" in text, text
+    (latency,) = [(t, ok) for t, ok in run.checks(rows) if "≤0.5× dense batch-1" in t]
+    assert latency[1] and "+0.19 pp" in latency[0], latency
+    # A DKDP row 0.6 pp under dense+avg fails, though it is 4.6 pp above dense.
+    rows[2] = _row("dkdp", "structured 0.5 MACs (taylor)", 0.8998, 0.152)
+    (latency,) = [(t, ok) for t, ok in run.checks(rows) if "≤0.5× dense batch-1" in t]
+    assert not latency[1] and "-0.60 pp" in latency[0], latency
+    # Without faster DKDP models, the kd checks are not met.
+    rows = [r for r in rows if "student" not in r["variant"]]
+    kd = [ok for text, ok in run.checks(rows) if "latency of kd" in text]
+    assert kd == [False, False]
