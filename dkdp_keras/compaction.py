@@ -354,6 +354,15 @@ def removable_groups(model):
     return {g for g, z in zero.items() if z.all() and not graph.pinned[g]}
 
 
+def zero_channels(model):
+    """Group of `depgraph.of(model)` -> which of its channels are exact
+    zeros wherever they are read (what `compact` removes, before it keeps
+    some as zeros to align widths)."""
+    graph = depgraph.of(model)
+    plain, channels = _with_masks(model, None)
+    return _zero_channels(graph, plain, channels, output_unit_layers(model), None)
+
+
 def _plan(model, masks=None, snapshot=None):
     """The `_Plan` of `model` (with `masks` in place of its masked layers'
     own, and its weights from `snapshot`: see `deployed_counts`), or why

@@ -19,7 +19,10 @@ added with weight `lambda_old` to the teacher's and the student's
 objectives. At the end of each `fit`, the output weights of the classes
 trained since `next_task` are scaled to the old classes' mean norm
 (Weight Aligning, Zhao et al. 2020): a head trained mostly on new classes
-has larger weights for them, and calls old images new. The budget is held
+has larger weights for them, and calls old images new. `align` below 1
+scales them part of the way (by g**align): how far sets the balance
+between old and new classes, a point on one curve (measured in
+benchmarks/continual.py, chosen there on validation images). The budget is held
 by DKDPCallback as in any fit; the masks keep their values.
 """
 
@@ -27,7 +30,8 @@ import keras
 import numpy as np
 from keras import ops
 
-from dkdp_keras import _validation, distribute
+from dkdp_keras import _validation, distribute, regrowth
+from dkdp_keras.budget import Budget
 from dkdp_keras.compaction import compact
 from dkdp_keras.distillation import feature_layer_names, prunable_teacher
 from dkdp_keras.graph import rewired
@@ -166,14 +170,20 @@ def check_settings(lambda_old, temperature, align, buffer_size, ewc=0.0, fisher_
     _validation.number("ewc", ewc, low=0.0)
     _validation.number("fisher_samples", fisher_samples, low=1, integer=True)
     _validation.number("temperature", temperature, low=0.0, low_open=True)
-    _validation.boolean("align", align)
+    if not isinstance(align, bool):
+        _validation.number("align (True, False or a strength in [0, 1])", align,
+                           low=0.0, high=1.0)
     _validation.number("buffer_size", buffer_size, low=0, integer=True)
 
 
 def start(model, x, y, buffer_size, lambda_old, temperature, align, seed, replay,
-          ewc=100.0, fisher_samples=1000):
+          ewc=100.0, fisher_samples=1000, regrow=None):
     """What `DKDPModel.next_task` does; returns the new replay buffer."""
     check_settings(lambda_old, temperature, align, buffer_size, ewc, fisher_samples)
+    if regrow is not None and not isinstance(regrow, Budget):
+        raise TypeError(
+            "next_task(regrow=...) takes the dkdp_keras.Budget that DKDPCallback "
+            f"holds during the next task (or None), got {regrow!r}.")
     if ewc and getattr(model, "_loss_fn", None) is None:
         raise ValueError(
             "next_task(ewc=...) measures the Fisher information with the "
@@ -198,10 +208,12 @@ def start(model, x, y, buffer_size, lambda_old, temperature, align, seed, replay
         y = np.concatenate([np.asarray(y), replay.y])
     buffer = ReplayBuffer.select(x, y, buffer_size, seed=seed)
     previous = compact(model.teacher)
+    if regrow is not None:
+        regrowth.regrow(model.teacher, regrow, seed=seed)
     compact_teacher(model)
     previous.trainable = False
     set_state(model, previous, {"old_classes": old, "lambda_old": float(lambda_old),
-                                "temperature": float(temperature), "align": bool(align),
+                                "temperature": float(temperature), "align": float(align),
                                 "ewc": float(ewc)})
     if ewc:
         # On the task just learnt and the earlier tasks' buffer (`x` holds
@@ -251,6 +263,7 @@ def set_state(model, previous, settings):
     model.teacher, model.student = model.teacher, model.student
     model.previous = previous
     settings = {"ewc": 0.0, **settings}  # files written before EWC have none
+    settings["align"] = float(settings["align"])  # a strength; once True/False
     model.continual = dict(settings)
     model._anchors = None
     if settings["ewc"]:
@@ -344,14 +357,15 @@ def _indicator(classes, outputs):
     return weights
 
 
-def align_classes(network, old, new):
-    """Scale the output kernel's columns of the classes `new` so their mean
-    norm equals that of `old` (zeros stay zeros: masks and budget are
-    untouched). Returns the factor."""
+def align_classes(network, old, new, strength=1.0):
+    """Scale the output kernel's columns of the classes `new` by g**strength,
+    g the factor that brings their mean norm to that of `old` (zeros stay
+    zeros: masks and budget are untouched): 1 aligns them fully, 0 leaves
+    them. Returns the factor applied."""
     layer = output_layer(network)
     outputs = int(layer.kernel.shape[-1])
     gain = float(ops.convert_to_numpy(
-        alignment_gain(layer, _indicator(old, outputs), _indicator(new, outputs))))
+        alignment_gain(layer, _indicator(old, outputs), _indicator(new, outputs)))) ** strength
     kernel = ops.convert_to_numpy(layer.kernel)
     kernel[:, new] *= gain
     layer.kernel.assign(kernel)
@@ -361,7 +375,8 @@ def align_classes(network, old, new):
 def aligned_logits(model, logits):
     """The teacher's `logits` as aligning would leave them at this step:
     z_c + (g - 1)(z_c - b_c) for each class c trained since `next_task`,
-    g the gain `align_classes` would apply now, b_c the output bias.
+    g the factor `align_classes` would apply now (at the mode's `align`
+    strength), b_c the output bias.
 
     The student distils these in continual mode. The teacher learns the
     new classes mostly from their own examples, its new logits run high,
@@ -378,7 +393,7 @@ def aligned_logits(model, logits):
         return logits
     old = _indicator(model.continual["old_classes"], int(logits.shape[-1]))
     new = ops.cast(model._seen_labels > 0, "float32") * (1.0 - old)
-    gain = alignment_gain(layer, old, new)
+    gain = alignment_gain(layer, old, new) ** model.continual["align"]
     bias = layer.bias if getattr(layer, "bias", None) is not None else 0.0
     # The student's loss must not reach the teacher through the gain or
     # the bias (only through `logits`, and only when they carry a gradient).
@@ -395,4 +410,4 @@ def finish_fit(model):
     new = np.setdiff1d(np.flatnonzero(seen), old)
     if len(new):
         for network in (model.teacher, model.student):
-            align_classes(network, old, new)
+            align_classes(network, old, new, model.continual["align"])

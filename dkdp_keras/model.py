@@ -243,22 +243,30 @@ class DKDPModel(keras.Model):
             self.make_train_function(force=True)
 
     def next_task(self, x, y, buffer_size=500, lambda_old=3.0, temperature=2.0,
-                  align=True, replay=None, seed=0, ewc=100.0, fisher_samples=1000):
+                  align=True, replay=None, seed=0, ewc=100.0, fisher_samples=1000,
+                  regrow=None):
         """Move on to new classes without forgetting those of `(x, y)`, the
         task just learnt (`dkdp_keras.continual`): freezes the teacher as it
         is, and from now on both networks also distil its outputs on the
         old classes (weight `lambda_old`, temperature `temperature`), and
         each `fit` ends by aligning the new classes' output weights
-        (`align`). `ewc` > 0 also pulls each weight back to its value now,
+        (`align`: True, False, or a strength in [0, 1], the share of the
+        way to the old classes' mean norm, in log scale: lower keeps more
+        of the new classes and less of the old; the student distils the
+        teacher's logits aligned as far). `ewc` > 0 also pulls each weight back to its value now,
         in proportion to its Fisher information on `fisher_samples`
         examples of `(x, y)` (EWC; 0 turns it off; the defaults were
         chosen on validation images in benchmarks/continual.py). `replay`:
         the buffer of the tasks before, which the new one is drawn from
         too. Returns a class-balanced `continual.ReplayBuffer` of
         `buffer_size` examples: train the next task on
-        `buffer.mix(x_new, y_new, batch_size)`."""
+        `buffer.mix(x_new, y_new, batch_size)`. `regrow`: a
+        `dkdp_keras.Budget` (the one DKDPCallback holds next): pruned units
+        of the teacher come back with fresh weights, as many as it allows,
+        before it is compacted (`dkdp_keras.regrowth`; the outputs do not
+        change)."""
         return _continual.start(self, x, y, buffer_size, lambda_old, temperature,
-                                align, seed, replay, ewc, fisher_samples)
+                                align, seed, replay, ewc, fisher_samples, regrow)
 
     def compact_teacher(self):
         """The pruned teacher as a plain, physically smaller Keras model

@@ -22,6 +22,7 @@ LAYERS = [
     ("counting", "narrowing"),
     ("compaction",),
     ("budget",),
+    ("regrowth",),
     ("importance.base",),
     ("importance.criteria",),
     ("importance.registry",),

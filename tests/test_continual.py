@@ -73,6 +73,15 @@ def test_aligning_scales_the_new_classes_to_the_old_mean_norm():
     np.testing.assert_array_equal(after[:, :3], kernel[:, :3])
     assert after[1, 4] == 0.0
     assert continual.align_classes(net, np.arange(3), np.arange(3, 6)) == pytest.approx(1.0)
+    # A strength below 1 goes part of the way, in log scale: after half
+    # of it, what is left of the way is the same factor again.
+    net.layers[0].kernel.assign(kernel)
+    half = continual.align_classes(net, np.arange(3), np.arange(3, 6), strength=0.5)
+    assert half == pytest.approx(gain ** 0.5, rel=1e-5)
+    assert continual.align_classes(net, np.arange(3), np.arange(3, 6)) \
+        == pytest.approx(half, rel=1e-4)
+    norms = np.linalg.norm(net.layers[0].kernel.numpy(), axis=0)
+    assert norms[3:].mean() == pytest.approx(norms[:3].mean(), rel=1e-4)
 
 
 def small_model(seed=0):
@@ -93,6 +102,8 @@ def test_next_task_refuses_what_it_cannot_do():
         model.next_task(x, np.arange(20) % 5, buffer_size=5, lambda_old=-1.0)
     with pytest.raises(TypeError, match="align"):
         model.next_task(x, np.arange(20) % 5, buffer_size=5, align="yes")
+    with pytest.raises(ValueError, match=r"align.*\[0.0, 1.0\]"):
+        model.next_task(x, np.arange(20) % 5, buffer_size=5, align=1.5)
     assert model.previous is None and model.continual is None
     # A later task adds its classes to the old ones and replaces the copy;
     # its buffer is drawn from the task's data and the buffer before.
@@ -161,6 +172,13 @@ def test_the_student_distils_the_teachers_logits_as_aligning_will_leave_them():
     target = continual.aligned_logits(model, model.teacher(xb, training=False))
     gain = continual.align_classes(model.teacher, np.arange(5), np.arange(5, 8))
     assert gain < 0.5
+    np.testing.assert_allclose(np.asarray(target), model.teacher.predict(xb, verbose=0),
+                               rtol=1e-4, atol=1e-4)
+    # At half strength, the target is the teacher aligned half the way.
+    layer.kernel.assign(kernel)
+    model.continual["align"] = 0.5
+    target = continual.aligned_logits(model, model.teacher(xb, training=False))
+    continual.align_classes(model.teacher, np.arange(5), np.arange(5, 8), strength=0.5)
     np.testing.assert_allclose(np.asarray(target), model.teacher.predict(xb, verbose=0),
                                rtol=1e-4, atol=1e-4)
     # Without aligning, the target is the teacher's own output.
