@@ -1,0 +1,150 @@
+"""The old/new balance of the continual mode, measured (issue 24): one
+DKDP continual fit per seed (benchmarks/continual.py's split, budget,
+replay and epochs; next_task's defaults, λ_old 3, EWC 100), then every
+alignment strength s in 0, 0.1, ..., 1 applied to the same trained
+networks (`continual.align_classes(..., strength=s)` on the output layer
+as it was before the end-of-fit aligning), with and without
+`next_task(regrow=budget)`.
+
+One row per (seed, regrow, role, strength) in --out (JSONL); a (seed,
+regrow) already there is not trained again. `--summary` prints the
+means over seeds against plain fine-tuning (the rows of
+benchmarks/results/continual.jsonl) with the issue's three targets, and
+the strength that validation images choose under the issue's new-class
+constraint (the highest all-class validation accuracy whose new-class
+validation accuracy is within 2 pp of fine-tuning's).
+
+    python benchmarks/continual_frontier.py --seeds 0 1 2
+    python benchmarks/continual_frontier.py --summary
+"""
+
+import argparse
+import json
+import pathlib
+
+import keras
+import numpy as np
+
+import continual as bench
+import dkdp_keras as dkdp
+from dkdp_keras import continual
+
+HERE = pathlib.Path(__file__).resolve().parent
+STRENGTHS = [round(s, 1) for s in np.linspace(0, 1, 11)]
+
+
+class Unaligned(keras.callbacks.Callback):
+    """Keeps the output kernels as training left them: `fit` aligns them
+    after its callbacks' `on_train_end`."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.dkdp_model = model
+
+    def on_train_end(self, logs=None):
+        self.kernels = {role: keras.ops.convert_to_numpy(continual.output_layer(
+            getattr(self.dkdp_model, role)).kernel) for role in ("teacher", "student")}
+
+
+def run(seed, regrow, d, settings, work):
+    model, _ = bench.after_a(seed, d, settings, work / f"seed{seed}")
+    before = {r: bench.accuracy(getattr(model, r), *d["a_test"]) for r in ("teacher", "student")}
+    replay = continual.ReplayBuffer.select(*d["a"], settings["buffer"], seed=seed)
+    xb, yb = d["b"]
+    mix = replay.mix(xb, yb, bench.BATCH, seed=seed + 1)
+    mix_val = continual.ReplayBuffer.select(*d["a_val"], int(0.05 * settings["val"]), seed=seed)
+    val = (np.concatenate([d["b_val"][0], mix_val.x]), np.concatenate([d["b_val"][1], mix_val.y]))
+    model.next_task(*d["a"], buffer_size=settings["buffer"], seed=seed,
+                    regrow=bench.budget() if regrow else None)
+    params_after_next_task = dkdp.count_params(dkdp.compact(model.teacher))
+    keep = Unaligned(model)
+    keras.utils.set_random_seed(seed + 1)
+    model.fit(mix, steps_per_epoch=replay.steps(xb, bench.BATCH), epochs=settings["epochs_b"],
+              validation_data=val, callbacks=[bench.dkdp_callback(), keep], verbose=0)
+    rows = []
+    for role in ("teacher", "student"):
+        net = getattr(model, role)
+        layer = continual.output_layer(net)
+        for s in STRENGTHS:
+            layer.kernel.assign(keep.kernels[role])
+            continual.align_classes(net, bench.OLD, bench.NEW, strength=s)
+            row = {"seed": seed, "regrow": regrow, "role": role, "strength": s,
+                   **bench.scores(net, d), "old_acc_after_a": before[role],
+                   "teacher_params_after_next_task": params_after_next_task,
+                   "budget": bench.budget().max_params}
+            row["forgetting"] = row["old_acc_after_a"] - row["old_acc"]
+            rows.append(row)
+        print(role, [(r["strength"], round(r["old_acc"], 3), round(r["new_acc"], 3))
+                     for r in rows if r["role"] == role], flush=True)
+    return rows
+
+
+def summary(rows, finetune):
+    ft = {r["seed"]: r for r in finetune}
+    ft_forget = np.mean([f["old_acc_after_a"] - f["old_acc"] for f in ft.values()])
+    lines = [f"fine-tuning ({len(ft)} seeds): forgetting {100 * ft_forget:.1f} pp; targets: "
+             "all-class ≥ +10 pp, forgetting ≤ half of fine-tuning's, new-class ≥ −2 pp", ""]
+    for regrow in (False, True):
+        for role in ("teacher", "student"):
+            mine = [r for r in rows if r["regrow"] == regrow and r["role"] == role]
+            seeds = sorted({r["seed"] for r in mine} & set(ft))
+            if not seeds:
+                continue
+            lines += [f"### {role}, regrow {regrow} ({len(seeds)} seeds)", "",
+                      "| s | old | new | all | all − ft | forgetting | new − ft | val all "
+                      "| val new − ft | targets |", "|---:|" + "---:|" * 9]
+            table = []
+            for s in STRENGTHS:
+                at = [next(r for r in mine if r["seed"] == k and r["strength"] == s)
+                      for k in seeds]
+                m = {key: np.mean([r[key] for r in at]) for key in
+                     ("old_acc", "new_acc", "all_acc", "forgetting", "all_val_acc")}
+                gain = np.mean([r["all_acc"] - ft[r["seed"]]["all_acc"] for r in at])
+                new = np.mean([r["new_acc"] - ft[r["seed"]]["new_acc"] for r in at])
+                val_new = np.mean([r["new_val_acc"] - ft[r["seed"]]["new_val_acc"] for r in at])
+                met = [gain >= 0.10, m["forgetting"] <= ft_forget / 2, new >= -0.02]
+                table.append((s, m, val_new, met))
+                lines.append(
+                    f"| {s:.1f} | {m['old_acc']:.2%} | {m['new_acc']:.2%} | {m['all_acc']:.2%} "
+                    f"| {100 * gain:+.1f} | {100 * m['forgetting']:.1f} | {100 * new:+.1f} "
+                    f"| {m['all_val_acc']:.2%} | {100 * val_new:+.1f} "
+                    f"| {''.join('✓' if x else '✗' for x in met)} |")
+            free = max(table, key=lambda t: t[1]["all_val_acc"])
+            held = [t for t in table if t[2] >= -0.02]
+            chosen = max(held, key=lambda t: t[1]["all_val_acc"]) if held else None
+            lines += ["", f"validation's choice: s {free[0]:.1f} (highest all-class); under the "
+                      "new-class constraint: " + (f"s {chosen[0]:.1f}" if chosen else "none"),
+                      f"all three targets at once at any s: "
+                      f"{'yes' if any(all(t[3]) for t in table) else 'no'}", ""]
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--regrow", choices=("no", "yes", "both"), default="both")
+    parser.add_argument("--work", default=str(HERE / "work" / "continual" / "full"))
+    parser.add_argument("--out", default=str(HERE / "results" / "continual_frontier.jsonl"))
+    parser.add_argument("--summary", action="store_true")
+    args = parser.parse_args()
+    out = pathlib.Path(args.out)
+    rows = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
+    if not args.summary:
+        settings, work = bench.FULL, pathlib.Path(args.work)
+        d = bench.data(settings)
+        for seed in args.seeds:
+            for regrow in {"no": [False], "yes": [True], "both": [False, True]}[args.regrow]:
+                if any(r["seed"] == seed and r["regrow"] == regrow for r in rows):
+                    continue
+                print(f"== seed {seed}, regrow {regrow}", flush=True)
+                new = run(seed, regrow, d, settings, work)
+                with open(out, "a") as f:
+                    f.writelines(json.dumps(r) + "\n" for r in new)
+                rows += new
+    finetune = [json.loads(line) for line in
+                (HERE / "results" / "continual.jsonl").read_text().splitlines()]
+    print(summary(rows, [r for r in finetune if r["method"] == "finetune"]))
+
+
+if __name__ == "__main__":
+    main()
