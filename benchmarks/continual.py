@@ -150,15 +150,23 @@ def scores(net, d, prefix=""):
             "old_called_new": called_new}
 
 
-def run_method(method, seed, d, settings, work, args):
-    """The rows of one method on one seed."""
-    model, net = after_a(seed, d, settings, work)
+def task_b(seed, d, settings):
+    """`(replay, mix, steps, val)`: the class-balanced buffer of task A,
+    task B's training pipeline with it and its steps an epoch, and the
+    validation data (B's validation images and a 5% buffer of A's)."""
     replay = continual.ReplayBuffer.select(*d["a"], settings["buffer"], seed=seed)
-    (xb, yb), epochs = d["b"], settings["epochs_b"]
-    steps = replay.steps(xb, BATCH)
+    xb, yb = d["b"]
     mix = replay.mix(xb, yb, BATCH, seed=seed + 1)
     mix_val = continual.ReplayBuffer.select(*d["a_val"], int(0.05 * settings["val"]), seed=seed)
     val = (np.concatenate([d["b_val"][0], mix_val.x]), np.concatenate([d["b_val"][1], mix_val.y]))
+    return replay, mix, replay.steps(xb, BATCH), val
+
+
+def run_method(method, seed, d, settings, work, args):
+    """The rows of one method on one seed."""
+    model, net = after_a(seed, d, settings, work)
+    replay, mix, steps, val = task_b(seed, d, settings)
+    (xb, yb), epochs = d["b"], settings["epochs_b"]
     before = {"teacher": accuracy(model.teacher, *d["a_test"]),
               "student": accuracy(model.student, *d["a_test"]),
               "plain": accuracy(net, *d["a_test"])}

@@ -49,17 +49,14 @@ class Unaligned(keras.callbacks.Callback):
 def run(seed, regrow, d, settings, work):
     model, _ = bench.after_a(seed, d, settings, work / f"seed{seed}")
     before = {r: bench.accuracy(getattr(model, r), *d["a_test"]) for r in ("teacher", "student")}
-    replay = continual.ReplayBuffer.select(*d["a"], settings["buffer"], seed=seed)
-    xb, yb = d["b"]
-    mix = replay.mix(xb, yb, bench.BATCH, seed=seed + 1)
-    mix_val = continual.ReplayBuffer.select(*d["a_val"], int(0.05 * settings["val"]), seed=seed)
-    val = (np.concatenate([d["b_val"][0], mix_val.x]), np.concatenate([d["b_val"][1], mix_val.y]))
+    _, mix, steps, val = bench.task_b(seed, d, settings)
+    budget = bench.budget()
     model.next_task(*d["a"], buffer_size=settings["buffer"], seed=seed,
-                    regrow=bench.budget() if regrow else None)
+                    regrow=budget if regrow else None)
     params_after_next_task = dkdp.count_params(dkdp.compact(model.teacher))
     keep = Unaligned(model)
     keras.utils.set_random_seed(seed + 1)
-    model.fit(mix, steps_per_epoch=replay.steps(xb, bench.BATCH), epochs=settings["epochs_b"],
+    model.fit(mix, steps_per_epoch=steps, epochs=settings["epochs_b"],
               validation_data=val, callbacks=[bench.dkdp_callback(), keep], verbose=0)
     rows = []
     for role in ("teacher", "student"):
@@ -71,7 +68,7 @@ def run(seed, regrow, d, settings, work):
             row = {"seed": seed, "regrow": regrow, "role": role, "strength": s,
                    **bench.scores(net, d), "old_acc_after_a": before[role],
                    "teacher_params_after_next_task": params_after_next_task,
-                   "budget": bench.budget().max_params}
+                   "budget": budget.max_params}
             row["forgetting"] = row["old_acc_after_a"] - row["old_acc"]
             rows.append(row)
         print(role, [(r["strength"], round(r["old_acc"], 3), round(r["new_acc"], 3))

@@ -21,8 +21,8 @@ trained since `next_task` are scaled to the old classes' mean norm
 (Weight Aligning, Zhao et al. 2020): a head trained mostly on new classes
 has larger weights for them, and calls old images new. `align` below 1
 scales them part of the way (by g**align): how far sets the balance
-between old and new classes, a point on one curve (measured in
-benchmarks/continual.py, chosen there on validation images). The budget is held
+between old and new classes, a point on one curve (measured for every
+strength by benchmarks/continual_frontier.py). The budget is held
 by DKDPCallback as in any fit; the masks keep their values.
 """
 
@@ -31,7 +31,6 @@ import numpy as np
 from keras import ops
 
 from dkdp_keras import _validation, distribute, regrowth
-from dkdp_keras.budget import Budget
 from dkdp_keras.compaction import compact
 from dkdp_keras.distillation import feature_layer_names, prunable_teacher
 from dkdp_keras.graph import rewired
@@ -180,10 +179,8 @@ def start(model, x, y, buffer_size, lambda_old, temperature, align, seed, replay
           ewc=100.0, fisher_samples=1000, regrow=None):
     """What `DKDPModel.next_task` does; returns the new replay buffer."""
     check_settings(lambda_old, temperature, align, buffer_size, ewc, fisher_samples)
-    if regrow is not None and not isinstance(regrow, Budget):
-        raise TypeError(
-            "next_task(regrow=...) takes the dkdp_keras.Budget that DKDPCallback "
-            f"holds during the next task (or None), got {regrow!r}.")
+    if regrow is not None:
+        regrowth.check_budget(regrow, "next_task(regrow=...)")
     if ewc and getattr(model, "_loss_fn", None) is None:
         raise ValueError(
             "next_task(ewc=...) measures the Fisher information with the "
@@ -213,7 +210,7 @@ def start(model, x, y, buffer_size, lambda_old, temperature, align, seed, replay
     compact_teacher(model)
     previous.trainable = False
     set_state(model, previous, {"old_classes": old, "lambda_old": float(lambda_old),
-                                "temperature": float(temperature), "align": float(align),
+                                "temperature": float(temperature), "align": align,
                                 "ewc": float(ewc)})
     if ewc:
         # On the task just learnt and the earlier tasks' buffer (`x` holds

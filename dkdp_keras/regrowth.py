@@ -28,7 +28,6 @@ from dkdp_keras import depgraph
 from dkdp_keras.budget import Budget, deployed_counts
 from dkdp_keras.compaction import zero_channels
 from dkdp_keras.graph import batchnorm_after, check_graph_model, is_masked, iter_layers
-from dkdp_keras.layers import MaskedBatchNormalization
 from dkdp_keras.prunable import sync_batchnorm
 
 
@@ -45,11 +44,19 @@ def _units(array, layer, units):
     return tuple(index)
 
 
-def dead_channels(model, graph=None):
+def check_budget(budget, where="regrow(budget=...)"):
+    """Refuse anything but a `dkdp_keras.Budget`, naming `where` it came."""
+    if not isinstance(budget, Budget):
+        raise TypeError(
+            f"{where} takes the dkdp_keras.Budget that DKDPCallback holds during "
+            f"the next task, got {budget!r}.")
+
+
+def dead_channels(model):
     """Group -> the indices of its channels that are exact zeros wherever
     they are read (those `compact` removes), for the groups that may be
     regrown: not pinned, every layer that writes them masked."""
-    graph = graph or depgraph.of(model)
+    graph = depgraph.of(model)
     zero = zero_channels(model)
     dead = {}
     for group in graph.roots():
@@ -72,10 +79,10 @@ def _channel_layers(graph, group):
     return layers
 
 
-def _masks_with(model, graph, revived):
-    """Layer name -> kernel mask, with the `revived` channels' units kept."""
-    masks = {layer.name: ops.convert_to_numpy(layer.kernel_mask).copy()
-             for layer in iter_layers(model) if is_masked(layer)}
+def _masks_with(base, graph, revived):
+    """Layer name -> kernel mask: `base`'s, with the `revived` channels'
+    units kept."""
+    masks = {name: mask.copy() for name, mask in base.items()}
     for group, channels in revived.items():
         for layer in _channel_layers(graph, group):
             masks[layer.name][_units(masks[layer.name], layer, channels)] = 1.0
@@ -122,10 +129,7 @@ def regrow(model, budget, seed=0, steps=12):
         seed: which pruned channels are revived first, and their weights.
         steps: bisection steps on the share of pruned channels revived.
     """
-    if not isinstance(budget, Budget):
-        raise TypeError(
-            f"regrow: budget must be a dkdp_keras.Budget (the one DKDPCallback "
-            f"holds during the next task), got {budget!r}.")
+    check_budget(budget)
     check_graph_model(model)
     graph = depgraph.of(model)
     if graph.unsupported is not None:
@@ -133,7 +137,9 @@ def regrow(model, budget, seed=0, steps=12):
             f"regrow: the graph of model '{model.name}' cannot be read whole "
             f"({graph.unsupported}), so its pruned channels cannot be revived "
             "safely; call next_task without regrow.")
-    dead = dead_channels(model, graph)
+    dead = dead_channels(model)
+    base = {layer.name: ops.convert_to_numpy(layer.kernel_mask)
+            for layer in iter_layers(model) if is_masked(layer)}
     rng = np.random.default_rng(seed)
     order = {group: rng.permutation(channels) for group, channels in dead.items()}
 
@@ -141,22 +147,25 @@ def regrow(model, budget, seed=0, steps=12):
         return {g: np.sort(o[: int(np.ceil(share * len(o)))]) for g, o in order.items()
                 if int(np.ceil(share * len(o)))}
 
+    def fits(share):
+        return _fits(budget, model, _masks_with(base, graph, revived(share)))
+
     low, high = 0.0, 1.0
-    if not order or not _fits(budget, model, _masks_with(model, graph, revived(0.0))):
+    if not order or not fits(0.0):
         return {}
-    if _fits(budget, model, _masks_with(model, graph, revived(1.0))):
+    if fits(1.0):
         low = 1.0
     else:
         for _ in range(steps):
             middle = (low + high) / 2
-            if _fits(budget, model, _masks_with(model, graph, revived(middle))):
+            if fits(middle):
                 low = middle
             else:
                 high = middle
     chosen = revived(low)
     if not chosen:
         return {}
-    masks = _masks_with(model, graph, chosen)
+    masks = _masks_with(base, graph, chosen)
     for group, channels in chosen.items():
         for layer in _channel_layers(graph, group):
             _fresh_units(layer, channels, rng)
@@ -171,9 +180,8 @@ def regrow(model, budget, seed=0, steps=12):
     bns = batchnorm_after(model)
     for group, channels in chosen.items():
         for layer in _channel_layers(graph, group):
-            bn = bns.get(layer.name)
-            if isinstance(bn, (MaskedBatchNormalization, keras.layers.BatchNormalization)):
-                _reset_channels(bn, channels)
+            if layer.name in bns:
+                _reset_channels(bns[layer.name], channels)
     return {group: int(len(channels)) for group, channels in chosen.items()}
 
 

@@ -80,7 +80,8 @@ def test_regrowth_fills_the_budget_and_changes_no_output(name):
     # below what they may grow to; that (counted as before they were
     # pruned) fits the budget.
     assert pruned < grown <= budget.max_params
-    full = regrowth._masks_with(model, depgraph.of(model), {})
+    full = {layer.name: keras.ops.convert_to_numpy(layer.kernel_mask)
+            for layer in iter_layers(model) if is_masked(layer)}
     assert budget.usage(model, counts=dkdp.budget.deployed_counts(model, full))["params"] <= 1.0
     # The compacted model computes the same, and regrowing again finds
     # (almost) no room left.
