@@ -57,10 +57,13 @@ def run(name, tmp_path):
     got = small.predict(xv, verbose=0)
     assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
 
+    # The int8 check bounds the accuracy drop at 5 points, which needs a few
+    # hundred labelled inputs: on 32, two flips (6.2 points) failed DenseNet121.
+    xc, yc = images(256, 2)
     for quantize in ("none", "int8"):
         path = tmp_path / f"{quantize}.tflite"
         report = dkdp.export_tflite(small, str(path), quantize=quantize,
-                                    representative_data=x, check_data=(xv, yv),
+                                    representative_data=x, check_data=(xc, yc),
                                     strict=True)
         assert path.exists() and report.check_passed, report.check
     return shipped, logged

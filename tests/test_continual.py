@@ -271,22 +271,13 @@ def test_in_continual_mode_the_students_distillation_does_not_train_the_teacher(
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.slow
-@needs_fashion
-def test_the_continual_mode_forgets_far_less_than_fine_tuning_on_a_small_split():
-    """Fashion-MNIST 0-4, then 5-9, 3,000 images a task: the teacher and
-    the student of `next_task` (its defaults) against plain fine-tuning of
-    the teacher's own task-A weights on the same batches of task B and the
-    same 5% buffer. (benchmarks/continual.py measures the full split.)"""
-    (x, y), (xt, yt) = dkdp.datasets.load("fashion_mnist", as_numpy=True)
-
-    def task(x, y, classes, n):
-        keep = np.flatnonzero(np.isin(y, classes))[:n]
-        return x[keep], y[keep]
-
-    (xa, ya), (xb, yb) = task(x, y, range(5), 3000), task(x, y, range(5, 10), 3000)
-    old, new = task(xt, yt, range(5), 1000), task(xt, yt, range(5, 10), 1000)
-    keras.utils.set_random_seed(0)
+def small_split_scores(seed, data):
+    """Old- and new-class accuracy of the teacher and student of `next_task`
+    (its defaults) and of plain fine-tuning of the teacher's own task-A
+    weights on the same batches of task B and the same 5% buffer; and the
+    teacher's old-class accuracy after task A."""
+    (xa, ya), (xb, yb), old, new = data
+    keras.utils.set_random_seed(seed)
     model = dkdp.DKDPModel(dkdp.zoo.reference_cnn(width=0.5),
                            student=dkdp.zoo.reference_cnn(width=0.25, name="student"))
     for network in (model.teacher, model.student):  # 94 steps an epoch: follow them
@@ -303,17 +294,39 @@ def test_the_continual_mode_forgets_far_less_than_fine_tuning_on_a_small_split()
         return float(np.mean(net.predict(data[0], verbose=0).argmax(-1) == data[1]))
 
     after_a = accuracy(model.teacher, old)
-    assert after_a > 0.8
     replay = model.next_task(xa, ya, buffer_size=150)
     steps = replay.steps(xb, 32)
     model.fit(replay.mix(xb, yb, 32, seed=1), steps_per_epoch=steps, epochs=2, verbose=0)
     plain.fit(replay.mix(xb, yb, 32, seed=1), steps_per_epoch=steps, epochs=2, verbose=0)
-    scores = {name: (accuracy(net, old), accuracy(net, new)) for name, net in
-              (("teacher", model.teacher), ("student", model.student), ("plain", plain))}
-    plain_old, plain_new = scores["plain"]
-    assert plain_old < after_a - 0.4, scores  # fine-tuning forgets
-    teacher_old, teacher_new = scores["teacher"]
-    assert teacher_old > plain_old + 0.15, scores
-    assert (teacher_old + teacher_new) / 2 > (plain_old + plain_new) / 2 + 0.06, scores
-    assert scores["student"][0] > plain_old + 0.08, scores
-    assert min(teacher_new, scores["student"][1]) > 0.75, scores  # and learns the new
+    return after_a, {name: (accuracy(net, old), accuracy(net, new)) for name, net in
+                     (("teacher", model.teacher), ("student", model.student), ("plain", plain))}
+
+
+@pytest.mark.slow
+@needs_fashion
+def test_the_continual_mode_forgets_far_less_than_fine_tuning_on_a_small_split():
+    """Fashion-MNIST 0-4, then 5-9, 3,000 images a task, seeds 0-2
+    (benchmarks/continual.py measures the full split). One seed's margin
+    moves by up to 0.1 between seeds and machines (seeds 0-5 here: the
+    teacher's old-class lead 0.11-0.25, its all-class lead 0.05-0.12, the
+    student's old-class lead 0.06-0.25), so the margins are held on the
+    mean of three seeds, at about 2.5 standard deviations of that mean
+    below the measured means (0.19, 0.08, 0.15)."""
+    (x, y), (xt, yt) = dkdp.datasets.load("fashion_mnist", as_numpy=True)
+
+    def task(x, y, classes, n):
+        keep = np.flatnonzero(np.isin(y, classes))[:n]
+        return x[keep], y[keep]
+
+    data = (task(x, y, range(5), 3000), task(x, y, range(5, 10), 3000),
+            task(xt, yt, range(5), 1000), task(xt, yt, range(5, 10), 1000))
+    runs = [small_split_scores(seed, data) for seed in range(3)]
+    for after_a, scores in runs:
+        assert after_a > 0.8, runs
+        assert scores["plain"][0] < after_a - 0.4, runs  # fine-tuning forgets
+        assert min(scores["teacher"][1], scores["student"][1]) > 0.75, runs  # all learn the new
+    mean = {name: np.mean([scores[name] for _, scores in runs], axis=0)
+            for name in ("teacher", "student", "plain")}
+    assert mean["teacher"][0] > mean["plain"][0] + 0.10, runs
+    assert mean["teacher"].mean() > mean["plain"].mean() + 0.045, runs
+    assert mean["student"][0] > mean["plain"][0] + 0.05, runs
