@@ -328,6 +328,11 @@ def check_inputs(model, check_data, representative, layers):
     return x, class_labels("check_data", y, tuple(model.outputs[0].shape)[1:])
 
 
+# Fewer flips than this within the accuracy bound is sampling noise: a
+# failure then says how many labelled inputs the bound needs.
+NOISE_FLIPS = 5
+
+
 class Measured:
     """TFLite's outputs against Keras' on the check inputs (and labels)."""
 
@@ -378,6 +383,13 @@ class Measured:
                     f"TFLite accuracy {m.accuracy:.1%} against Keras' {m.keras_accuracy:.1%} "
                     f"on the labelled inputs (a drop of {100 * drop:.1f} points, allowed "
                     f"{100 * max_accuracy_drop:.1f})")
+                if not passed and max_accuracy_drop * m.examples < NOISE_FLIPS:
+                    parts.append(
+                        f"on {m.examples} labelled inputs one input moves the accuracy by "
+                        f"{100 / m.examples:.1f} points, so the bound allows "
+                        f"{int(max_accuracy_drop * m.examples + 1e-9)} flips: pass a few "
+                        "hundred labelled inputs as check_data to tell a bad file from "
+                        "sampling noise")
             elif required is None:
                 required = MIN_TOP1_AGREEMENT
             agrees = (f"the {quantize} TFLite model agrees with Keras on the top-1 "
