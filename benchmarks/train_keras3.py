@@ -240,6 +240,19 @@ ABLATIONS = {
 }
 
 
+def dkdp_options(args):
+    """DKDPModel's arguments: the command line's, and lambda_kd=0 for
+    `--ablate no_kd` (distillation trains only the student, mutual=False:
+    its part shows in the student's accuracy, not the teacher's)."""
+    options = {k: v for k, v in (("student_width", args.student_width),
+                                 ("lambda_kd", args.lambda_kd),
+                                 ("student_hard_loss_weight", args.hard_weight))
+               if v is not None}
+    if getattr(args, "ablate", None) == "no_kd":
+        options["lambda_kd"] = 0.0
+    return {"mutual": args.mutual, **options}
+
+
 def kernel_sparsity(model, keep):
     """The kernel sparsity at which `model` keeps `keep` non-zero parameters
     (biases and BatchNormalization are not pruned): what a schedule aims at
@@ -308,11 +321,7 @@ def system_dkdp(run, args):
         if run.done(stem):
             continue
         keras.utils.set_random_seed(run.seed)
-        options = {k: v for k, v in (("student_width", args.student_width),
-                                     ("lambda_kd", args.lambda_kd),
-                                     ("student_hard_loss_weight", args.hard_weight))
-                   if v is not None}
-        model = dkdp.DKDPModel(run.build(), mutual=args.mutual, **options)
+        model = dkdp.DKDPModel(run.build(), **dkdp_options(args))
         compile_(model)
         callback, importance = dkdp_callback(granularity, budget, args, run)
         train_s = run.fit(model, [callback], stem=stem)
@@ -322,12 +331,16 @@ def system_dkdp(run, args):
         # The teacher as training left it (the epochs' mean, see
         # DKDPCallback(average=...)), on the validation images: the last
         # val_teacher_accuracy is of the last epoch's weights.
-        final_val = float(model.evaluate(run.xv, run.yv, verbose=0,
-                                         batch_size=256, return_dict=True)["teacher_accuracy"])
+        final = model.evaluate(run.xv, run.yv, verbose=0, batch_size=256, return_dict=True)
+        final_val = float(final["teacher_accuracy"])
+        student_test = float(model.evaluate(run.xt, run.yt, verbose=0, batch_size=256,
+                                            return_dict=True)["student_accuracy"])
         base = {"system": system, "target": 1 - kept / dense_params, "train_s": train_s,
                 "resumed_after_epoch": run.resumed, "budget": spec, "ablation": args.ablate,
                 "averaged_epochs": callback.averaged_epochs,
                 "final_val_teacher_accuracy": round(final_val, 5),
+                "final_val_student_accuracy": round(float(final["student_accuracy"]), 5),
+                "student_test_acc": round(student_test, 5),
                 "val_teacher_accuracy": [round(float(v), 5) for v in history["val_teacher_accuracy"]],
                 "val_student_accuracy": [round(float(v), 5) for v in history["val_student_accuracy"]],
                 "sparsity": [round(float(v), 5) for v in history["sparsity"]]}

@@ -221,6 +221,25 @@ def test_training_seconds_end_with_the_last_callback_not_with_fit(monkeypatch):
     assert timer.seconds <= elapsed - 0.5
 
 
+def test_the_no_kd_ablation_trains_without_distillation(monkeypatch):
+    # `--ablate no_kd` only renamed its files until 2026-12-06: its runs
+    # trained with lambda_kd=1, as the whole method's do.
+    import argparse
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import train_keras3
+
+    args = argparse.Namespace(student_width=None, lambda_kd=None, hard_weight=None,
+                              mutual=False, ablate=None)
+    assert train_keras3.dkdp_options(args) == {"mutual": False}
+    for ablate in ("no_kd", "uniform"):
+        args.ablate = ablate
+        options = train_keras3.dkdp_options(args)
+        assert options.get("lambda_kd", 1.0) == (0.0 if ablate == "no_kd" else 1.0)
+    args.ablate, args.lambda_kd = "no_kd", 2.0  # the ablation wins over the option
+    assert train_keras3.dkdp_options(args)["lambda_kd"] == 0.0
+
+
 def _row(system, variant, acc, lat_ms, quantize="none", **extra):
     return {"model": "mobilenet_v2", "system": system, "variant": variant, "target": 0.0,
             "quantize": quantize, "test_acc": acc, "tflite_test_acc": acc,
