@@ -276,3 +276,36 @@ def test_the_kd_checks_weigh_dkdp_students_and_accuracy_counts_against_dense_avg
     rows = [r for r in rows if "student" not in r["variant"]]
     kd = [ok for text, ok in run.checks(rows) if "latency of kd" in text]
     assert kd == [False, False]
+
+
+def test_the_posthoc_correction_at_strength_s_is_what_align_classes_leaves(monkeypatch):
+    # benchmarks/continual_posthoc.py scores the aligned heads from saved
+    # logits: its formula must give the logits align_classes would.
+    import keras
+    import numpy as np
+
+    from dkdp_keras import continual
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import continual_posthoc
+
+    rng = np.random.default_rng(0)
+    net = keras.Sequential([keras.Input((6,)), keras.layers.Dense(10)])
+    kernel = rng.normal(size=(6, 10)).astype("float32")
+    kernel[:, 5:] *= 3.0  # new classes' columns larger, as after task B
+    net.layers[0].set_weights([kernel, rng.normal(size=10).astype("float32")])
+    x = rng.normal(size=(64, 6)).astype("float32")
+    z = net.predict(x, verbose=0)
+    layer = continual.output_layer(net)
+    gain = float(continual.alignment_gain(layer, continual._indicator(range(5), 10),
+                                          continual._indicator(range(5, 10), 10)))
+    assert gain < 0.5
+    bias = layer.get_weights()[1]
+    for s in (0.0, 0.3, 1.0):
+        layer.set_weights([kernel, bias])
+        continual.align_classes(net, list(range(5)), list(range(5, 10)), strength=s)
+        np.testing.assert_allclose(continual_posthoc.corrected(z, bias, gain, s, 0.0),
+                                   net.predict(x, verbose=0), rtol=1e-5, atol=1e-5)
+    shifted = continual_posthoc.corrected(z, bias, gain, 0.0, 1.5)
+    np.testing.assert_allclose(shifted[:, 5:], z[:, 5:] - 1.5, rtol=1e-6)
+    np.testing.assert_array_equal(shifted[:, :5], z[:, :5])
