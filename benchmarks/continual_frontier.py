@@ -66,16 +66,15 @@ def run(seed, regrow, d, settings, work, train_align=1.0, logits=None, lambda_ol
     for role in ("teacher", "student"):
         net = getattr(model, role)
         layer = continual.output_layer(net)
-        if logits is not None:  # the unaligned logits: any post-hoc correction, offline
-            layer.kernel.assign(keep.kernels[role])
-            saved[f"{role}_bias"] = keras.ops.convert_to_numpy(layer.bias)
-            saved[f"{role}_gain"] = keras.ops.convert_to_numpy(continual.alignment_gain(
-                layer, continual._indicator(bench.OLD, 10), continual._indicator(bench.NEW, 10)))
-            for part in ("a_test", "b_test", "a_val", "b_val"):
-                saved[f"{role}_{part}"] = net.predict(d[part][0], verbose=0)
         for s in STRENGTHS:
             layer.kernel.assign(keep.kernels[role])
-            continual.align_classes(net, bench.OLD, bench.NEW, strength=s)
+            factor = continual.align_classes(net, bench.OLD, bench.NEW, strength=s)
+            if logits is not None and s == 0.0:  # unaligned: any post-hoc correction, offline
+                saved[f"{role}_bias"] = keras.ops.convert_to_numpy(layer.bias)
+                for part in ("a_test", "b_test", "a_val", "b_val"):
+                    saved[f"{role}_{part}"] = net.predict(d[part][0], verbose=0)
+            if s == 1.0:
+                saved[f"{role}_gain"] = np.float32(factor)  # g, at full strength
             row = {"seed": seed, "regrow": regrow, "train_align": train_align,
                    "lambda_old": lambda_old,
                    "role": role, "strength": s,
@@ -95,9 +94,11 @@ def run(seed, regrow, d, settings, work, train_align=1.0, logits=None, lambda_ol
     return rows
 
 
-def trained_at(row):
-    """The `align` next_task was given (rows written before --train-align: 1)."""
-    return row.get("train_align", 1.0)
+def setting(row):
+    """What a continual fit was run with: (regrow, next_task's align,
+    lambda_old); rows written before --train-align and --lambda-old had
+    next_task's defaults, 1 and 3."""
+    return row["regrow"], row.get("train_align", 1.0), row.get("lambda_old", 3.0)
 
 
 def summary(rows, finetune):
@@ -105,11 +106,11 @@ def summary(rows, finetune):
     ft_forget = np.mean([f["old_acc_after_a"] - f["old_acc"] for f in ft.values()])
     lines = [f"fine-tuning ({len(ft)} seeds): forgetting {100 * ft_forget:.1f} pp; targets: "
              "all-class ≥ +10 pp, forgetting ≤ half of fine-tuning's, new-class ≥ −2 pp", ""]
-    runs = {(r["regrow"], trained_at(r), r.get("lambda_old", 3.0), r["role"]) for r in rows}
+    runs = {(*setting(r), r["role"]) for r in rows}
     for regrow, train_align, lambda_old, role in sorted(
             runs, key=lambda k: (k[0], -k[1], k[2], k[3])):
-        mine = [r for r in rows if r["regrow"] == regrow and r["role"] == role
-                and trained_at(r) == train_align and r.get("lambda_old", 3.0) == lambda_old]
+        mine = [r for r in rows if (*setting(r), r["role"]) == (regrow, train_align,
+                                                                 lambda_old, role)]
         seeds = sorted({r["seed"] for r in mine} & set(ft))
         if not seeds:
             continue
@@ -164,9 +165,8 @@ def main():
         d = bench.data(settings)
         for seed in args.seeds:
             for regrow in {"no": [False], "yes": [True], "both": [False, True]}[args.regrow]:
-                if any(r["seed"] == seed and r["regrow"] == regrow
-                       and trained_at(r) == args.train_align
-                       and r.get("lambda_old", 3.0) == args.lambda_old for r in rows):
+                wanted = (regrow, args.train_align, args.lambda_old)
+                if any(r["seed"] == seed and setting(r) == wanted for r in rows):
                     continue
                 print(f"== seed {seed}, regrow {regrow}, align {args.train_align:g}", flush=True)
                 new = run(seed, regrow, d, settings, work, args.train_align, args.logits,

@@ -52,16 +52,21 @@ def check_budget(budget, where="regrow(budget=...)"):
             f"the next task, got {budget!r}.")
 
 
+def regrowable(graph, group):
+    """Whether `group`'s channels may be pruned and regrown: not pinned, and
+    written only by masked layers."""
+    owners = [node.op for node in graph.owners[group]]
+    return not graph.pinned[group] and bool(owners) and all(is_masked(o) for o in owners)
+
+
 def dead_channels(model):
     """Group -> the indices of its channels that are exact zeros wherever
-    they are read (those `compact` removes), for the groups that may be
-    regrown: not pinned, every layer that writes them masked."""
+    they are read (those `compact` removes), for the `regrowable` groups."""
     graph = depgraph.of(model)
     zero = zero_channels(model)
     dead = {}
     for group in graph.roots():
-        owners = [node.op for node in graph.owners[group]]
-        if graph.pinned[group] or not owners or not all(is_masked(o) for o in owners):
+        if not regrowable(graph, group):
             continue
         if zero[group].any():
             dead[group] = np.flatnonzero(zero[group])
