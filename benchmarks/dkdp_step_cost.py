@@ -21,11 +21,18 @@ fastest block per step, and their ratios to `dense`.
 
     python benchmarks/dkdp_step_cost.py --model lenet_300_100
 
+With `--ops` it times nothing: it counts the operations of one traced
+training step of each model (its branches included; constants, placeholders
+and identities left out), which a busy machine cannot change:
+
+    python benchmarks/dkdp_step_cost.py --model lenet_300_100 --ops
+
 (`step_cost.py` times the forward and backward passes of each model alone,
 without optimizers.)
 """
 
 import argparse
+import collections
 import os
 import pathlib
 import sys
@@ -68,15 +75,47 @@ def build(system, model_name):
     return model
 
 
+#: Graph nodes that do no work when a step runs.
+FREE_OPS = {"Const", "Placeholder", "Identity", "NoOp"}
+
+
+def step_ops(model, x, y):
+    """The operations of one training step of `model` on a batch shaped like
+    `x`, `y`, by type: the step's graph and the functions it calls (the
+    branches of a `tf.cond`), without the FREE_OPS."""
+    model.train_on_batch(x, y)  # builds the optimizer's and metrics' state
+    spec = (tf.TensorSpec(x.shape, x.dtype), tf.TensorSpec(y.shape, y.dtype))
+    graph = tf.function(model.train_step).get_concrete_function(spec).graph.as_graph_def()
+    nodes = list(graph.node) + [n for f in graph.library.function for n in f.node_def]
+    return collections.Counter(n.op for n in nodes if n.op not in FREE_OPS)
+
+
+def print_ops(model_name, x, y):
+    counts = {s: step_ops(build(s, model_name), x, y) for s in SYSTEMS}
+    print(f"{model_name}, batch {len(x)}: operations of one training step\n")
+    print("| model | operations | × dense | most added over dense |")
+    print("|---|---:|---:|---|")
+    dense = counts["dense"]
+    for s in SYSTEMS:
+        total = sum(counts[s].values())
+        added = ", ".join(f"{op} {n}" for op, n in (counts[s] - dense).most_common(6))
+        print(f"| {s} | {total} | {total / sum(dense.values()):.2f} | {added} |")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="lenet_300_100")
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--block", type=int, default=50, help="steps per timed block")
     parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--ops", action="store_true",
+                        help="count each step's operations instead of timing it")
     args = parser.parse_args()
     (x, y), _ = dkdp.datasets.load("fashion_mnist", as_numpy=True)
     x, y = x[: args.batch * 20], y[: args.batch * 20]
+    if args.ops:
+        print_ops(args.model, x[: args.batch], y[: args.batch])
+        return
 
     runs = {}
     for system in SYSTEMS:

@@ -309,3 +309,26 @@ def test_the_posthoc_correction_at_strength_s_is_what_align_classes_leaves(monke
     shifted = continual_posthoc.corrected(z, bias, gain, 0.0, 1.5)
     np.testing.assert_allclose(shifted[:, 5:], z[:, 5:] - 1.5, rtol=1e-6)
     np.testing.assert_array_equal(shifted[:, :5], z[:, :5])
+
+
+def test_the_step_operation_count_includes_the_update_branch(monkeypatch):
+    # DKDPModel applies its two optimizers inside a tf.cond (a step whose
+    # losses are not finite applies nothing): a count of the step's top
+    # graph alone would miss every update. Each Adam update ends with one
+    # AssignSubVariableOp per variable, in the branch.
+    import numpy as np
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import dkdp_step_cost
+
+    x = np.random.default_rng(0).random((16, 28, 28, 1), dtype=np.float32)
+    y = np.arange(16) % 10
+    counts = {}
+    for system in ("dense", "dkdp"):
+        model = dkdp_step_cost.build(system, "lenet_300_100")
+        counts[system] = dkdp_step_cost.step_ops(model, x, y)
+        variables = model.trainable_variables
+        assert counts[system]["AssignSubVariableOp"] == len(variables), system
+    assert len(model.student.trainable_variables) == 6
+    assert not set(counts["dkdp"]) & dkdp_step_cost.FREE_OPS
+    assert sum(counts["dkdp"].values()) > 2 * sum(counts["dense"].values())
