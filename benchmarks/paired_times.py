@@ -16,6 +16,11 @@ to `--out` as JSON).
 
 `--system tfmot` pairs TFMOT (train_tfmot.py) with the same tf_keras model
 trained without it: TFMOT's own cost ratio, which DKDP's must not exceed.
+`--system prune` pairs dense with DKDP's pruning alone: the same callback on
+`dkdp_keras.prunable(model)`, no student. With `mutual=False` (the default)
+the student's loss never reaches the teacher, so this is what the pruned
+model costs when the student is not wanted. Keras 3 runs also report their
+(teacher's) accuracy on the test images.
 
 `--work` must hold the benchmark's `data.npz` (`run.py` writes it; the
 default is the full run's directory).
@@ -38,6 +43,7 @@ def one_run(args):
     sys.path.insert(0, str(HERE))
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import keras
+    import numpy as np
     import train_keras3 as tk
 
     import dkdp_keras as dkdp
@@ -57,13 +63,17 @@ def one_run(args):
     if args.system == "dense":
         model = run.build()
     else:
-        # As the benchmark builds its runs (system_dkdp).
-        model = dkdp.DKDPModel(run.build())
+        # As the benchmark builds its runs (system_dkdp); `prune` without
+        # the student, its averaging checked on the same validation data.
+        model = (dkdp.DKDPModel(run.build()) if args.system == "dkdp"
+                 else dkdp.prunable(run.build()))
         spec = args.structured or f"params:{1 - args.target:g}"
         budget, _ = tk.structured_budget(spec, run.build())
         defaults = argparse.Namespace(importance=None, initial_step=None, finish_by=None)
         granularity = "unit" if args.structured else "weight"
         callback, _ = tk.dkdp_callback(granularity, budget, defaults, run)
+        if args.system == "prune":
+            callback.validation_data = (run.xv, run.yv)
         original = callback.on_epoch_end
 
         def timed(epoch, logs=None):
@@ -75,8 +85,11 @@ def one_run(args):
         callbacks.insert(0, callback)
     tk.compile_(model)
     train_s = run.fit(model, callbacks)
+    network = model.teacher if args.system == "dkdp" else model
+    test_acc = float(np.mean(np.argmax(network.predict(run.xt, verbose=0), -1) == run.yt))
     print(json.dumps({"system": args.system, "train_s": round(train_s, 2),
-                      **{k: round(v, 2) for k, v in spent.items()}}), flush=True)
+                      **{k: round(v, 2) for k, v in spent.items()},
+                      "test_acc": round(test_acc, 4)}), flush=True)
 
 
 def commands(args, system):
@@ -98,9 +111,10 @@ def commands(args, system):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="lenet_300_100")
-    parser.add_argument("--system", choices=("dkdp", "tfmot"), default="dkdp",
-                        help="dkdp: against Keras 3 dense; tfmot: against the same model in "
-                             "tf_keras without TFMOT (TFMOT's own ratio)")
+    parser.add_argument("--system", choices=("dkdp", "prune", "tfmot"), default="dkdp",
+                        help="dkdp: against Keras 3 dense; prune: DKDP's pruning without "
+                             "the student, against Keras 3 dense; tfmot: against the same "
+                             "model in tf_keras without TFMOT (TFMOT's own ratio)")
     parser.add_argument("--target", type=float, default=0.9,
                         help="sparsity target (unstructured DKDP: of the parameters; TFMOT: "
                              "of the kernels)")
@@ -110,7 +124,7 @@ def main():
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--work", default=str(HERE / "work" / "v2"))
     parser.add_argument("--out", default=None, help="also write the pairs here as JSON")
-    parser.add_argument("--one", choices=("dense", "dkdp"), help=argparse.SUPPRESS)
+    parser.add_argument("--one", choices=("dense", "dkdp", "prune"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         args.system = args.one
@@ -121,7 +135,7 @@ def main():
     rows = []
     for pair in range(args.pairs):
         row = {}
-        for system in ("dense", "dkdp" if args.system == "dkdp" else "tfmot"):
+        for system in ("dense", args.system):
             cmd, env = commands(args, system)
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -130,7 +144,7 @@ def main():
             row[system] = json.loads(lines[-1])
             print(f"pair {pair + 1}/{args.pairs}: {lines[-1]}", flush=True)
         rows.append(row)
-    other = "dkdp" if args.system == "dkdp" else "tfmot"
+    other = args.system
     ratios = [r[other]["train_s"] / r["dense"]["train_s"] for r in rows]
     what = args.structured or f"{args.target:g}"
     print(f"\n{args.model}, {args.system} at {what}, {args.epochs} epochs: train_s "
