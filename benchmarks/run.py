@@ -262,6 +262,35 @@ def _tick_label(value, unit):
     return f"{value:g}"
 
 
+def annotate_apart(ax, rows, key):
+    """Label each point with its variant, a label moved up by a line while it
+    would cover one already placed (points of equal accuracy and close size
+    or latency otherwise print their names over each other)."""
+    ax.autoscale_view()
+    low, high = ax.get_ylim()
+    ax.set_ylim(low, high + 0.2 * (high - low))  # room for labels moved up
+    placed = []  # (x0, x1, y) of placed labels, in points
+    line, width = 7.5, 3.0  # points per text line, and per character, at fontsize 6
+    per_pixel = 72.0 / ax.figure.dpi
+    right = ax.get_window_extent().x1 * per_pixel
+    order = sorted(rows, key=lambda r: (100 * r["tflite_test_acc"], r[key]))
+    for r in order:
+        x, y = ax.transData.transform((r[key], 100 * r["tflite_test_acc"])) * per_pixel
+        size = width * len(r["variant"])
+        left = x + 3 + size > right  # near the right edge: the label goes left
+        x0, x1 = (x - 3 - size, x - 3) if left else (x + 3, x + 3 + size)
+        lift = 2.0
+        while any(a < x1 and x0 < b and abs(y + lift - c) < line for a, b, c in placed):
+            lift += line
+        placed.append((x0, x1, y + lift))
+        text = ax.annotate(r["variant"], (r[key], 100 * r["tflite_test_acc"]), fontsize=6,
+                           xytext=(-3 if left else 3, lift), textcoords="offset points",
+                           ha="right" if left else "left",
+                           arrowprops=None if lift == 2.0 else {"arrowstyle": "-", "lw": 0.3,
+                                                                 "color": "0.5"})
+        text.set_in_layout(False)  # long labels must not shrink the axes
+
+
 def pareto_plot(rows, model, path):
     import matplotlib
 
@@ -282,10 +311,9 @@ def pareto_plot(rows, model, path):
                 continue
             ax.scatter([r[key] for r in pts], [100 * r["tflite_test_acc"] for r in pts],
                        color=color, label=system, s=30)
-            for r in pts:
-                ax.annotate(r["variant"], (r[key], 100 * r["tflite_test_acc"]),
-                            fontsize=6, xytext=(3, 2), textcoords="offset points")
         ax.set_xscale("log")
+        annotate_apart(ax, [r for r in rows if r["model"] == model and r["system"] in colors],
+                       key)
         # Plain labels ("300 kB", "0.02") at 1-3 ticks per decade for sizes (two
         # decades) and 1-2-5 for latencies (about one): matplotlib's default
         # labels every minor tick "2x10^-2", and on a short axis they overlap.
