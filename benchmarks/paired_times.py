@@ -144,8 +144,7 @@ def main():
             row[system] = json.loads(lines[-1])
             print(f"pair {pair + 1}/{args.pairs}: {lines[-1]}", flush=True)
         rows.append(row)
-    other = args.system
-    ratios = [r[other]["train_s"] / r["dense"]["train_s"] for r in rows]
+    ratios = [r[args.system]["train_s"] / r["dense"]["train_s"] for r in rows]
     what = args.structured or f"{args.target:g}"
     print(f"\n{args.model}, {args.system} at {what}, {args.epochs} epochs: train_s "
           "(validation s, DKDP epoch-end s)\n")
@@ -158,7 +157,7 @@ def main():
         return f" ({', '.join(parts)})" if parts else ""
 
     for i, (r, ratio) in enumerate(zip(rows, ratios), 1):
-        d, k = r["dense"], r[other]
+        d, k = r["dense"], r[args.system]
         print(f"| {i} | {d['train_s']:.1f} s{spent(d)} | {k['train_s']:.1f} s{spent(k)} "
               f"| {ratio:.2f}× |")
     median = statistics.median(ratios)
