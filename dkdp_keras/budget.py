@@ -76,7 +76,13 @@ class Budget:
     Args:
         max_params: at most this many non-zero parameters.
         max_bytes: at most this many bytes of weights
-            (non-zero parameters × `bytes_per_param`).
+            (non-zero parameters × `bytes_per_param`). The file holds
+            more: a full-int8 `.tflite` of a small CNN adds about 7 kB of
+            scales, biases and graph, and `compact` keeps zero channels for
+            XNNPACK's speed (`align=16`). For a file of tens of kB, prune
+            with `DKDPCallback(unit_multiple=1)` and export with `align=1`
+            (`export_tflite`, `compact`): widths then step one unit at a
+            time and the file holds no zero channel.
         max_macs: at most this many multiply-accumulates per example.
         max_latency_ms: at most this estimated batch-1 latency (estimated
             from MACs against the dense model's measured latency).

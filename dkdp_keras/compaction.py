@@ -41,7 +41,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from dkdp_keras import depgraph
+from dkdp_keras import _validation, depgraph
 from dkdp_keras.counting import count_macs, count_params, positions, warn_guessed
 from dkdp_keras.graph import (
     _clone,
@@ -106,12 +106,18 @@ def _maps_zero_to_zero(layer, in_shape, snapshot=None):
     return np.all(out.reshape(-1, channels) == 0, axis=0)
 
 
-def compact(model):
+def compact(model, align=ALIGN):
     """A physically smaller plain Keras model with the same outputs.
 
     Args:
         model: a built Sequential or Functional model, masked (from
             `prunable`) or plain (pruned units are then all-zero columns).
+        align: a group of at least 4 x `align` channels keeps a multiple
+            of `align` of them, some as zero channels (rule 4 of this
+            module: XNNPACK's float32 kernels run 16 outputs at a time).
+            1 keeps no zero channel: the smallest file, for a size budget
+            (a full-int8 file of tens of kB, where 16 channels of a layer
+            that feeds a Flatten are thousands of bytes).
 
     Returns:
         A new Keras model with no dkdp_keras layer, masks and gates baked
@@ -125,7 +131,8 @@ def compact(model):
     ```
     """
     check_graph_model(model)
-    plan = _plan(model)
+    align = _validation.number("align", align, low=1, integer=True)
+    plan = _plan(model, align=align)
     if isinstance(plan, str):
         warnings.warn(
             f"compact: {plan}; this version compacts only graphs that it can "
@@ -363,10 +370,11 @@ def zero_channels(model):
     return _zero_channels(graph, plain, channels, output_unit_layers(model), None)
 
 
-def _plan(model, masks=None, snapshot=None):
+def _plan(model, masks=None, snapshot=None, align=ALIGN):
     """The `_Plan` of `model` (with `masks` in place of its masked layers'
-    own, and its weights from `snapshot`: see `deployed_counts`), or why
-    its graph cannot be read (then nothing can be compacted)."""
+    own, and its weights from `snapshot`: see `deployed_counts`), widths
+    aligned to multiples of `align` (1: not aligned), or why its graph
+    cannot be read (then nothing can be compacted)."""
     graph = depgraph.of(model)
     if graph.unsupported is not None:
         return graph.unsupported
@@ -386,10 +394,10 @@ def _plan(model, masks=None, snapshot=None):
                            if n not in ("model output", "model input", "fixed"))
             continue
         kept = np.flatnonzero(~values)
-        if values.size >= 4 * ALIGN and kept.size % ALIGN:
+        if align > 1 and values.size >= 4 * align and kept.size % align:
             # Rule 4: the first removable channels stay, as zeros (all of
             # them when the aligned width is not below the group's).
-            aligned = min(-(-kept.size // ALIGN) * ALIGN, values.size)
+            aligned = min(-(-kept.size // align) * align, values.size)
             padding[group] = np.flatnonzero(values)[: aligned - kept.size]
             kept = np.sort(np.concatenate([kept, padding[group]]))
         keep[group] = kept if kept.size else np.array([0])  # the graph stays valid

@@ -268,10 +268,11 @@ class DKDPModel(keras.Model):
         return _continual.start(self, x, y, buffer_size, lambda_old, temperature,
                                 align, seed, replay, ewc, fisher_samples, regrow)
 
-    def compact_teacher(self):
+    def compact_teacher(self, align=16):
         """The pruned teacher as a plain, physically smaller Keras model
-        (`dkdp_keras.compact`): removed units are gone, masks baked in."""
-        return compact(self.teacher)
+        (`dkdp_keras.compact`, widths aligned to multiples of `align`):
+        removed units are gone, masks baked in."""
+        return compact(self.teacher, align=align)
 
     def compact_student(self):
         """The student as a plain, physically smaller Keras model."""

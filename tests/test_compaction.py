@@ -262,3 +262,26 @@ def test_widths_are_aligned_for_xnnpack_with_zero_channels(rng, dead, width):
         # the rows of the next layer that read a kept zero unit are zero too
         kernel = small.layers[3].get_weights()[0]
         assert (np.abs(kernel).sum(axis=1) == 0).sum() == width - (300 - dead)
+
+
+def test_align_one_keeps_no_zero_channels(rng):
+    # For a size budget (a full-int8 file of tens of kB) the zero channels
+    # kept for XNNPACK are bytes the budget did not count: align=1 keeps
+    # exactly the live units, with the same outputs and non-zeros as align=16.
+    model = dkdp.prunable(dkdp.zoo.lenet_300_100())
+    first = dkdp.masked_layers(model)[0]
+    mask = first.kernel_mask.numpy()
+    mask[:, rng.choice(300, 281, replace=False)] = 0.0  # 19 live units: 32 aligned
+    first.kernel_mask.assign(mask)
+    first.bias.assign(rng.normal(size=300).astype("float32"))
+    aligned, exact = compact(model), compact(model, align=1)
+    assert aligned.layers[2].units == 32
+    assert exact.layers[2].units == 19
+    assert exact.count_params() < aligned.count_params()
+    assert dkdp.count_params(exact, nonzero=True) == dkdp.count_params(aligned, nonzero=True)
+    x = rng.random((16, 28, 28, 1)).astype("float32")
+    scale = float(np.abs(model(x)).max())
+    assert scale > 0 and float(np.ptp(model(x).numpy(), axis=0).max()) > 1e-3 * scale
+    assert_same(exact, model, x, atol=1e-6 * scale)
+    with pytest.raises(ValueError, match="align"):
+        compact(model, align=0)

@@ -139,6 +139,27 @@ def test_sparse_encoding_shrinks_an_unstructured_model(tmp_path):
     assert sparse.max_abs_diff <= 1e-4
 
 
+def test_align_one_writes_no_zero_channels(tmp_path):
+    # 19 live units of LeNet's first 300: compacted to 32 (13 zero units, for
+    # XNNPACK) by default, to 19 with align=1, which is what a size budget counts.
+    keras.utils.set_random_seed(0)
+    model = dkdp.prunable(dkdp.zoo.lenet_300_100())
+    first = dkdp.masked_layers(model)[0]
+    mask = first.kernel_mask.numpy()
+    mask[:, 19:] = 0.0
+    first.kernel_mask.assign(mask)
+    x = np.random.default_rng(0).random((16, 28, 28, 1)).astype("float32")
+    out = model(x).numpy()
+    assert np.ptp(out, axis=0).max() > 1e-3 * np.abs(out).max()  # depends on x
+    aligned = dkdp.export_tflite(model, tmp_path / "a16.tflite", check_data=x, latency_runs=5)
+    exact = dkdp.export_tflite(model, tmp_path / "a1.tflite", check_data=x, latency_runs=5,
+                               align=1)
+    assert aligned.check_passed and exact.check_passed
+    # 13 units fewer: their 784 input weights, bias and 100 output weights,
+    # 4 bytes each (the flatbuffer's padding moves a few bytes)
+    assert aligned.bytes - exact.bytes == pytest.approx(13 * (784 + 1 + 100) * 4, rel=0.01)
+
+
 def test_sparse_int8_that_litert_cannot_run_is_explained_and_removed(tmp_path):
     # The converter writes sparse int8 kernels that XNNPACK, LiteRT's default
     # CPU delegate, refuses: the error says so and what to do instead.
