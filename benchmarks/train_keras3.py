@@ -262,7 +262,7 @@ def kernel_sparsity(model, keep):
     return min(0.999, max(0.0, 1 - (keep - (model.count_params() - kernels)) / kernels))
 
 
-def dkdp_callback(granularity, budget, args, run=None):
+def dkdp_callback(granularity, budget, args, run=None, multiple=None):
     """The library's defaults: an adaptive threshold held to the budget;
     magnitude scores for weights (DKDPCallback's default), Taylor scores
     for units (`dkdp run`'s default). Options given on the command line
@@ -271,6 +271,7 @@ def dkdp_callback(granularity, budget, args, run=None):
     importance = args.importance or ("magnitude" if granularity == "weight" else "taylor")
     adaptive = {k: v for k, v in (("initial_step", args.initial_step),
                                   ("finish_by", args.finish_by)) if v is not None}
+    widths = {} if multiple is None else {"unit_multiple": multiple}
     ablate = getattr(args, "ablate", None)
     threshold = dkdp.thresholds.Adaptive(budget, **adaptive)
     if ablate == "poly":
@@ -282,7 +283,7 @@ def dkdp_callback(granularity, budget, args, run=None):
     callback = dkdp.DKDPCallback(
         importance=importance, granularity=granularity, threshold=threshold,
         scope="layer" if ablate == "uniform" else "global",
-        average=ablate != "no_avg")
+        average=ablate != "no_avg", **widths)
     return callback, importance
 
 
@@ -301,6 +302,19 @@ def structured_budget(spec, model):
     raise SystemExit(f"unknown structured budget {spec!r}: params:F, macs:F or int8:BYTES")
 
 
+def unit_multiple(granularity, spec, given=None):
+    """`(budget, multiple)` of a job: "int8:25000/1" is the budget
+    "int8:25000" with widths in steps of 1 unit in that run alone; without
+    "/N", the command line's `--unit-multiple` (None: the library's 16).
+    Unstructured (weight) jobs have no widths to step."""
+    spec, _, step = spec.partition("/")
+    if granularity != "unit":
+        return spec, None
+    if step and not (step.isdigit() and int(step) >= 1):
+        raise SystemExit(f"{spec}/{step}: the width step after '/' must be a positive integer")
+    return spec, int(step) if step else given
+
+
 def system_dkdp(run, args):
     """DKDP with the library's defaults: unstructured (weight) at each
     target, holding the same non-zero parameter count as the target; and
@@ -310,9 +324,13 @@ def system_dkdp(run, args):
     jobs = [("weight", f"params:{1 - t:g}", t) for t in args.targets]
     jobs += [("unit", spec, None) for spec in args.structured]
     for granularity, spec, target in jobs:
+        spec, multiple = unit_multiple(granularity, spec, args.unit_multiple)
         kind = "unstructured" if granularity == "weight" else "structured"
         budget, label = structured_budget(spec, run.build())
         stem = f"dkdp-{kind}-{spec.replace(':', '-')}"
+        if multiple is not None:
+            stem += f"-multiple-{multiple}"
+            label += f", widths in steps of {multiple}"
         system = "dkdp"
         if args.ablate:
             stem += f"-ablate-{args.ablate}"
@@ -323,7 +341,7 @@ def system_dkdp(run, args):
         keras.utils.set_random_seed(run.seed)
         model = dkdp.DKDPModel(run.build(), **dkdp_options(args))
         compile_(model)
-        callback, importance = dkdp_callback(granularity, budget, args, run)
+        callback, importance = dkdp_callback(granularity, budget, args, run, multiple)
         train_s = run.fit(model, [callback], stem=stem)
         model.save(run.dir / f"{stem}-dkdpmodel.keras")
         history = run.history
@@ -344,7 +362,11 @@ def system_dkdp(run, args):
                 "val_teacher_accuracy": [round(float(v), 5) for v in history["val_teacher_accuracy"]],
                 "val_student_accuracy": [round(float(v), 5) for v in history["val_student_accuracy"]],
                 "sparsity": [round(float(v), 5) for v in history["sparsity"]]}
-        small = model.compact_teacher()
+        if multiple is not None:
+            base["unit_multiple"] = multiple
+        # Widths stepped by N units are compacted to multiples of N (no
+        # zero channels beyond them: what a size budget counts is the file).
+        small = model.compact_teacher(align=multiple or 16)
         if granularity == "unit":
             run.export(f"{stem}-int8", small,
                        {**base, "variant": f"{kind} {label}, full int8"}, quantize="int8")
@@ -395,7 +417,8 @@ def main():
                         help="kd students' widths (default: protocol.KD_WIDTHS)")
     parser.add_argument("--targets", type=float, nargs="*", default=[0.5, 0.8, 0.9, 0.95])
     parser.add_argument("--structured", nargs="*", default=["macs:0.15", "int8:58000"],
-                        help="budgets of structured runs: params:F, macs:F or int8:BYTES")
+                        help="budgets of structured runs: params:F, macs:F or int8:BYTES, "
+                             "each optionally /N for --unit-multiple N in that run alone")
     # Overrides of the library's defaults, for the method work.
     parser.add_argument("--finish-by", type=float, default=None)
     parser.add_argument("--student-width", type=float, default=None)
@@ -403,6 +426,10 @@ def main():
     parser.add_argument("--initial-step", type=float, default=None)
     parser.add_argument("--lambda-kd", type=float, default=None)
     parser.add_argument("--hard-weight", type=float, default=None)
+    parser.add_argument("--unit-multiple", type=int, default=None,
+                        help="structured runs: widths step by this many units "
+                             "(DKDPCallback's unit_multiple, default 16) and are compacted "
+                             "to multiples of it (1: no zero channels, the smallest file)")
     parser.add_argument("--importance", default=None,
                         help="default: magnitude for weights, taylor for units")
     args = parser.parse_args()

@@ -332,3 +332,28 @@ def test_the_step_operation_count_includes_the_update_branch(monkeypatch):
     assert len(model.student.trainable_variables) == 6
     assert not set(counts["dkdp"]) & dkdp_step_cost.FREE_OPS
     assert sum(counts["dkdp"].values()) > 2 * sum(counts["dense"].values())
+
+
+def test_a_structured_budget_can_step_its_own_widths(monkeypatch):
+    # "int8:25000/1": widths in steps of one unit in that run alone (the
+    # int8 <= 33 kB job); the callback gets that step and compaction aligns
+    # to it, so the file holds no zero channel the budget did not count.
+    import argparse
+
+    import dkdp_keras as dkdp
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import train_keras3
+
+    assert train_keras3.unit_multiple("unit", "int8:25000/1") == ("int8:25000", 1)
+    assert train_keras3.unit_multiple("unit", "macs:0.2", given=8) == ("macs:0.2", 8)
+    assert train_keras3.unit_multiple("unit", "macs:0.2") == ("macs:0.2", None)
+    assert train_keras3.unit_multiple("weight", "params:0.1/1") == ("params:0.1", None)
+    with pytest.raises(SystemExit, match="positive integer"):
+        train_keras3.unit_multiple("unit", "int8:25000/0")
+    args = argparse.Namespace(importance=None, initial_step=None, finish_by=None, ablate=None)
+    budget = dkdp.Budget(max_bytes=25_000, bytes_per_param=1)
+    callback, _ = train_keras3.dkdp_callback("unit", budget, args, multiple=1)
+    assert callback.unit_multiple == 1
+    callback, _ = train_keras3.dkdp_callback("unit", budget, args)
+    assert callback.unit_multiple == 16
