@@ -51,7 +51,11 @@ def _parser():
                      help=f"one of {', '.join(MODELS)}, or a .keras path")
     run.add_argument("--max-params", type=float, default=None,
                      help="parameter budget (default: 10%% of the teacher's)")
-    run.add_argument("--max-bytes", type=float, default=None)
+    run.add_argument("--max-bytes", type=float, default=None,
+                     help="bytes of weights as --quantize stores them (1 a weight for "
+                          "int8 and dynamic, 2 for float16, 4 for none); widths then "
+                          "step one unit at a time, for a file of about this size "
+                          "plus its scales and graph")
     run.add_argument("--max-macs", type=float, default=None)
     run.add_argument("--max-latency-ms", type=float, default=None)
     run.add_argument("--importance", default="taylor")

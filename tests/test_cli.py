@@ -467,3 +467,20 @@ def test_a_run_with_dropout_resumes_to_the_uninterrupted_result(tmp_path, monkey
         for a, b in zip(size(rows), size(want)):
             assert a == pytest.approx(b, rel=0.01), name
         assert rows == want, name
+
+
+def test_a_byte_budget_counts_the_bytes_of_the_files_quantize_writes(tmp_path):
+    # --max-bytes with int8 files: one byte a weight (it counted four until
+    # 2026-12-06), widths in steps of one unit and no zero channels, so the
+    # compacted teacher fills the budget and holds nothing it did not count.
+    import dkdp_keras
+    from dkdp_keras import pipeline
+
+    data = _digits_npz(tmp_path / "digits.npz")
+    metrics = pipeline.run(dataset=str(data), model="lenet_300_100", out=str(tmp_path / "run"),
+                           max_bytes=6000, quantize="int8", epochs=3, no_dense=True)
+    teacher = metrics["models"][0]
+    assert teacher["model"] == "pruned teacher (compacted)"
+    assert 0.9 * 6000 <= teacher["params"] <= 6000, teacher["params"]
+    small = keras.saving.load_model(tmp_path / "run" / "teacher_compact.keras")
+    assert dkdp_keras.count_params(small, nonzero=True) == small.count_params()
