@@ -371,6 +371,7 @@ def export_tflite(model, path, quantize=None, representative_data=None,
         if value is not None or name == "max_rel_diff":
             _validation.number(name, value, low=0.0)
     _validation.number("latency_runs", latency_runs, low=1, integer=True)
+    _validation.number("align", align, low=1, integer=True)
     if fixed_batch is not None and not isinstance(fixed_batch, bool):
         raise TypeError(f"fixed_batch must be True or False (or None), got {fixed_batch!r}.")
     if not isinstance(strict, bool):

@@ -158,6 +158,8 @@ def test_align_one_writes_no_zero_channels(tmp_path):
     # 13 units fewer: their 784 input weights, bias and 100 output weights,
     # 4 bytes each (the flatbuffer's padding moves a few bytes)
     assert aligned.bytes - exact.bytes == pytest.approx(13 * (784 + 1 + 100) * 4, rel=0.01)
+    with pytest.raises(ValueError, match="align"):  # before conversion, masked or not
+        dkdp.export_tflite(dkdp.zoo.lenet_300_100(), tmp_path / "x.tflite", align=0)
 
 
 def test_sparse_int8_that_litert_cannot_run_is_explained_and_removed(tmp_path):
