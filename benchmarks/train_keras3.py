@@ -366,7 +366,7 @@ def system_dkdp(run, args):
             base["unit_multiple"] = multiple
         # Widths stepped by N units are compacted to multiples of N (no
         # zero channels beyond them: what a size budget counts is the file).
-        small = model.compact_teacher(align=multiple or 16)
+        small = model.compact_teacher(align=multiple or dkdp.compaction.ALIGN)
         if granularity == "unit":
             run.export(f"{stem}-int8", small,
                        {**base, "variant": f"{kind} {label}, full int8"}, quantize="int8")

@@ -12,7 +12,7 @@ import keras
 import numpy as np
 
 from dkdp_keras import _data_checks, _validation, sparse_format
-from dkdp_keras.compaction import compact
+from dkdp_keras.compaction import ALIGN, compact
 from dkdp_keras.prunable import check_graph_model, masked_layers
 
 QUANTIZE = (None, "none", "dynamic", "float16", "int8")
@@ -274,7 +274,7 @@ def export_tflite(model, path, quantize=None, representative_data=None,
                   sparsity=False, check_data=None, int8_io=False,
                   max_abs_diff=None, min_top1_agreement=None,
                   latency_runs=100, fixed_batch=None, max_rel_diff=_data_checks.MAX_REL_DIFF,
-                  max_accuracy_drop=None, strict=False, align=16):
+                  max_accuracy_drop=None, strict=False, align=ALIGN):
     """Convert a Keras model to a `.tflite` file and check it in LiteRT.
 
     Masked models are compacted first (`dkdp_keras.compact`); a mixed-

@@ -6,7 +6,7 @@ from keras import ops
 
 from dkdp_keras import _data_checks, _validation, distribute
 from dkdp_keras import continual as _continual
-from dkdp_keras.compaction import compact
+from dkdp_keras.compaction import ALIGN, compact
 from dkdp_keras.counting import set_reference
 from dkdp_keras.distillation import (
     check_hyperparameters,
@@ -268,7 +268,7 @@ class DKDPModel(keras.Model):
         return _continual.start(self, x, y, buffer_size, lambda_old, temperature,
                                 align, seed, replay, ewc, fisher_samples, regrow)
 
-    def compact_teacher(self, align=16):
+    def compact_teacher(self, align=ALIGN):
         """The pruned teacher as a plain, physically smaller Keras model
         (`dkdp_keras.compact`, widths aligned to multiples of `align`):
         removed units are gone, masks baked in."""

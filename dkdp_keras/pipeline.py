@@ -128,14 +128,14 @@ def _run(args, explicit):
     # A byte budget is of the files written: weights at the bytes --quantize
     # stores them in, widths in steps of one unit and no zero channels kept
     # for XNNPACK (steps of 16 left 30% of a 25 kB int8 budget unused).
-    args.align = 1 if args.max_bytes is not None else 16
+    align = 1 if args.max_bytes is not None else dkdp.compaction.ALIGN
     try:
         budget = dkdp.Budget(**{k: v for k, v in limits.items() if v is not None},
                              bytes_per_param=BYTES_PER_PARAM[args.quantize])
         model = dkdp.DKDPModel(teacher, lambda_kd=args.lambda_kd,
                                temperature=args.temperature)
         callback = dkdp.DKDPCallback(
-            importance=criterion, granularity=args.granularity, unit_multiple=args.align,
+            importance=criterion, granularity=args.granularity, unit_multiple=align,
             threshold=dkdp.thresholds.Adaptive(budget, tolerance=0.005))
         # Before the dense baseline trains: what fit would refuse at its start.
         callback.check_budget(model)
@@ -175,7 +175,7 @@ def _run(args, explicit):
                resuming=resuming)
     history = log.history
 
-    small = model.compact_teacher(align=args.align)
+    small = model.compact_teacher(align=align)
     model.save(out / "dkdp_model.keras")
     small.save(out / "teacher_compact.keras")
     model.student.save(out / "student.keras")
