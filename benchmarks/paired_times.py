@@ -108,6 +108,37 @@ def commands(args, system):
     return cmd, None
 
 
+def done_pairs(out, what, here):
+    """The pairs an earlier, interrupted run of the same measurement wrote to
+    `out`, to go on from; none when `out` is unset or absent. A file of
+    another measurement or machine is refused rather than mixed in: ratios
+    hold only within one machine."""
+    if not out or not pathlib.Path(out).exists():
+        return []
+    old = json.loads(pathlib.Path(out).read_text())
+    differ = {k: (old.get(k), v) for k, v in what.items() if old.get(k) != v}
+    if old.get("machine") not in (None, here):
+        differ["machine"] = (old.get("machine"), here)
+    if differ:
+        raise SystemExit(f"{out} holds another measurement ({differ}, as (file, now)): "
+                         "pass another --out, or remove it to start again.")
+    print(f"going on from {out}: {len(old['pairs'])} pair(s) done", flush=True)
+    return old["pairs"]
+
+
+def write(out, what, here, rows, system):
+    """Write the pairs so far to `out` (a temporary file renamed over it, so
+    that an interrupt leaves the last complete file)."""
+    if not out:
+        return
+    ratios = [r[system]["train_s"] / r["dense"]["train_s"] for r in rows]
+    path = pathlib.Path(out)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({**what, "machine": here, "pairs": rows, "ratios": ratios,
+                               "median": statistics.median(ratios)}, indent=1))
+    os.replace(tmp, path)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="lenet_300_100")
@@ -123,7 +154,9 @@ def main():
     parser.add_argument("--pairs", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--work", default=str(HERE / "work" / "v2"))
-    parser.add_argument("--out", default=None, help="also write the pairs here as JSON")
+    parser.add_argument("--out", default=None,
+                        help="also write the pairs here as JSON, after each pair; run again "
+                             "with the same --out to go on from the pairs it holds")
     parser.add_argument("--one", choices=("dense", "dkdp", "prune"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -132,8 +165,14 @@ def main():
     if not (pathlib.Path(args.work) / "data.npz").exists():
         raise SystemExit(f"{args.work}/data.npz is missing: run benchmarks/run.py "
                          "once, or pass --work with the benchmark's data.")
-    rows = []
-    for pair in range(args.pairs):
+    sys.path.insert(0, str(HERE))
+    import run as protocol
+
+    what = {"model": args.model, "system": args.system, "target": args.target,
+            "structured": args.structured, "epochs": args.epochs}
+    here = protocol.machine()
+    rows = done_pairs(args.out, what, here)
+    for pair in range(len(rows), args.pairs):
         row = {}
         for system in ("dense", args.system):
             cmd, env = commands(args, system)
@@ -144,6 +183,7 @@ def main():
             row[system] = json.loads(lines[-1])
             print(f"pair {pair + 1}/{args.pairs}: {lines[-1]}", flush=True)
         rows.append(row)
+        write(args.out, what, here, rows, args.system)
     ratios = [r[args.system]["train_s"] / r["dense"]["train_s"] for r in rows]
     what = args.structured or f"{args.target:g}"
     print(f"\n{args.model}, {args.system} at {what}, {args.epochs} epochs: train_s "
@@ -162,11 +202,6 @@ def main():
               f"| {ratio:.2f}× |")
     median = statistics.median(ratios)
     print(f"\nmedian {median:.2f}×, range {min(ratios):.2f}–{max(ratios):.2f}×")
-    if args.out:
-        pathlib.Path(args.out).write_text(json.dumps(
-            {"model": args.model, "system": args.system, "target": args.target,
-             "structured": args.structured, "epochs": args.epochs, "pairs": rows,
-             "ratios": ratios, "median": median}, indent=1))
 
 
 if __name__ == "__main__":

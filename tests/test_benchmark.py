@@ -357,3 +357,47 @@ def test_a_structured_budget_can_step_its_own_widths(monkeypatch):
     assert callback.unit_multiple == 1
     callback, _ = train_keras3.dkdp_callback("unit", budget, args)
     assert callback.unit_multiple == 16
+
+
+def test_paired_times_goes_on_from_the_pairs_an_interrupted_run_wrote(monkeypatch, tmp_path):
+    # A reference_cnn cost set is hours of training on 2 cores: each pair is
+    # written as it ends, a second run with the same --out trains only the
+    # pairs left, and a file of another measurement is refused, not mixed in.
+    import types
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import paired_times
+
+    (tmp_path / "data.npz").write_bytes(b"")
+    out = tmp_path / "pairs.json"
+    calls = []
+
+    def fake_run(cmd, **kwargs):
+        system = cmd[cmd.index("--one") + 1]
+        calls.append(system)
+        if len(calls) == 3 and fail["now"]:
+            return types.SimpleNamespace(returncode=1, stdout="", stderr="killed")
+        seconds = 100.0 if system == "dense" else 100.0 + 10 * len(calls)
+        line = json.dumps({"system": system, "train_s": seconds})
+        return types.SimpleNamespace(returncode=0, stdout=line + "\n", stderr="")
+
+    monkeypatch.setattr(paired_times.subprocess, "run", fake_run)
+    argv = ["paired_times.py", "--model", "reference_cnn", "--pairs", "3",
+            "--work", str(tmp_path), "--out", str(out)]
+    fail = {"now": True}
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit, match="dense run failed"):
+        paired_times.main()
+    written = json.loads(out.read_text())
+    assert len(written["pairs"]) == 1 and written["ratios"] == [1.2]
+    assert written["machine"] and written["model"] == "reference_cnn"
+
+    fail["now"], calls[:] = False, []
+    paired_times.main()
+    assert calls == ["dense", "dkdp", "dense", "dkdp"]  # pairs 2 and 3 only
+    written = json.loads(out.read_text())
+    assert written["ratios"] == [1.2, 1.2, 1.4] and written["median"] == pytest.approx(1.2)
+
+    monkeypatch.setattr(sys, "argv", argv[:-2] + ["--target", "0.95", "--out", str(out)])
+    with pytest.raises(SystemExit, match="holds another measurement"):
+        paired_times.main()
