@@ -17,6 +17,7 @@ from dkdp_keras import _checks, _validation
 from dkdp_keras import importance as importance_lib
 from dkdp_keras import refinement, report
 from dkdp_keras.budget import count_params
+from dkdp_keras.compaction import ALIGN
 from dkdp_keras.distillation import StudentRefresh
 from dkdp_keras.graph import output_unit_layers
 from dkdp_keras.guard import NonFiniteGuard
@@ -83,8 +84,10 @@ class DKDPCallback(keras.callbacks.Callback):
         layer_importance: if True, each layer's normalised scores are
             multiplied by its layer-level importance (mean 1 over layers).
         unit_multiple: at "unit" granularity, layers of at least
-            4 × `unit_multiple` units keep a multiple of it (16: XNNPACK's
-            tile, which `compact` aligns to as well); 1 turns it off.
+            4 × `unit_multiple` units keep a multiple of it (default
+            `compaction.ALIGN`, 16: XNNPACK's tile, which `compact` aligns
+            to as well); 1 turns it off, and `compact(model, align=1)`
+            (or `export_tflite(..., align=1)`) then keeps no zero channel.
         student_refresh: a `StudentRefresh`, or an int k for
             `StudentRefresh(every=k)`.
         calibration_data: `(x, y)` used to collect gradients for gradient
@@ -125,7 +128,7 @@ class DKDPCallback(keras.callbacks.Callback):
     def __init__(self, importance="magnitude", granularity="weight",
                  threshold=None, frequency="epoch", begin=0, end=None,
                  scope="global", normalize="lamp", floors=None,
-                 layer_importance=False, unit_multiple=16, student_refresh=None,
+                 layer_importance=False, unit_multiple=ALIGN, student_refresh=None,
                  calibration_data=None, log_dir=None, average=True,
                  validation_data=None, batchnorm_momentum="auto", verbose=1):
         super().__init__()
