@@ -487,31 +487,48 @@ def machine():
 
 
 COST_BOUND = {"lenet_300_100": 1.5}  # else 1.35 (PROTOCOL.md version 2, training cost)
+MIN_PAIRS = 3  # a cost ratio is the median of at least three pairs
 
 
 def cost_lines(paths):
     """The training-cost section: each `paired_times.py --out` file (median of
     paired runs) against its bound, and DKDP's against TFMOT's own ratio for
-    the same model and target where that was measured."""
+    the same model and target where that was measured (on the same machine
+    where both files name theirs). A file of fewer than `MIN_PAIRS` pairs (a
+    set still under way: paired_times goes on from it) is shown, not judged."""
     found = [json.loads(p.read_text()) for p in paths]
     if not found:
         return []
     lines = ["", "## Training cost (medians of paired runs, `benchmarks/paired_times.py`)", ""]
-    tfmot = {(t["model"], t["target"]): t["median"] for t in found if t["system"] == "tfmot"}
+    tfmot = {}
+    for t in found:
+        if t["system"] == "tfmot" and len(t["ratios"]) >= MIN_PAIRS:
+            tfmot[(t["model"], t["target"], t.get("machine"))] = t
+            tfmot.setdefault((t["model"], t["target"]), t)
     for t in found:
         what = t["structured"] or f"{t['target']:g}"
         text = (f"{t['model']}, {t['system']} at {what}: median **{t['median']:.2f}×** of "
                 f"{len(t['ratios'])} pairs ({', '.join(f'{r:.2f}' for r in t['ratios'])})")
+        if len(t["ratios"]) < MIN_PAIRS:
+            lines.append(f"- under way ({len(t['ratios'])} of the {MIN_PAIRS} pairs a figure "
+                         f"needs): {text}")
+            continue
         if t["system"] == "tfmot":
             lines.append(f"- TFMOT's own ratio, {text}")
             continue
         bound = COST_BOUND.get(t["model"], 1.35)
         ok = t["median"] <= bound
-        rival = tfmot.get((t["model"], t["target"])) if not t["structured"] else None
+        rival = None if t["structured"] else (
+            tfmot.get((t["model"], t["target"], t.get("machine")))
+            or tfmot.get((t["model"], t["target"])))
+        note = ""
         if rival is not None:
-            ok = ok and t["median"] <= rival
-        lines.append(f"- {'met' if ok else '**not met**'}: {text}; bound {bound}×"
-                     + (f", TFMOT's own {rival:.2f}×" if rival is not None else ""))
+            ok = ok and t["median"] <= rival["median"]
+            note = f", TFMOT's own {rival['median']:.2f}×"
+            if None not in (rival.get("machine"), t.get("machine")) and \
+                    rival["machine"] != t["machine"]:
+                note += " (measured on another machine)"
+        lines.append(f"- {'met' if ok else '**not met**'}: {text}; bound {bound}×{note}")
     return lines
 
 

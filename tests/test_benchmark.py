@@ -401,3 +401,33 @@ def test_paired_times_goes_on_from_the_pairs_an_interrupted_run_wrote(monkeypatc
     monkeypatch.setattr(sys, "argv", argv[:-2] + ["--target", "0.95", "--out", str(out)])
     with pytest.raises(SystemExit, match="holds another measurement"):
         paired_times.main()
+
+
+def test_cost_lines_judge_three_pairs_against_the_bound_and_tfmot_and_show_a_set_under_way(
+        monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import run
+
+    def write(name, system, ratios, machine="cpu A", target=0.9, model="reference_cnn"):
+        (tmp_path / name).write_text(json.dumps(
+            {"model": model, "system": system, "target": target, "structured": None,
+             "epochs": 15, "machine": machine, "pairs": [], "ratios": ratios,
+             "median": sorted(ratios)[len(ratios) // 2]}))
+        return tmp_path / name
+
+    paths = [write("a.json", "dkdp", [1.25, 1.2, 1.3]), write("b.json", "tfmot", [1.1, 1.15, 1.0]),
+             write("c.json", "dkdp", [1.1], target=0.95)]
+    lines = "\n".join(run.cost_lines(paths))
+    assert "**not met**: reference_cnn, dkdp at 0.9: median **1.25×**" in lines
+    assert "TFMOT's own 1.10×" in lines and "another machine" not in lines
+    assert "under way (1 of the 3 pairs a figure needs): reference_cnn, dkdp at 0.95" in lines
+    # Under the bound and under TFMOT's own ratio: met; a TFMOT set of two
+    # pairs is no rival yet.
+    paths = [write("a.json", "dkdp", [1.05, 1.2, 1.1]), write("b.json", "tfmot", [1.1, 1.0])]
+    lines = "\n".join(run.cost_lines(paths))
+    assert "- met: reference_cnn, dkdp at 0.9: median **1.10×**" in lines
+    assert "TFMOT's own" not in lines
+    paths = [write("a.json", "dkdp", [1.05, 1.2, 1.1]),
+             write("b.json", "tfmot", [1.2, 1.3, 1.25], machine="cpu B")]
+    lines = "\n".join(run.cost_lines(paths))
+    assert "- met:" in lines and "TFMOT's own 1.25× (measured on another machine)" in lines
