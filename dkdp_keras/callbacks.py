@@ -84,10 +84,8 @@ class DKDPCallback(keras.callbacks.Callback):
         layer_importance: if True, each layer's normalised scores are
             multiplied by its layer-level importance (mean 1 over layers).
         unit_multiple: at "unit" granularity, layers of at least
-            4 × `unit_multiple` units keep a multiple of it (default
-            `compaction.ALIGN`, 16: XNNPACK's tile, which `compact` aligns
-            to as well); 1 turns it off, and `compact(model, align=1)`
-            (or `export_tflite(..., align=1)`) then keeps no zero channel.
+            4 × `unit_multiple` units keep a multiple of it (`ALIGN`, 16, as
+            `compact`); 1 turns it off (pair it with `compact(align=1)`).
         student_refresh: a `StudentRefresh`, or an int k for
             `StudentRefresh(every=k)`.
         calibration_data: `(x, y)` used to collect gradients for gradient
