@@ -126,12 +126,17 @@ def done_pairs(out, what, here):
     return old["pairs"]
 
 
+def ratios_of(rows, system):
+    """Each pair's training time of `system` over dense's."""
+    return [r[system]["train_s"] / r["dense"]["train_s"] for r in rows]
+
+
 def write(out, what, here, rows, system):
     """Write the pairs so far to `out` (a temporary file renamed over it, so
     that an interrupt leaves the last complete file)."""
     if not out:
         return
-    ratios = [r[system]["train_s"] / r["dense"]["train_s"] for r in rows]
+    ratios = ratios_of(rows, system)
     path = pathlib.Path(out)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps({**what, "machine": here, "pairs": rows, "ratios": ratios,
@@ -165,13 +170,15 @@ def main():
     if not (pathlib.Path(args.work) / "data.npz").exists():
         raise SystemExit(f"{args.work}/data.npz is missing: run benchmarks/run.py "
                          "once, or pass --work with the benchmark's data.")
-    sys.path.insert(0, str(HERE))
-    import run as protocol
+    measurement = {"model": args.model, "system": args.system, "target": args.target,
+                   "structured": args.structured, "epochs": args.epochs}
+    here = None
+    if args.out:  # the file names its machine (this imports TensorFlow)
+        sys.path.insert(0, str(HERE))
+        import run as protocol
 
-    what = {"model": args.model, "system": args.system, "target": args.target,
-            "structured": args.structured, "epochs": args.epochs}
-    here = protocol.machine()
-    rows = done_pairs(args.out, what, here)
+        here = protocol.machine()
+    rows = done_pairs(args.out, measurement, here)
     for pair in range(len(rows), args.pairs):
         row = {}
         for system in ("dense", args.system):
@@ -183,8 +190,8 @@ def main():
             row[system] = json.loads(lines[-1])
             print(f"pair {pair + 1}/{args.pairs}: {lines[-1]}", flush=True)
         rows.append(row)
-        write(args.out, what, here, rows, args.system)
-    ratios = [r[args.system]["train_s"] / r["dense"]["train_s"] for r in rows]
+        write(args.out, measurement, here, rows, args.system)
+    ratios = ratios_of(rows, args.system)
     what = args.structured or f"{args.target:g}"
     print(f"\n{args.model}, {args.system} at {what}, {args.epochs} epochs: train_s "
           "(validation s, DKDP epoch-end s)\n")

@@ -500,11 +500,7 @@ def cost_lines(paths):
     if not found:
         return []
     lines = ["", "## Training cost (medians of paired runs, `benchmarks/paired_times.py`)", ""]
-    tfmot = {}
-    for t in found:
-        if t["system"] == "tfmot" and len(t["ratios"]) >= MIN_PAIRS:
-            tfmot[(t["model"], t["target"], t.get("machine"))] = t
-            tfmot.setdefault((t["model"], t["target"]), t)
+    tfmot = [t for t in found if t["system"] == "tfmot" and len(t["ratios"]) >= MIN_PAIRS]
     for t in found:
         what = t["structured"] or f"{t['target']:g}"
         text = (f"{t['model']}, {t['system']} at {what}: median **{t['median']:.2f}×** of "
@@ -518,9 +514,11 @@ def cost_lines(paths):
             continue
         bound = COST_BOUND.get(t["model"], 1.35)
         ok = t["median"] <= bound
-        rival = None if t["structured"] else (
-            tfmot.get((t["model"], t["target"], t.get("machine")))
-            or tfmot.get((t["model"], t["target"])))
+        # The last TFMOT set of this model and target, from this machine if one is.
+        same = [] if t["structured"] else [
+            r for r in tfmot if (r["model"], r["target"]) == (t["model"], t["target"])]
+        same.sort(key=lambda r: r.get("machine") == t.get("machine"))
+        rival = same[-1] if same else None
         note = ""
         if rival is not None:
             ok = ok and t["median"] <= rival["median"]
