@@ -173,6 +173,39 @@ def test_gradient_statistics_need_tracking():
         layer.update_gradient_statistics(np.zeros((3, 2), "float32"))
 
 
+def test_masked_batchnorm_folds_its_mask_into_gamma_and_beta_bit_for_bit(rng):
+    """The fast path (mask folded into gamma and beta) gives exactly what a
+    BatchNormalization whose output is multiplied by the mask gives: outputs
+    in training and inference, gradients and moving statistics."""
+    import tensorflow as tf
+
+    from dkdp_keras.layers import MaskedBatchNormalization
+
+    x = tf.constant(rng.normal(size=(8, 5, 5, 6)).astype("float32") * 3 + 1)
+    mask = np.array([1, 0, 1, 1, 0, 1], "float32")
+    masked = MaskedBatchNormalization(momentum=0.9)
+    plain = keras.layers.BatchNormalization(momentum=0.9)
+    for layer in (masked, plain):
+        layer.build(x.shape)
+        layer.gamma.assign(np.linspace(0.5, 2.0, 6).astype("float32"))
+        layer.beta.assign(np.linspace(-1.0, 1.0, 6).astype("float32"))
+    masked.channel_mask.assign(mask)
+    seen = []
+    for layer, after in ((masked, lambda y: y), (plain, lambda y: y * mask)):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = after(layer(x, training=True))
+            loss = tf.reduce_sum(y * tf.sin(y))  # not linear: gradients depend on y
+        grads = tape.gradient(loss, [x, layer.gamma, layer.beta])
+        seen.append([y, after(layer(x, training=False)), *grads,
+                     layer.moving_mean, layer.moving_variance])
+    for name, got, want in zip(["training output", "inference output", "d/dx", "d/dgamma",
+                                "d/dbeta", "moving mean", "moving variance"], *seen):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=name)
+    assert np.all(seen[0][1].numpy()[..., 1] == 0.0) and np.all(seen[0][3].numpy()[[1, 4]] == 0.0)
+    assert np.abs(seen[0][2].numpy()).max() > 0.1  # the input's gradient is not trivial
+
+
 def test_masked_batchnorm_zeroes_removed_channels_and_round_trips(tmp_path, rng):
     from dkdp_keras.layers import MaskedBatchNormalization
 
