@@ -173,18 +173,20 @@ def test_gradient_statistics_need_tracking():
         layer.update_gradient_statistics(np.zeros((3, 2), "float32"))
 
 
-def test_masked_batchnorm_folds_its_mask_into_gamma_and_beta_bit_for_bit(rng):
+@pytest.mark.parametrize("options", [{}, {"renorm": True}], ids=["folded", "renorm"])
+def test_masked_batchnorm_folds_its_mask_into_gamma_and_beta_bit_for_bit(rng, options):
     """The fast path (mask folded into gamma and beta) gives exactly what a
     BatchNormalization whose output is multiplied by the mask gives: outputs
-    in training and inference, gradients and moving statistics."""
+    in training and inference, gradients and moving statistics. With renorm
+    the layer must take the general path (the fast one has no renorm)."""
     import tensorflow as tf
 
     from dkdp_keras.layers import MaskedBatchNormalization
 
     x = tf.constant(rng.normal(size=(8, 5, 5, 6)).astype("float32") * 3 + 1)
     mask = np.array([1, 0, 1, 1, 0, 1], "float32")
-    masked = MaskedBatchNormalization(momentum=0.9)
-    plain = keras.layers.BatchNormalization(momentum=0.9)
+    masked = MaskedBatchNormalization(momentum=0.9, **options)
+    plain = keras.layers.BatchNormalization(momentum=0.9, **options)
     for layer in (masked, plain):
         layer.build(x.shape)
         layer.gamma.assign(np.linspace(0.5, 2.0, 6).astype("float32"))
