@@ -49,8 +49,15 @@ def one_run(args):
     import dkdp_keras as dkdp
 
     spent = {"validation_s": 0.0, "epoch_end_s": 0.0}
+    epoch_s = []  # each epoch's seconds, its validation and epoch-end work included
 
     class Hooks(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.epoch_start = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            epoch_s.append(round(time.perf_counter() - self.epoch_start, 2))
+
         def on_test_begin(self, logs=None):
             self.start = time.perf_counter()
 
@@ -89,7 +96,7 @@ def one_run(args):
     test_acc = float(np.mean(np.argmax(network.predict(run.xt, verbose=0), -1) == run.yt))
     print(json.dumps({"system": args.system, "train_s": round(train_s, 2),
                       **{k: round(v, 2) for k, v in spent.items()},
-                      "test_acc": round(test_acc, 4)}), flush=True)
+                      "test_acc": round(test_acc, 4), "epoch_s": epoch_s}), flush=True)
 
 
 def commands(args, system):
