@@ -17,6 +17,11 @@ FIELDS = ("model", "system", "target", "test_acc", "tflite_test_acc", "params",
 pytest.importorskip("ai_edge_litert")
 
 
+#: pytest-xdist: the tests that read `quick_run` run on one worker, so that
+#: the fixture (a quarter of an hour on two cores) is built once.
+shares_quick_run = pytest.mark.xdist_group("quick_run")
+
+
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     base = tmp_path_factory.mktemp("bench")
@@ -31,6 +36,7 @@ def quick_run(tmp_path_factory):
 
 
 @pytest.mark.slow
+@shares_quick_run
 def test_every_system_and_model_is_measured_with_the_protocol_fields(quick_run):
     _, rows, _ = quick_run
     for model in ("reference_cnn", "lenet_300_100"):
@@ -47,6 +53,7 @@ def test_every_system_and_model_is_measured_with_the_protocol_fields(quick_run):
 
 
 @pytest.mark.slow
+@shares_quick_run
 def test_figures_hold_together(quick_run):
     _, rows, _ = quick_run
     by = {(r["model"], r["file"]): r for r in rows}
@@ -76,6 +83,7 @@ def test_figures_hold_together(quick_run):
 
 
 @pytest.mark.slow
+@shares_quick_run
 def test_model_3_and_its_sparse_files(quick_run):
     # keras.applications.MobileNetV2 at 32x32 on the padded 3-channel images;
     # the sparse-format files are smaller, and the runner says whether their
@@ -105,6 +113,7 @@ def test_model_3_and_its_sparse_files(quick_run):
 
 
 @pytest.mark.slow
+@shares_quick_run
 def test_report_and_plots_are_written(quick_run):
     base, rows, stdout = quick_run
     (report,) = (base / "results").glob("*.md")
@@ -120,12 +129,13 @@ def test_report_and_plots_are_written(quick_run):
 
 
 @pytest.mark.slow
+@shares_quick_run
 def test_an_interrupted_run_continues_without_training_again(quick_run):
     base, rows, _ = quick_run
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--systems", "dense",
          "--models", "lenet_300_100", "--work", str(base / "work"),
-         "--results", str(base / "again")],
+         "--results", str(base / "again"), "--train-only"],  # measuring is not the point
         capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "done already, skipped" in proc.stdout

@@ -74,6 +74,11 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+#: pytest-xdist: this module's tests share the module fixture `results`;
+#: one worker runs them all, so the fixture is built once.
+pytestmark = pytest.mark.xdist_group("test_distribute")
+
+
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("distribute") / "results.json"

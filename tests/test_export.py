@@ -10,6 +10,11 @@ import dkdp_keras as dkdp
 from tests.conftest import small_cnn
 
 
+#: pytest-xdist: this module's tests share the module fixture `trained`;
+#: one worker runs them all, so the fixture is built once.
+pytestmark = pytest.mark.xdist_group("test_export")
+
+
 @pytest.fixture(scope="module")
 def trained():
     """A small CNN trained on a separable task, so that top-1 decisions have

@@ -120,6 +120,11 @@ def _wait(processes, timeout):
                 p.wait()
 
 
+#: pytest-xdist: this module's tests share the module fixture `workers`;
+#: one worker runs them all, so the fixture is built once.
+pytestmark = pytest.mark.xdist_group("test_multiworker")
+
+
 @pytest.fixture(scope="module")
 def workers(tmp_path_factory):
     """Two loopback workers of one cluster, each running WORKER."""
