@@ -120,8 +120,8 @@ def _wait(processes, timeout):
                 p.wait()
 
 
-#: pytest-xdist: this module's tests share the module fixture `workers`;
-#: one worker runs them all, so the fixture is built once.
+#: pytest-xdist: this module's tests share the module fixtures `workers` and
+#: `one_replica`; one worker runs them all, so each is built once.
 pytestmark = pytest.mark.xdist_group("test_multiworker")
 
 
