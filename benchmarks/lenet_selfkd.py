@@ -111,7 +111,7 @@ def accuracy(x, y):
     return round(float(np.mean(np.argmax(model.predict(x, verbose=0), -1) == y)), 4)
 
 
-budget = dkdp.Budget(max_params=int((1 - args.target) * run.build().count_params()))
+budget, _ = tk.structured_budget(f"params:{1 - args.target:g}", run.build())  # as train_keras3.py
 defaults = argparse.Namespace(importance=None, initial_step=None, finish_by=args.finish_by)
 callback, _ = tk.dkdp_callback("weight", budget, defaults, run)
 callback.validation_data = (run.xv, run.yv)
