@@ -179,3 +179,68 @@ def test_callables_and_names():
         importance.get(3)
     with pytest.raises(ValueError, match="granularity must be one of"):
         importance.Magnitude().score(layer, "neuron")
+
+
+def test_wanda_weighs_each_kernel_row_by_the_rms_of_its_input():
+    # Three input features: one at +-2, one at 1 and 3 (rms sqrt(5)), one dead.
+    x = np.array([[2.0, 1.0, 0.0], [-2.0, 3.0, 0.0]], "float32")
+    layer = _layer()
+    model = keras.Sequential([keras.Input((3,)), layer])
+    c = importance.Wanda(x, batch_size=1)  # two batches, averaged
+    c.prepare(model)
+    assert layer.input_probe is None  # the probe is gone after prepare
+    rms = np.array([2.0, np.sqrt(5.0), 0.0], "float32")
+    np.testing.assert_allclose(c.score(layer, "weight"), np.abs(W * MASK) * rms[:, None],
+                               rtol=1e-6)
+    np.testing.assert_allclose(c.score(layer, "unit"), (np.abs(W * MASK) * rms[:, None]).sum(0),
+                               rtol=1e-6)
+
+
+def test_wanda_reads_a_convolution_input_channel_and_depthwise_channels():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(4, 6, 6, 3)).astype("float32") * np.array([1.0, 0.5, 0.0], "float32")
+    model = dkdp.prunable(keras.Sequential([
+        keras.Input((6, 6, 3)), keras.layers.Conv2D(4, 3, name="conv"),
+        keras.layers.DepthwiseConv2D(3, name="depthwise")]))
+    c = importance.Wanda(x)
+    c.prepare(model)
+    conv, depthwise = dkdp.masked_layers(model)
+    rms = np.sqrt(np.mean(x ** 2, axis=(0, 1, 2)))
+    np.testing.assert_allclose(c.score(conv, "weight"),
+                               np.abs(conv.kernel.numpy()) * rms[None, None, :, None], rtol=1e-5)
+    hidden = conv(x).numpy()
+    rms = np.sqrt(np.mean(hidden ** 2, axis=(0, 1, 2)))
+    np.testing.assert_allclose(c.score(depthwise, "weight"),
+                               np.abs(depthwise.kernel.numpy()) * rms[None, None, :, None],
+                               rtol=1e-5)
+    assert np.all(c.score(conv, "weight").numpy()[:, :, 2] == 0)  # the dead channel
+
+
+def test_wanda_prunes_the_weights_of_dead_inputs_first_where_magnitude_does_not():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(256, 8)).astype("float32")
+    x[:, 4:] = 0.0  # four inputs never lit
+    y = (x[:, 0] > 0).astype("int32")
+
+    def kept_on_dead_inputs(criterion):
+        keras.utils.set_random_seed(0)
+        model = dkdp.prunable(keras.Sequential([keras.Input((8,)), keras.layers.Dense(16),
+                                                keras.layers.Dense(2, name="head")]))
+        model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        model.fit(x, y, epochs=2, batch_size=64, verbose=0, callbacks=[dkdp.DKDPCallback(
+            importance=criterion, scope="layer", verbose=0,
+            threshold=dkdp.thresholds.ConstantSparsity(0.5))])
+        first = dkdp.masked_layers(model)[0]
+        return int(first.kernel_mask.numpy()[4:].sum())
+
+    assert kept_on_dead_inputs(importance.Wanda(x)) == 0
+    assert kept_on_dead_inputs("magnitude") > 16  # about half of the 64
+
+
+def test_wanda_says_what_is_missing():
+    layer = _layer()
+    with pytest.raises(ValueError, match=r"Wanda has no input norms for layer .*prepare"):
+        importance.Wanda(np.zeros((2, 3), "float32")).score(layer)
+    model = keras.Sequential([keras.Input((3,)), layer])
+    with pytest.raises(ValueError, match=r"Wanda x has examples of shape \(2,\)"):
+        importance.Wanda(np.zeros((4, 2), "float32")).prepare(model)

@@ -18,6 +18,7 @@ from dkdp_keras.importance.criteria import (
     Magnitude,
     OutputContribution,
     Taylor,
+    Wanda,
 )
 from dkdp_keras.importance.registry import Combined, get
 
@@ -32,6 +33,7 @@ __all__ = [
     "Magnitude",
     "OutputContribution",
     "Taylor",
+    "Wanda",
     "collect_gradients",
     "get",
 ]

@@ -186,3 +186,69 @@ class OutputContribution(Criterion):
 
     def get_config(self):
         return {"target": self.target}
+
+
+class Wanda(Criterion):
+    """|w| times the root-mean-square of the input the weight multiplies
+    (Sun et al., ICLR 2024, "A Simple and Effective Pruning Approach for
+    Large Language Models"): a weight on an input that is mostly zero moves
+    the output little, whatever its size. The input of a Dense kernel's row
+    is its input feature; of a convolution's, its input channel.
+
+    The inputs' root-mean-squares are measured on `x` at each pruning event
+    (`prepare`, one forward pass in inference mode). Per unit: the sum over
+    the unit's kernel slice.
+
+    Args:
+        x: calibration inputs (a numpy array or tensor; a few thousand
+            training examples for a small model).
+        batch_size: examples per forward pass.
+    """
+
+    def __init__(self, x, batch_size=256):
+        self.x = _validation.examples("x", x)
+        self.batch_size = int(batch_size)
+        self._rms = {}
+
+    def prepare(self, model):
+        _validation.examples("Wanda x", self.x, model=model)
+        layers = masked_layers(model)
+        probes = {id(layer): [] for layer in layers}
+        for layer in layers:
+            layer.input_probe = probes[id(layer)].append
+        try:
+            for start in range(0, int(self.x.shape[0]), self.batch_size):
+                model(self.x[start:start + self.batch_size], training=False)
+        finally:
+            for layer in layers:
+                layer.input_probe = None
+        self._rms = {}
+        for layer in layers:
+            seen = probes[id(layer)]
+            if seen:  # a layer the forward pass does not reach keeps no scores
+                total = sum(count for _, count in seen)
+                mean_square = sum(ms * count for ms, count in seen) / total
+                self._rms[id(layer)] = np.sqrt(mean_square).astype("float32")
+
+    def _weight_scores(self, layer):
+        rms = self._rms.get(id(layer))
+        if rms is None:
+            raise ValueError(
+                f"Wanda has no input norms for layer '{layer.name}': call "
+                "criterion.prepare(model) with the model that holds it "
+                "(DKDPCallback does this at each pruning event)."
+            )
+        kernel = layer.effective_kernel()
+        fan_in = int(kernel.shape[-2])
+        if rms.shape[0] != fan_in:
+            raise ValueError(
+                f"Wanda scores a kernel row by its input channel, and layer "
+                f"'{layer.name}' has {rms.shape[0]} input channels for "
+                f"{fan_in} kernel rows (a grouped convolution): score it with "
+                "another criterion, such as importance='magnitude'."
+            )
+        shape = (1,) * (len(kernel.shape) - 2) + (fan_in, 1)
+        return ops.multiply(ops.abs(kernel), ops.reshape(rms, shape))
+
+    def get_config(self):
+        return {"batch_size": self.batch_size}

@@ -56,6 +56,11 @@ class MaskedKernelMixin:
     """
 
     base_class = None
+    #: While a criterion that reads the layer's inputs (`Wanda`) runs the
+    #: model eagerly, a callable that each call passes its input's mean
+    #: square per input feature and the number of values it averaged (a
+    #: callable, not a list, so that Keras does not track it as state).
+    input_probe = None
 
     def __init__(
         self,
@@ -172,6 +177,8 @@ class MaskedKernelMixin:
         return (1,) * (rank - 1) + (self.num_units,)
 
     def call(self, inputs, training=None):
+        if self.input_probe is not None:
+            self.input_probe(self._input_mean_square(inputs))
         outputs = self._kernel_op(inputs, self.effective_kernel())
         shape = self._channel_shape(len(outputs.shape))
         if self.bias is not None:
@@ -186,6 +193,18 @@ class MaskedKernelMixin:
         return outputs
 
     # ----------------------------------------------------------- statistics
+    def _input_mean_square(self, inputs):
+        """The mean of x² per input feature (a Dense row, a convolution's
+        input channel) over every other axis, and how many values each mean
+        is over."""
+        inputs = ops.cast(inputs, "float32")
+        rank = len(inputs.shape)
+        data_format = getattr(self, "data_format", "channels_last")
+        channel_axis = 1 if data_format == "channels_first" and rank > 2 else rank - 1
+        axes = tuple(a for a in range(rank) if a != channel_axis)
+        count = int(np.prod([int(ops.shape(inputs)[a]) for a in axes]))
+        return ops.convert_to_numpy(ops.mean(ops.square(inputs), axis=axes)), count
+
     def _update_activation_statistics(self, outputs):
         # The first ACTIVATION_SAMPLE examples of the batch estimate the
         # batch's statistics without bias, at a fraction of the memory
