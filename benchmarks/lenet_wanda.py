@@ -48,10 +48,9 @@ run = tk.Run(args.work, args.model, args.epochs, 128, seed=args.seed)
 keras.utils.set_random_seed(args.seed)
 network = dkdp.prunable(run.build())
 
-
-importance = "magnitude" if args.importance == "magnitude" else dkdp.importance.Wanda(run.x[:2048])
 budget, _ = tk.structured_budget(f"params:{1 - args.target:g}", run.build())  # as train_keras3.py
-options = argparse.Namespace(importance=importance, initial_step=None, finish_by=args.finish_by)
+options = argparse.Namespace(importance=args.importance, initial_step=None,
+                             finish_by=args.finish_by)
 callback, _ = tk.dkdp_callback("weight", budget, options, run)
 callback.validation_data = (run.xv, run.yv)
 tk.compile_(network)

@@ -269,6 +269,9 @@ def dkdp_callback(granularity, budget, args, run=None, multiple=None):
     override them (for the method work, not for the committed run), and
     `--ablate` removes one part of the method (PROTOCOL.md, ablations)."""
     importance = args.importance or ("magnitude" if granularity == "weight" else "taylor")
+    criterion = importance
+    if importance == "wanda":  # input norms from the first 2,048 training images
+        criterion = dkdp.importance.Wanda(run.x[:2048])
     adaptive = {k: v for k, v in (("initial_step", args.initial_step),
                                   ("finish_by", args.finish_by)) if v is not None}
     widths = {} if multiple is None else {"unit_multiple": multiple}
@@ -281,7 +284,7 @@ def dkdp_callback(granularity, budget, args, run=None, multiple=None):
         target = kernel_sparsity(run.build(), keep)
         threshold = dkdp.thresholds.PolynomialDecay(0.0, target, run.steps, 10 * run.steps)
     callback = dkdp.DKDPCallback(
-        importance=importance, granularity=granularity, threshold=threshold,
+        importance=criterion, granularity=granularity, threshold=threshold,
         scope="layer" if ablate == "uniform" else "global",
         average=ablate != "no_avg", **widths)
     return callback, importance
@@ -431,7 +434,8 @@ def main():
                              "(DKDPCallback's unit_multiple, default 16) and are compacted "
                              "to multiples of it (1: no zero channels, the smallest file)")
     parser.add_argument("--importance", default=None,
-                        help="default: magnitude for weights, taylor for units")
+                        help="default: magnitude for weights, taylor for units; "
+                             "'wanda': importance.Wanda on 2,048 training images")
     args = parser.parse_args()
     if args.widths is None:
         args.widths = list(protocol.KD_WIDTHS[args.model])
