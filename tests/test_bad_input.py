@@ -96,6 +96,8 @@ NAN, INF = float("nan"), float("inf")
     (lambda: dkdp.Budget(max_params=10, bytes_per_param=3), ValueError, "bytes_per_param must be 1"),
     # Unknown criteria, granularities, normalisations.
     (lambda: importance.get("hessian"), ValueError, "Unknown importance criterion 'hessian'"),
+    (lambda: importance.get("wanda"), ValueError,
+     r"measures the model on calibration inputs.*importance=dkdp_keras.importance.Wanda\(x\)"),
     (lambda: importance.ActivationFrequency("max"), ValueError, "'nonzero' or 'mean_abs'"),
     (lambda: importance.OutputContribution(X, target="accuracy"), ValueError,
      "target must be 'output' or 'loss', got 'accuracy'"),

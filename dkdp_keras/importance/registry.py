@@ -21,17 +21,28 @@ _BY_NAME = {
     "learned_mask": LearnedMask,
 }
 
+#: Criteria a name cannot make: they take calibration inputs.
+_NEED_DATA = {"wanda": "Wanda", "output_contribution": "OutputContribution",
+              "outputcontribution": "OutputContribution"}
+
 
 def get(identifier):
     """A criterion from a name, an instance or a callable.
 
     Names: "magnitude", "gradient", "taylor", "activation", "learned_mask"
-    (OutputContribution needs calibration data, so it has no name).
+    (OutputContribution and Wanda need calibration data, so they have none).
     """
     if isinstance(identifier, Criterion):
         return identifier
     if isinstance(identifier, str):
         key = identifier.lower()
+        if key in _NEED_DATA:
+            raise ValueError(
+                f"The {_NEED_DATA[key]} criterion measures the model on "
+                "calibration inputs, so it has no name to pass: pass "
+                f"importance=dkdp_keras.importance.{_NEED_DATA[key]}(x), with x "
+                "examples from the training data (its docstring says how many)."
+            )
         if key not in _BY_NAME:
             raise ValueError(
                 f"Unknown importance criterion {identifier!r}; known names: "
