@@ -193,15 +193,19 @@ class MaskedKernelMixin:
         return outputs
 
     # ----------------------------------------------------------- statistics
+    def _non_channel_axes(self, rank):
+        """The axes of a rank-`rank` input or output other than its
+        channels (features) axis."""
+        data_format = getattr(self, "data_format", "channels_last")
+        channel_axis = 1 if data_format == "channels_first" else rank - 1
+        return tuple(a for a in range(rank) if a != channel_axis)
+
     def _input_mean_square(self, inputs):
         """The mean of x² per input feature (a Dense row, a convolution's
         input channel) over every other axis, and how many values each mean
         is over."""
         inputs = ops.cast(inputs, "float32")
-        rank = len(inputs.shape)
-        data_format = getattr(self, "data_format", "channels_last")
-        channel_axis = 1 if data_format == "channels_first" and rank > 2 else rank - 1
-        axes = tuple(a for a in range(rank) if a != channel_axis)
+        axes = self._non_channel_axes(len(inputs.shape))
         count = int(np.prod([int(ops.shape(inputs)[a]) for a in axes]))
         return ops.convert_to_numpy(ops.mean(ops.square(inputs), axis=axes)), count
 
@@ -210,10 +214,7 @@ class MaskedKernelMixin:
         # batch's statistics without bias, at a fraction of the memory
         # traffic of the whole batch's activations.
         outputs = outputs[:ACTIVATION_SAMPLE]
-        rank = len(outputs.shape)
-        data_format = getattr(self, "data_format", "channels_last")
-        channel_axis = 1 if data_format == "channels_first" else rank - 1
-        axes = tuple(a for a in range(rank) if a != channel_axis)
+        axes = self._non_channel_axes(len(outputs.shape))
         outputs = ops.cast(outputs, "float32")
         if self.activation in (None, keras.activations.linear):
             alive = ops.cast(ops.greater(outputs, 0.0), "float32")
