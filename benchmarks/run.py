@@ -21,6 +21,13 @@ interleaved in 5 rounds of 100), in one stretch so that ratios against
   against batch-1 latency;
 - benchmarks/RESULTS.md (with --report): the tables, the checks of the
   benchmark issue, the command and the machine.
+
+A run longer than a session (model 3: about twelve hours here) keeps a
+ledger, `--ledger results/model3-ledger.jsonl`: each training command's
+files are measured as it ends, beside a dense reference timed in the same
+pass, and appended with the machine's name. WORK does not outlive a new
+machine; the committed ledger does, and `--measure-only --ledger ...`
+reports from it.
 """
 
 import argparse
@@ -143,7 +150,7 @@ def commands(system, model, work, settings):
     return [cmd]
 
 
-def train(systems, models, work, settings, log):
+def train(systems, models, work, settings, log, ledger=None):
     failures = []
     for system in systems:
         for model in models:
@@ -168,11 +175,23 @@ def train(systems, models, work, settings, log):
                 if proc.returncode != 0:
                     failures.append(f"{system} on {model} (exit {proc.returncode}, "
                                     f"see {log_path})")
+                elif ledger is not None:
+                    measure(work, [model], settings, ledger)
     return failures
 
 
-def measure(work, models, settings):
-    """Measure every exported `.tflite` in this one process."""
+def measure(work, models, settings, ledger=None):
+    """Measure every exported `.tflite` in this one process.
+
+    With `ledger` (a `.jsonl` path), only the files not already in it are
+    measured, each model's beside a dense reference timed in the same pass
+    (the dense run's own file when it is in WORK, else the same architecture
+    untrained: the same operators and shapes run the same kernels), and
+    their rows are appended to it with the machine they were timed on. A
+    committed ledger outlives the machine: a benchmark that spans sessions
+    on different machines loses none of its finished runs, and each row's
+    latency ratio holds on the machine it names (PROTOCOL.md version 2,
+    machines)."""
     import numpy as np
 
     from dkdp_keras import sparse_format
@@ -181,6 +200,7 @@ def measure(work, models, settings):
     data = np.load(work / "data.npz")
     import dkdp_keras as dkdp
 
+    done = {(r["model"], r["file"], r.get("seed", 0)) for r in read_ledger(ledger)}
     rows = []
     for model in models:
         if not (work / model).is_dir():
@@ -192,6 +212,8 @@ def measure(work, models, settings):
         mine, outputs = [], {}
         for meta in sorted((work / model).glob("*.json")):
             record = json.loads(meta.read_text())
+            if (record["model"], record["file"], record.get("seed", 0)) in done:
+                continue
             record.setdefault("macs", dense_macs)
             record.setdefault("quantize", "none")
             path = work / model / record["file"]
@@ -206,31 +228,110 @@ def measure(work, models, settings):
                 "sparse_tensors": sparse, "densify_ops": densify,
             })
             mine.append((record, path))
+        if not mine:
+            continue
         for record, _ in mine:
             if record["sparse_tensors"]:
+                twin = work / model / record["file"].replace("-sparse.tflite", ".tflite")
+                if twin.name not in outputs and twin.exists():
+                    outputs[twin.name] = _run(twin, xt)
                 record.update(sparse_evidence(record, outputs))
         # Latencies of all of the model's files interleaved in rounds: a
         # drift of the machine's speed during the pass hits every file.
         paths = [p for _, p in mine]
+        reference = None
+        if ledger is not None:
+            reference = dense_reference(work, model, xt)
+            if reference not in paths:
+                paths.append(reference)
+            # (A smoke run's latencies mean nothing: it does not wait.)
+            busy = None if settings.get("quick") else wait_idle()
         b1 = measure_tflite_latencies_ms(paths, runs=settings["runs"],
                                          warmup=settings["warmup"], batch=1)
         b64 = measure_tflite_latencies_ms(paths, runs=settings["runs"] // 5,
                                           warmup=settings["warmup"] // 5 or 1, batch=64)
         for (record, _), one, many in zip(mine, b1, b64):
             record.update({"lat_b1_ms": one, "lat_b64_ms": many})
+            if reference is not None:
+                i = paths.index(reference)
+                record.update({
+                    "lat_b1_x_dense": one / b1[i], "lat_b64_x_dense": many / b64[i],
+                    "lat_reference": reference.name if reference.parent == work / model else
+                    "the dense architecture untrained (dense's own file is not on this "
+                    "machine)", "machine": machine(), "cpu_busy_pct_before": busy,
+                    "measured_at": datetime.datetime.now().isoformat(timespec="seconds")})
             print(f"measured {model} {record['file']}: acc {record['tflite_test_acc']:.4f}, "
                   f"{record['tflite_bytes']:,} B, b1 {record['lat_b1_ms']:.3f} ms", flush=True)
             rows.append(record)
+        if ledger is not None:
+            with open(ledger, "a") as f:
+                for record, _ in mine:
+                    f.write(json.dumps(record) + "\n")
+    if ledger is not None:
+        rows = [r for r in read_ledger(ledger) if r["model"] in models]
+    return relate(rows, models)
+
+
+def relate(rows, models):
+    """Each row's figures against its model's dense row. A ledger's rows
+    carry latency ratios timed beside their own dense reference; training
+    seconds compare only between rows of one machine."""
     for model in models:
         dense = [r for r in rows if r["model"] == model and r["system"] == "dense"]
+        if not dense:
+            continue
+        d = dense[0]
         for r in rows:
-            if r["model"] == model and dense:
-                d = dense[0]
-                r["acc_vs_dense_pp"] = 100 * (r["test_acc"] - d["test_acc"])
-                r["lat_b1_x_dense"] = r["lat_b1_ms"] / d["lat_b1_ms"]
-                r["bytes_x_dense"] = r["tflite_bytes"] / d["tflite_bytes"]
-                r["train_x_dense"] = r["train_s"] / d["train_s"]
+            if r["model"] != model:
+                continue
+            r["acc_vs_dense_pp"] = 100 * (r["test_acc"] - d["test_acc"])
+            r["bytes_x_dense"] = r["tflite_bytes"] / d["tflite_bytes"]
+            r.setdefault("lat_b1_x_dense", r["lat_b1_ms"] / d["lat_b1_ms"])
+            r.setdefault("lat_b64_x_dense", r["lat_b64_ms"] / d["lat_b64_ms"])
+            same = r.get("machine") == d.get("machine")
+            r["train_x_dense"] = r["train_s"] / d["train_s"] if same else float("nan")
     return rows
+
+
+def read_ledger(path):
+    if path is None or not pathlib.Path(path).exists():
+        return []
+    return [json.loads(line) for line in open(path) if line.strip()]
+
+
+def dense_reference(work, model, xt):
+    """The file a ledger's latencies are timed against: the dense run's
+    own, else the dense architecture untrained, converted once per WORK."""
+    own = work / model / "dense.tflite"
+    if own.exists():
+        return own
+    path = work / model / "reference" / "dense-architecture.tflite"
+    if not path.exists():
+        import keras
+
+        import dkdp_keras as dkdp
+
+        path.parent.mkdir(exist_ok=True)
+        keras.utils.set_random_seed(0)
+        dkdp.export_tflite(protocol.build(model), path, check_data=xt[:64], latency_runs=1)
+    return path
+
+
+def wait_idle(limit=10.0, poll=30):
+    """Latency is timed on an otherwise idle machine: wait while other
+    processes keep more than `limit` % of the CPUs busy. Returns the share
+    last seen (None where psutil is missing)."""
+    try:
+        import psutil
+    except ImportError:
+        return None
+    while True:
+        busy = psutil.cpu_percent(interval=3)
+        if busy <= limit:
+            return busy
+        print(f"waiting for an idle machine to time latencies: {busy:.0f}% of the CPUs busy",
+              flush=True)
+        time.sleep(poll)
 
 
 def sparse_evidence(record, outputs):
@@ -305,9 +406,15 @@ def pareto_plot(rows, model, path):
               "kd": "tab:blue", "dkdp": "tab:red", "dense_avg": "tab:gray",
               "ablation": "tab:pink"}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    # Milliseconds hold within one machine; a ledger's rows timed on several
+    # are placed by their ratio to dense, timed beside each on its machine.
+    machines = {r.get("machine") for r in rows if r["model"] == model}
+    latency = ((axes[1], "lat_b1_ms", "ms", (1.0, 2.0, 5.0), "batch-1 latency, ms (log)")
+               if len(machines) <= 1 else
+               (axes[1], "lat_b1_x_dense", "x", (1.0, 2.0, 5.0),
+                f"batch-1 latency × dense's on the same machine (log; {len(machines)} machines)"))
     for ax, key, unit, subs, label in (
-            (axes[0], "tflite_bytes", "bytes", (1.0, 3.0), "TFLite file size (log)"),
-            (axes[1], "lat_b1_ms", "ms", (1.0, 2.0, 5.0), "batch-1 latency, ms (log)")):
+            (axes[0], "tflite_bytes", "bytes", (1.0, 3.0), "TFLite file size (log)"), latency):
         for system, color in colors.items():
             pts = [r for r in rows if r["model"] == model and r["system"] == system]
             if not pts:
@@ -344,7 +451,7 @@ def table(rows, model):
     lines = []
     for r in sorted((r for r in rows if r["model"] == model),
                     key=lambda r: (order[r["system"]], r["target"], r["variant"])):
-        b64 = r["lat_b64_ms"] / dense[0]["lat_b64_ms"] if dense else float("nan")
+        b64 = r.get("lat_b64_x_dense", float("nan"))
         lines.append(
             f"| {r['system']} | {r['variant']} | {r['target']:.2f} | {r['test_acc']:.2%} "
             f"| {r['tflite_test_acc']:.2%} | {r.get('acc_vs_dense_pp', float('nan')):+.2f} "
@@ -434,13 +541,17 @@ def checks(rows):
                     continue
                 # Every DKDP model a user could ship in its place: the
                 # compacted teachers and the students DKDP trained beside them.
-                rivals = [r for r in structured + students if r["lat_b1_ms"] <= k["lat_b1_ms"]]
+                # As ratios to dense: a ledger's rows may come from machines of
+                # their own, each timed beside dense there.
+                rivals = [r for r in structured + students
+                          if r["lat_b1_x_dense"] <= k["lat_b1_x_dense"]]
                 r = top(rivals)
                 ok = r is not None and r["tflite_test_acc"] >= k["tflite_test_acc"]
                 out.append((f"{model}: a DKDP model at ≤ the latency of kd {k['variant']} "
-                            f"({k['lat_b1_ms']:.3f} ms, {k['tflite_test_acc']:.2%}) with more "
-                            "accuracy: " + (f"{r['variant']} {r['lat_b1_ms']:.3f} ms, "
-                                            f"{r['tflite_test_acc']:.2%}" if r else "none"), ok))
+                            f"({k['lat_b1_x_dense']:.3f}× dense, {k['tflite_test_acc']:.2%}) "
+                            "with more accuracy: "
+                            + (f"{r['variant']} {r['lat_b1_x_dense']:.3f}× dense, "
+                               f"{r['tflite_test_acc']:.2%}" if r else "none"), ok))
         for t in pick(model, "tfmot"):
             r = top([r for r in dk if r["nonzero_params"] <= t["nonzero_params"]], "test_acc")
             ok = r is not None and r["test_acc"] >= t["test_acc"]
@@ -581,6 +692,12 @@ def write_report(rows, failures, results, date, argv, elapsed, path):
         f"Raw figures: `benchmarks/results/{date}.jsonl`.",
         "",
     ]
+    timed = sorted({r["machine"] for r in rows if r.get("machine")})
+    if timed:
+        lines += [f"Rows kept in a ledger (`--ledger`) were timed as each run ended, beside a "
+                  f"dense reference on the machine each names, on {len(timed)} machine(s): "
+                  + "; ".join(timed) + ". Their latency ratios are against that reference; "
+                  "training seconds compare only between rows of one machine.", ""]
     if failures:
         lines += ["**Failed:** " + "; ".join(failures), ""]
     lines += ["## What DKDP must show", ""]
@@ -635,6 +752,11 @@ def main(argv=None):
                         help="every system's seed (PROTOCOL.md version 2, seeds); other than 0 "
                              "the work and result files are named ...-seed<N>")
     parser.add_argument("--verbose", action="store_true", help="show TensorFlow's log lines")
+    parser.add_argument("--ledger", default=None,
+                        help="a .jsonl of measured rows, kept as the run goes: each training "
+                             "command's files are measured as it ends (latency beside a dense "
+                             "reference, on an idle machine) and appended; commit it and a "
+                             "run that spans machines keeps every finished row")
     parser.add_argument("--targets", type=float, nargs="*", default=None,
                         help="DKDP's unstructured targets (default: the protocol's)")
     parser.add_argument("--structured", nargs="*", default=None,
@@ -658,12 +780,13 @@ def main(argv=None):
     start = time.perf_counter()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     write_data(work, args.quick)
+    ledger = pathlib.Path(args.ledger) if args.ledger else None
     failures = [] if args.measure_only else train(args.systems, args.models, work, settings,
-                                                  args.verbose)
+                                                  args.verbose, ledger)
     if args.train_only:
         print("\n".join(["Trained; measure with --measure-only.", *failures]))
         return 1 if failures else 0
-    rows = measure(work, args.models, settings)
+    rows = measure(work, args.models, settings, ledger)
     with open(results / f"{date}.jsonl", "w") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")

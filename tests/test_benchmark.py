@@ -141,6 +141,53 @@ def test_an_interrupted_run_continues_without_training_again(quick_run):
     assert "done already, skipped" in proc.stdout
 
 
+
+@pytest.mark.slow
+@shares_quick_run
+def test_a_ledger_keeps_rows_measured_elsewhere_and_measures_only_what_is_new(
+        quick_run, tmp_path, monkeypatch):
+    # Model 3 spans sessions, and a session may start on another machine with
+    # the work directory gone: each run's rows go to a committed ledger as
+    # it ends, timed beside a dense reference on the machine they name. Here
+    # dense was measured "elsewhere" and its file is not on this machine: the
+    # other files are timed against the dense architecture, untrained.
+    import shutil
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import run
+
+    base, rows, _ = quick_run
+    model = "lenet_300_100"
+    work = tmp_path / "work"
+    (work / model).mkdir(parents=True)
+    shutil.copy(base / "work" / "data.npz", work)
+    for f in (base / "work" / model).iterdir():
+        if f.is_file() and not f.name.startswith("dense."):
+            shutil.copy(f, work / model)
+    dense = next(r for r in rows if r["model"] == model and r["system"] == "dense")
+    ledger = tmp_path / "ledger.jsonl"
+    ledger.write_text(json.dumps({**dense, "machine": "elsewhere", "lat_b1_x_dense": 1.0,
+                                  "lat_b64_x_dense": 1.0}) + "\n")
+    settings = dict(run.QUICK, quick=True)
+    got = run.measure(work, [model], settings, ledger)
+    expected = {r["file"] for r in rows if r["model"] == model}
+    assert sorted(r["file"] for r in got) == sorted(expected)
+    assert (work / model / "reference" / "dense-architecture.tflite").exists()
+    for r in got:
+        if r["file"] == "dense.tflite":
+            assert r["machine"] == "elsewhere"
+            continue
+        assert r["machine"] == run.machine()
+        assert "untrained" in r["lat_reference"]
+        assert r["lat_b1_x_dense"] > 0 and r["lat_b64_x_dense"] > 0
+        # Accuracy compares across machines, training seconds do not.
+        assert r["acc_vs_dense_pp"] == pytest.approx(100 * (r["test_acc"] - dense["test_acc"]))
+        assert r["train_x_dense"] != r["train_x_dense"]  # NaN
+    lines = ledger.read_text()
+    assert len(lines.splitlines()) == len(expected)
+    again = run.measure(work, [model], settings, ledger)  # nothing new: nothing timed
+    assert ledger.read_text() == lines and len(again) == len(expected)
+
 def _killed_at_first_backup(cmd, backup, env):
     """Start `cmd`, kill it as soon as its first epoch is backed up."""
     import os
