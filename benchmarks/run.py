@@ -25,9 +25,10 @@ interleaved in 5 rounds of 100), in one stretch so that ratios against
 A run longer than a session (model 3: about twelve hours here) keeps a
 ledger, `--ledger results/model3-ledger.jsonl`: each training command's
 files are measured as it ends, beside a dense reference timed in the same
-pass, and appended with the machine's name. WORK does not outlive a new
-machine; the committed ledger does, and `--measure-only --ledger ...`
-reports from it.
+pass, and appended with the machine's name and the command. WORK does not
+outlive a new machine; the committed ledger does: a command whose rows are
+in it is not run again, and `--measure-only --ledger ...` reports from it.
+`benchmarks/model3.sh` is model 3's queue.
 """
 
 import argparse
@@ -150,11 +151,23 @@ def commands(system, model, work, settings):
     return [cmd]
 
 
+def command_key(cmd):
+    """A training command as a ledger names it: the script and its
+    arguments, without the interpreter and WORK (which differ by machine)."""
+    return " ".join([pathlib.Path(cmd[1]).name, *cmd[3:]])
+
+
 def train(systems, models, work, settings, log, ledger=None):
     failures = []
     for system in systems:
         for model in models:
             for cmd in commands(system, model, work, settings):
+                key = command_key(cmd)
+                if key in {r.get("command") for r in read_ledger(ledger)}:
+                    # Measured on an earlier machine: WORK may not hold its files.
+                    print(f"\n== {system} on {model}: in the ledger already, skipped: {key}",
+                          flush=True)
+                    continue
                 env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
                 if system.startswith("tfmot"):
                     env["TF_USE_LEGACY_KERAS"] = "1"
@@ -176,11 +189,11 @@ def train(systems, models, work, settings, log, ledger=None):
                     failures.append(f"{system} on {model} (exit {proc.returncode}, "
                                     f"see {log_path})")
                 elif ledger is not None:
-                    measure(work, [model], settings, ledger)
+                    measure(work, [model], settings, ledger, command=key)
     return failures
 
 
-def measure(work, models, settings, ledger=None):
+def measure(work, models, settings, ledger=None, command=None):
     """Measure every exported `.tflite` in this one process.
 
     With `ledger` (a `.jsonl` path), only the files not already in it are
@@ -191,7 +204,8 @@ def measure(work, models, settings, ledger=None):
     committed ledger outlives the machine: a benchmark that spans sessions
     on different machines loses none of its finished runs, and each row's
     latency ratio holds on the machine it names (PROTOCOL.md version 2,
-    machines)."""
+    machines). `command` (`command_key`) is written in each new row: a
+    command whose rows are in the ledger is not run again."""
     import numpy as np
 
     from dkdp_keras import sparse_format
@@ -259,7 +273,8 @@ def measure(work, models, settings, ledger=None):
                     "lat_reference": reference.name if reference.parent == work / model else
                     "the dense architecture untrained (dense's own file is not on this "
                     "machine)", "machine": machine(), "cpu_busy_pct_before": busy,
-                    "measured_at": datetime.datetime.now().isoformat(timespec="seconds")})
+                    "measured_at": datetime.datetime.now().isoformat(timespec="seconds"),
+                    "command": command})
             print(f"measured {model} {record['file']}: acc {record['tflite_test_acc']:.4f}, "
                   f"{record['tflite_bytes']:,} B, b1 {record['lat_b1_ms']:.3f} ms", flush=True)
             rows.append(record)

@@ -169,7 +169,7 @@ def test_a_ledger_keeps_rows_measured_elsewhere_and_measures_only_what_is_new(
     ledger.write_text(json.dumps({**dense, "machine": "elsewhere", "lat_b1_x_dense": 1.0,
                                   "lat_b64_x_dense": 1.0}) + "\n")
     settings = dict(run.QUICK, quick=True)
-    got = run.measure(work, [model], settings, ledger)
+    got = run.measure(work, [model], settings, ledger, command="the command")
     expected = {r["file"] for r in rows if r["model"] == model}
     assert sorted(r["file"] for r in got) == sorted(expected)
     assert (work / model / "reference" / "dense-architecture.tflite").exists()
@@ -177,7 +177,7 @@ def test_a_ledger_keeps_rows_measured_elsewhere_and_measures_only_what_is_new(
         if r["file"] == "dense.tflite":
             assert r["machine"] == "elsewhere"
             continue
-        assert r["machine"] == run.machine()
+        assert r["machine"] == run.machine() and r["command"] == "the command"
         assert "untrained" in r["lat_reference"]
         assert r["lat_b1_x_dense"] > 0 and r["lat_b64_x_dense"] > 0
         # Accuracy compares across machines, training seconds do not.
@@ -296,6 +296,22 @@ def test_the_no_kd_ablation_trains_without_distillation(monkeypatch):
     args.ablate, args.lambda_kd = "no_kd", 2.0  # the ablation wins over the option
     assert train_keras3.dkdp_options(args)["lambda_kd"] == 0.0
 
+
+def test_a_command_whose_rows_are_in_the_ledger_is_not_run_again(monkeypatch, tmp_path, capsys):
+    # On a new machine WORK is empty: the ledger, not WORK, says what is done.
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import run
+
+    settings = dict(run.QUICK, quick=True)
+    (dense,) = run.commands("dense", "lenet_300_100", tmp_path, settings)
+    key = run.command_key(dense)
+    assert key == "train_keras3.py dense --model lenet_300_100 --epochs 2 --seed 0"
+    ledger = tmp_path / "ledger.jsonl"
+    ledger.write_text(json.dumps({"model": "lenet_300_100", "file": "dense.tflite",
+                                  "command": key}) + "\n")
+    assert run.train(["dense"], ["lenet_300_100"], tmp_path, settings, False, ledger) == []
+    assert f"in the ledger already, skipped: {key}" in capsys.readouterr().out
+    assert not (tmp_path / "logs").exists()  # nothing was started
 
 def test_kd_distils_from_the_better_trained_teacher_on_validation(monkeypatch, tmp_path):
     # Plain dense MobileNetV2 ends at 58.64% on AVX-512 machines (its
