@@ -175,7 +175,7 @@ def train(systems, models, work, settings, log, ledger=None):
                 log_path = work / "logs" / f"{system}-{model}.log"
                 log_path.parent.mkdir(exist_ok=True)
                 start = time.perf_counter()
-                with open(log_path, "a") as log_file:
+                with open(log_path, "a", buffering=1) as log_file:  # live, line by line
                     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
                                             stderr=subprocess.STDOUT, text=True)
                     for line in proc.stdout:
