@@ -223,9 +223,9 @@ def kd_teacher(run):
 
 def system_kd(run, args):
     """keras.distillation.Distiller students of width 0.5 and 0.25 from the
-    trained dense teacher (`kd_teacher`; LogitsDistillation, temperature 4). The loss is
-    passed as a KLDivergence instance: Keras 3.15's default string
-    "kl_divergence" computes the divergence on raw logits."""
+    trained dense teacher (`kd_teacher`; LogitsDistillation, temperature
+    4). The loss is passed as a KLDivergence instance: Keras 3.15's default
+    string "kl_divergence" computes the divergence on raw logits."""
     teacher, teacher_name, teacher_val = kd_teacher(run)
     for width in args.widths:
         stem = f"kd-w{width:g}"

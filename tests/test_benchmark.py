@@ -141,7 +141,6 @@ def test_an_interrupted_run_continues_without_training_again(quick_run):
     assert "done already, skipped" in proc.stdout
 
 
-
 @pytest.mark.slow
 @shares_quick_run
 def test_a_ledger_keeps_rows_measured_elsewhere_and_measures_only_what_is_new(
@@ -187,6 +186,7 @@ def test_a_ledger_keeps_rows_measured_elsewhere_and_measures_only_what_is_new(
     assert len(lines.splitlines()) == len(expected)
     again = run.measure(work, [model], settings, ledger)  # nothing new: nothing timed
     assert ledger.read_text() == lines and len(again) == len(expected)
+
 
 def _killed_at_first_backup(cmd, backup, env):
     """Start `cmd`, kill it as soon as its first epoch is backed up."""
@@ -313,6 +313,7 @@ def test_a_command_whose_rows_are_in_the_ledger_is_not_run_again(monkeypatch, tm
     assert f"in the ledger already, skipped: {key}" in capsys.readouterr().out
     assert not (tmp_path / "logs").exists()  # nothing was started
 
+
 def test_kd_distils_from_the_better_trained_teacher_on_validation(monkeypatch, tmp_path):
     # Plain dense MobileNetV2 ends at 58.64% on AVX-512 machines (its
     # BatchNormalization statistics lag): kd takes dense+avg where that run
@@ -341,6 +342,7 @@ def test_kd_distils_from_the_better_trained_teacher_on_validation(monkeypatch, t
     (run.dir / "dense-avg.keras").unlink()
     with pytest.raises(SystemExit, match="run `dense` first"):
         train_keras3.kd_teacher(run)
+
 
 def _row(system, variant, acc, lat_ms, quantize="none", **extra):
     return {"model": "mobilenet_v2", "system": system, "variant": variant, "target": 0.0,
