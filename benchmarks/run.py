@@ -260,6 +260,8 @@ def measure(work, models, settings, ledger=None, command=None):
                 paths.append(reference)
             # (A smoke run's latencies mean nothing: it does not wait.)
             busy = None if settings.get("quick") else wait_idle()
+        print(f"timing the batch-1 and batch-64 latencies of {len(paths)} {model} files, "
+              "interleaved", flush=True)
         b1 = measure_tflite_latencies_ms(paths, runs=settings["runs"],
                                          warmup=settings["warmup"], batch=1)
         b64 = measure_tflite_latencies_ms(paths, runs=settings["runs"] // 5,
@@ -798,7 +800,9 @@ def main(argv=None):
     failures = [] if args.measure_only else train(args.systems, args.models, work, settings,
                                                   args.verbose, ledger)
     if args.train_only:
-        print("\n".join(["Trained; measure with --measure-only.", *failures]))
+        done = (f"Trained; each finished command measured into {ledger}." if ledger else
+                "Trained; measure with --measure-only.")
+        print("\n".join([done, *(["Failed:"] + failures if failures else [])]))
         return 1 if failures else 0
     rows = measure(work, args.models, settings, ledger)
     with open(results / f"{date}.jsonl", "w") as f:
