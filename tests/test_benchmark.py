@@ -536,3 +536,49 @@ def test_cost_lines_judge_three_pairs_against_the_bound_and_tfmot_and_show_a_set
              write("b.json", "tfmot", [1.2, 1.3, 1.25], machine="cpu B")]
     lines = "\n".join(run.cost_lines(paths))
     assert "- met:" in lines and "TFMOT's own 1.25× (measured on another machine)" in lines
+
+
+def test_one_pass_times_files_together_and_continues_the_training_it_paused(
+        monkeypatch, tmp_path):
+    # Rows of a ledger are timed in separate passes; one_pass.py times the
+    # files a comparison rests on together, with a queue's training paused
+    # for the time of it and continued after, whatever happens.
+    import keras
+    import psutil
+
+    import dkdp_keras as dkdp
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import one_pass
+
+    for name, width in (("a.tflite", 8), ("b.tflite", 64)):
+        model = keras.Sequential([keras.Input((16,)), keras.layers.Dense(width),
+                                  keras.layers.Dense(4)])
+        dkdp.export_tflite(model, tmp_path / name, latency_runs=1)
+    queue = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)",
+                              "train_keras3.py"])
+    try:
+        assert queue.pid in [p.pid for p in one_pass.training_processes()]
+        stopped = []
+        from dkdp_keras import export
+
+        timed = export.measure_tflite_latencies_ms
+
+        def spy(paths, **kwargs):
+            stopped.append(psutil.Process(queue.pid).status())
+            return timed(paths, **kwargs)
+
+        monkeypatch.setattr(export, "measure_tflite_latencies_ms", spy)
+        out = tmp_path / "pass.json"
+        monkeypatch.setattr(sys, "argv", ["one_pass.py", str(tmp_path), "a.tflite", "b.tflite",
+                                          "--reps", "2", "--runs", "20", "--pause",
+                                          "--out", str(out)])
+        one_pass.main()
+        assert stopped == [psutil.STATUS_STOPPED] * 2
+        assert psutil.Process(queue.pid).status() != psutil.STATUS_STOPPED
+        record = json.loads(out.read_text())
+        assert record["files"] == ["a.tflite", "b.tflite"] and len(record["ratios"]) == 2
+        assert all(r[0] == 1.0 and r[1] > 0 for r in record["ratios"])
+        assert record["machine"]
+    finally:
+        queue.kill()
