@@ -304,6 +304,8 @@ def dkdp_callback(granularity, budget, args, run=None, multiple=None):
         keep = budget.max_params
         target = kernel_sparsity(run.build(), keep)
         threshold = dkdp.thresholds.PolynomialDecay(0.0, target, run.steps, 10 * run.steps)
+    if getattr(args, "resource_aware", False) and granularity == "unit":
+        widths["resource_aware"] = True
     callback = dkdp.DKDPCallback(
         importance=criterion, granularity=granularity, threshold=threshold,
         scope="layer" if ablate == "uniform" else "global",
@@ -355,6 +357,9 @@ def system_dkdp(run, args):
         if multiple is not None:
             stem += f"-multiple-{multiple}"
             label += f", widths in steps of {multiple}"
+        if getattr(args, "resource_aware", False) and granularity == "unit":
+            stem += "-resource-aware"
+            label += ", ranked per share of the budget"
         system = "dkdp"
         if args.ablate:
             stem += f"-ablate-{args.ablate}"
@@ -454,6 +459,9 @@ def main():
                         help="structured runs: widths step by this many units "
                              "(DKDPCallback's unit_multiple, default 16) and are compacted "
                              "to multiples of it (1: no zero channels, the smallest file)")
+    parser.add_argument("--resource-aware", action="store_true",
+                        help="structured runs: rank units per share of the budget they take "
+                             "(DKDPCallback(resource_aware=True))")
     parser.add_argument("--importance", default=None,
                         help="default: magnitude for weights, taylor for units; "
                              "'wanda': importance.Wanda on 2,048 training images")

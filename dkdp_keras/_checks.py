@@ -203,3 +203,16 @@ def log_dir(value):
             "the tensorboard package: pip install tensorboard."
         ) from None
     return value
+
+
+def resource_aware(value, granularity, threshold):
+    """`resource_aware` checked: units to rank, and a budget to price them by."""
+    value = _validation.boolean("resource_aware", value)
+    if value and (granularity != "unit" or not isinstance(threshold, Adaptive)):
+        raise ValueError(
+            "resource_aware=True ranks units by what they take of a budget: it needs "
+            "granularity='unit' and threshold=dkdp_keras.thresholds.Adaptive(budget), "
+            f"got granularity={granularity!r} and threshold="
+            f"{type(threshold).__name__ if threshold is not None else None}."
+        )
+    return value

@@ -46,6 +46,21 @@ def _examples_pair(name, data):
     return _validation.examples(f"{name} x", x, y=y), y
 
 
+def _pruner(callback, teacher, layers):
+    """The `Pruner` of `callback`'s settings for `teacher`'s masked `layers`."""
+    calibration = None
+    if callback.calibration_data is not None and not callback._is_dkdp():
+        calibration = (*callback.calibration_data, callback.model.loss)
+    adaptive = isinstance(callback.threshold, Adaptive)
+    return Pruner(
+        teacher, layers, callback.importance, granularity=callback.granularity,
+        scope=callback.scope, normalize=callback.normalize, floors=callback.floors,
+        protect_units=output_unit_layers(teacher) if callback.granularity == "unit" else set(),
+        layer_importance=callback.layer_importance, unit_multiple=callback.unit_multiple,
+        calibration=calibration, warn_shortfall=not adaptive,
+        budget=callback.threshold.budget if callback.resource_aware else None)
+
+
 class DKDPCallback(keras.callbacks.Callback):
     """Prunes the teacher during `fit` (a DKDPModel's, or a plain model made
     with `dkdp_keras.prunable`): at each event the criterion scores the
@@ -83,6 +98,9 @@ class DKDPCallback(keras.callbacks.Callback):
         floors: a `thresholds.Floors` (what every layer keeps).
         layer_importance: if True, each layer's normalised scores are
             multiplied by its layer-level importance (mean 1 over layers).
+        resource_aware: at "unit" granularity under an `Adaptive` budget,
+            rank units by score per share of the budget each takes
+            (`Pruner.unit_prices`). Off by default: measured on one model.
         unit_multiple: at "unit" granularity, layers of at least
             4 × `unit_multiple` units keep a multiple of it (`ALIGN`, 16, as
             `compact`); 1 turns it off (pair it with `compact(align=1)`).
@@ -126,8 +144,8 @@ class DKDPCallback(keras.callbacks.Callback):
     def __init__(self, importance="magnitude", granularity="weight",
                  threshold=None, frequency="epoch", begin=0, end=None,
                  scope="global", normalize="lamp", floors=None,
-                 layer_importance=False, unit_multiple=ALIGN, student_refresh=None,
-                 calibration_data=None, log_dir=None, average=True,
+                 layer_importance=False, resource_aware=False, unit_multiple=ALIGN,
+                 student_refresh=None, calibration_data=None, log_dir=None, average=True,
                  validation_data=None, batchnorm_momentum="auto", verbose=1):
         super().__init__()
         self.importance = importance_lib.get(importance)
@@ -148,6 +166,7 @@ class DKDPCallback(keras.callbacks.Callback):
         self.floors = _validation.instance(
             "floors", floors, Floors, "a dkdp_keras.thresholds.Floors") or Floors()
         self.layer_importance = _validation.boolean("layer_importance", layer_importance)
+        self.resource_aware = _checks.resource_aware(resource_aware, granularity, threshold)
         self.unit_multiple = _validation.number("unit_multiple", unit_multiple, low=1,
                                                 integer=True)
         self.student_refresh = StudentRefresh.get(student_refresh)
@@ -191,15 +210,7 @@ class DKDPCallback(keras.callbacks.Callback):
         self.set_model(model)
         teacher = self._teacher()
         layers = _checks.before_training(self, teacher)
-        calibration = None
-        if self.calibration_data is not None and not self._is_dkdp():
-            calibration = (*self.calibration_data, self.model.loss)
-        self._pruner = Pruner(
-            teacher, layers, self.importance, granularity=self.granularity,
-            scope=self.scope, normalize=self.normalize, floors=self.floors,
-            protect_units=output_unit_layers(teacher) if self.granularity == "unit" else set(),
-            layer_importance=self.layer_importance, unit_multiple=self.unit_multiple,
-            calibration=calibration, warn_shortfall=not isinstance(self.threshold, Adaptive))
+        self._pruner = _pruner(self, teacher, layers)
         self._average = refinement.WeightAverage(self._state, layers)
         self._best = refinement.BestEpoch(self._state)
         if isinstance(self.threshold, Adaptive):

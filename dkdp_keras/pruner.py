@@ -19,7 +19,7 @@ from dkdp_keras.budget import deployed_counts
 from dkdp_keras.counting import Snapshot, count_params, count_params_of_layer
 from dkdp_keras.graph import batchnorm_after
 from dkdp_keras.prunable import is_masked, iter_layers, sync_batchnorm
-from dkdp_keras.grouping import UnitEntries
+from dkdp_keras.grouping import UnitEntries, UnitGroup
 from dkdp_keras.thresholds.mechanism import MaskPool
 
 #: What each record of `Pruner.history` holds.
@@ -82,12 +82,15 @@ class Pruner:
         warn_shortfall: warn (once) when an event without `fits` reaches a
             sparsity far below its target, and say why (`shortfall_message`):
             the target is the user's when it comes from a schedule.
+        budget: at unit granularity, rank units per share of this `Budget`
+            they take (`unit_prices`): each entry's normalised scores are
+            divided by its price over the mean price. None: by scores alone.
     """
 
     def __init__(self, teacher, layers, importance, granularity="weight",
                  scope="global", normalize="lamp", floors=None, protect_units=(),
                  layer_importance=False, unit_multiple=1, calibration=None,
-                 warn_shortfall=True):
+                 warn_shortfall=True, budget=None):
         self.teacher = teacher
         self.layers = layers
         self.importance = importance
@@ -100,6 +103,7 @@ class Pruner:
         self.unit_multiple = unit_multiple
         self.calibration = calibration
         self.warn_shortfall = warn_shortfall
+        self.budget = budget
         # A subclassed model's graph cannot be read: no BatchNormalization
         # is known to follow a layer, and weight pruning needs none.
         self.batchnorms = {} if is_subclassed(teacher) else batchnorm_after(teacher)
@@ -173,16 +177,51 @@ class Pruner:
         return arrays
 
     def _layer_weights(self):
-        if not self.layer_importance:
-            return None
-        values = np.array([
-            float(ops.convert_to_numpy(self.importance.score(l, "layer")))
-            for l in self.layers
-        ])
-        mean = values.mean()
-        if not np.all(np.isfinite(values)) or mean <= 0:
-            return None
-        return {l.name: v / mean for l, v in zip(self.layers, values)}
+        weights = {}
+        if self.layer_importance:
+            values = np.array([
+                float(ops.convert_to_numpy(self.importance.score(l, "layer")))
+                for l in self.layers
+            ])
+            mean = values.mean()
+            if np.all(np.isfinite(values)) and mean > 0:
+                weights = {l.name: v / mean for l, v in zip(self.layers, values)}
+        if self.budget is not None and self.units is not None:
+            prices = self.unit_prices()
+            mean = float(np.mean(list(prices.values()))) if prices else 0.0
+            if mean > 0:
+                for name, price in prices.items():
+                    # A unit that frees nothing of the budget is not worth
+                    # removing: its scores rise out of the threshold's reach.
+                    weights[name] = weights.get(name, 1.0) * mean / max(price, mean * 1e-6)
+        return weights or None
+
+    def unit_prices(self):
+        """What one more unit of each pool entry takes of `budget`, as the
+        sum over its limits of the share of the limit (so that a unit's
+        MACs and parameters add up under a budget of both): the deployed
+        model with the current masks against the same with the entry's
+        last kept unit removed, counted on the graph. Entries with at most
+        one unit kept (which floors keep anyway) are left out."""
+        masks = self.current_masks()
+        base = self.usage_with(masks, self.budget)
+        prices = {}
+        for entry in self.units.entries:
+            if entry.name in self.protect_units:
+                continue
+            units = np.asarray(ops.convert_to_numpy(entry.kernel_mask)).reshape(
+                -1, entry.num_units)
+            alive = np.flatnonzero(units.max(axis=0) > 0)
+            if alive.size <= 1:
+                continue
+            trial = units.copy()
+            trial[:, alive[-1]] = 0.0
+            trial = trial.reshape(tuple(entry.kernel.shape))
+            one = (entry.expand(trial) if isinstance(entry, UnitGroup)
+                   else {entry.name: trial})
+            usage = self.usage_with({**masks, **one}, self.budget)
+            prices[entry.name] = float(sum(base[k] - usage[k] for k in base))
+        return prices
 
     def pool(self, scores):
         """The `MaskPool` of `scores`: normalised and sorted once per
