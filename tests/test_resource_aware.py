@@ -85,3 +85,31 @@ def test_under_a_macs_budget_it_keeps_cheap_dense_units_and_drops_costly_channel
 def test_resource_aware_without_units_or_a_budget_is_refused_before_training(kwargs, bad):
     with pytest.raises(ValueError, match=f"needs granularity='unit' and .*{bad}"):
         dkdp.DKDPCallback(resource_aware=True, **kwargs)
+
+
+def test_on_keras_mobilenet_v2_every_channel_group_is_priced_and_the_budget_is_met():
+    # Residual groups (a UnitGroup of several layers) and depthwise
+    # convolutions: a group's unit takes its MACs in every member with it.
+    keras.utils.set_random_seed(0)
+    model = dkdp.prunable(keras.applications.MobileNetV2(
+        input_shape=(32, 32, 3), alpha=0.35, weights=None, classes=10,
+        classifier_activation=None))
+    x = np.random.default_rng(0).normal(size=(32, 32, 32, 3)).astype("float32")
+    y = np.random.default_rng(1).integers(0, 10, 32)
+    model.compile(optimizer="adam",
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x, y, epochs=1, verbose=0)
+    budget = dkdp.Budget(max_macs=int(0.3 * dkdp.count_macs(model, nonzero=False)))
+    cb = dkdp.DKDPCallback(granularity="unit", verbose=0, resource_aware=True,
+                           threshold=thresholds.Adaptive(budget))
+    cb.set_params({"epochs": 4, "steps": 2})
+    cb.set_model(model)
+    cb.on_train_begin()
+    pruner = cb._pruner
+    prices = pruner.unit_prices()
+    groups = [e for e in pruner.units.entries if hasattr(e, "members")]
+    assert groups and all(g.name in prices for g in groups)
+    assert all(np.isfinite(p) and p > 0 for p in prices.values())
+    scores = cb._scores()
+    cb._prune(cb._sparsity_for_budget(scores), scores)
+    assert budget.is_met(model)
