@@ -100,7 +100,8 @@ class DKDPCallback(keras.callbacks.Callback):
             multiplied by its layer-level importance (mean 1 over layers).
         resource_aware: at "unit" granularity under an `Adaptive` budget,
             rank units by score per share of the budget each takes
-            (`Pruner.unit_prices`). Off by default: measured on one model.
+            (`Pruner.unit_prices`). Off by default: it helped reference_cnn
+            under a MACs budget and hurt MobileNetV2 (README).
         unit_multiple: at "unit" granularity, layers of at least
             4 × `unit_multiple` units keep a multiple of it (`ALIGN`, 16, as
             `compact`); 1 turns it off (pair it with `compact(align=1)`).
