@@ -8,8 +8,8 @@ file. Comparisons between rows whose ratios are close (DKDP's structured
 files against keras.distillation's students on the latency plot) are
 checked here in one pass instead.
 
-With `--pause`, training processes of the benchmark (`train_*.py`,
-`run.py`, `cost_aware.py`) are stopped (SIGSTOP) for the time of the
+With `--pause`, training processes of the benchmark (`train_keras3.py`,
+`train_tfmot.py`, `run.py`) are stopped (SIGSTOP) for the time of the
 measurement and continued after, so that a queue does not have to end for
 a file to be timed on an idle machine.
 
@@ -23,7 +23,7 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-TRAINING = ("train_keras3.py", "train_tfmot.py", "run.py", "cost_aware.py")
+TRAINING = ("train_keras3.py", "train_tfmot.py", "run.py")
 
 
 def training_processes():
@@ -71,8 +71,8 @@ def main():
             p.send_signal(signal.SIGCONT)
     from run import machine
 
-    record = {"machine": machine(), "dir": args.dir, "files": args.files, "b1_ms": reps, "cpu_busy_pct_before": busy,
-              "ratios": [[m / ms[0] for m in ms] for ms in reps],
+    record = {"machine": machine(), "dir": args.dir, "files": args.files, "b1_ms": reps,
+              "cpu_busy_pct_before": busy, "ratios": [[m / ms[0] for m in ms] for ms in reps],
               "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
     if args.out:
         with open(args.out, "w") as f:
