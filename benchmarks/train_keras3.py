@@ -283,7 +283,7 @@ def kernel_sparsity(model, keep):
     return min(0.999, max(0.0, 1 - (keep - (model.count_params() - kernels)) / kernels))
 
 
-def dkdp_callback(granularity, budget, args, run=None, multiple=None):
+def dkdp_callback(granularity, budget, args, run=None, multiple=None, resource_aware=False):
     """The library's defaults: an adaptive threshold held to the budget;
     magnitude scores for weights (DKDPCallback's default), Taylor scores
     for units (`dkdp run`'s default). Options given on the command line
@@ -304,12 +304,10 @@ def dkdp_callback(granularity, budget, args, run=None, multiple=None):
         keep = budget.max_params
         target = kernel_sparsity(run.build(), keep)
         threshold = dkdp.thresholds.PolynomialDecay(0.0, target, run.steps, 10 * run.steps)
-    if getattr(args, "resource_aware", False) and granularity == "unit":
-        widths["resource_aware"] = True
     callback = dkdp.DKDPCallback(
         importance=criterion, granularity=granularity, threshold=threshold,
         scope="layer" if ablate == "uniform" else "global",
-        average=ablate != "no_avg", **widths)
+        average=ablate != "no_avg", resource_aware=resource_aware, **widths)
     return callback, importance
 
 
@@ -357,7 +355,8 @@ def system_dkdp(run, args):
         if multiple is not None:
             stem += f"-multiple-{multiple}"
             label += f", widths in steps of {multiple}"
-        if getattr(args, "resource_aware", False) and granularity == "unit":
+        aware = args.resource_aware and granularity == "unit"
+        if aware:
             stem += "-resource-aware"
             label += ", ranked per share of the budget"
         system = "dkdp"
@@ -370,7 +369,7 @@ def system_dkdp(run, args):
         keras.utils.set_random_seed(run.seed)
         model = dkdp.DKDPModel(run.build(), **dkdp_options(args))
         compile_(model)
-        callback, importance = dkdp_callback(granularity, budget, args, run, multiple)
+        callback, importance = dkdp_callback(granularity, budget, args, run, multiple, aware)
         train_s = run.fit(model, [callback], stem=stem)
         model.save(run.dir / f"{stem}-dkdpmodel.keras")
         history = run.history
