@@ -22,3 +22,14 @@ $R --systems tfmot_xnnpack
 $R --systems dkdp --targets 0.5 --structured
 $R --systems dkdp --targets 0.8 --structured
 $R --systems dkdp --targets 0.9 --structured
+# Then model 3's training cost (PROTOCOL.md version 2): dense and each system
+# alternating, one process each, on the machine the queue leaves idle. Three
+# epochs a run: a 15-epoch pair is over an hour here. Each pair is written as
+# it ends, and a run of the same command goes on from the file.
+P="python paired_times.py --model mobilenet_v2 --target 0.9 --pairs 3 --epochs 3"
+$P --out results/model3-paired-mobilenet_v2-dkdp-0.9.json
+$P --system tfmot --out results/model3-paired-mobilenet_v2-tfmot-0.9.json
+# The report of every row, check and cost, as results/<date>.md (it measures
+# nothing: every row is in the ledger; the costs are every *-paired-* file).
+python run.py --measure-only --work work/v2 --models mobilenet_v2 \
+    --ledger results/model3-ledger.jsonl --results results

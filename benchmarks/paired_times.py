@@ -190,11 +190,14 @@ def main():
         row = {}
         for system in ("dense", args.system):
             cmd, env = commands(args, system)
+            # Each run starts on an idle machine (with --out; psutil), and
+            # says how busy it was, as the ledger's latency rows do.
+            busy = protocol.wait_idle(to="time a training run") if args.out else None
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
             if proc.returncode or not lines:
                 raise SystemExit(f"{system} run failed:\n{proc.stderr[-3000:]}")
-            row[system] = json.loads(lines[-1])
+            row[system] = {**json.loads(lines[-1]), "cpu_busy_pct_before": busy}
             print(f"pair {pair + 1}/{args.pairs}: {lines[-1]}", flush=True)
         rows.append(row)
         write(args.out, measurement, here, rows, args.system)

@@ -334,10 +334,11 @@ def dense_reference(work, model, xt):
     return path
 
 
-def wait_idle(limit=10.0, poll=30):
-    """Latency is timed on an otherwise idle machine: wait while other
-    processes keep more than `limit` % of the CPUs busy. Returns the share
-    last seen (None where psutil is missing)."""
+def wait_idle(limit=10.0, poll=30, to="time latencies"):
+    """Latency (and training time, `paired_times.py`) is timed on an
+    otherwise idle machine: wait while other processes keep more than `limit`
+    % of the CPUs busy. Returns the share last seen (None where psutil is
+    missing)."""
     try:
         import psutil
     except ImportError:
@@ -346,8 +347,7 @@ def wait_idle(limit=10.0, poll=30):
         busy = psutil.cpu_percent(interval=3)
         if busy <= limit:
             return busy
-        print(f"waiting for an idle machine to time latencies: {busy:.0f}% of the CPUs busy",
-              flush=True)
+        print(f"waiting for an idle machine to {to}: {busy:.0f}% of the CPUs busy", flush=True)
         time.sleep(poll)
 
 

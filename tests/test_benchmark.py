@@ -486,6 +486,11 @@ def test_paired_times_goes_on_from_the_pairs_an_interrupted_run_wrote(monkeypatc
         return types.SimpleNamespace(returncode=0, stdout=line + "\n", stderr="")
 
     monkeypatch.setattr(paired_times.subprocess, "run", fake_run)
+    import run
+
+    # Each run waits for an idle machine first, and its row says how busy it was.
+    events = []
+    monkeypatch.setattr(run, "wait_idle", lambda **kw: events.append(len(calls)) or 7.0)
     argv = ["paired_times.py", "--model", "reference_cnn", "--pairs", "3",
             "--work", str(tmp_path), "--out", str(out)]
     fail = {"now": True}
@@ -496,10 +501,13 @@ def test_paired_times_goes_on_from_the_pairs_an_interrupted_run_wrote(monkeypatc
     assert len(written["pairs"]) == 1 and written["ratios"] == [1.2]
     assert written["machine"] and written["model"] == "reference_cnn"
 
-    fail["now"], calls[:] = False, []
+    assert events == [0, 1, 2]
+    fail["now"], calls[:], events[:] = False, [], []
     paired_times.main()
     assert calls == ["dense", "dkdp", "dense", "dkdp"]  # pairs 2 and 3 only
+    assert events == [0, 1, 2, 3]  # each run of the second call waited before it started
     written = json.loads(out.read_text())
+    assert {r["cpu_busy_pct_before"] for pair in written["pairs"] for r in pair.values()} == {7.0}
     assert written["ratios"] == [1.2, 1.2, 1.4] and written["median"] == pytest.approx(1.2)
 
     monkeypatch.setattr(sys, "argv", argv[:-2] + ["--target", "0.95", "--out", str(out)])
