@@ -15,10 +15,9 @@ measures a masked model after compacting it, as it will be deployed):
 - latency: estimated from MACs, ``dense_latency_ms * kept_macs / dense_macs``
   where `dense_latency_ms` is measured by timing the model at batch 1 (see
   `measure_latency_ms`); an estimate, since zeros inside a kernel buy no
-  speed until the model is compacted, and a layer's time is not
-  proportional to its MACs near a runtime's floor (a convolution on one
-  input channel runs far slower per MAC than one on many: see README.md,
-  Budgets).
+  speed until the model is compacted, and a small model's time is not
+  proportional to its MACs: the runtime's cost per operator weighs (see
+  README.md, Budgets).
 """
 
 import time
