@@ -7,6 +7,13 @@ that directory's dense.keras (LogitsDistillation T=4, student_loss_weight 0.5),
 as the benchmark's kd system does. Prints widths, parameters, test accuracy.
 
     python benchmarks/fixed_widths.py 16/32/32,32/48/16 kd [WORK]
+
+With `export` instead of `kd`/`none`, trains nothing: writes each width's
+untrained network to WORK/w<c1>-<c2>-<d>.tflite with `export_tflite`, to be
+timed by `one_pass.py` (the time does not depend on the weights). A c2 of 0
+leaves the second convolution out.
+
+    python benchmarks/fixed_widths.py 8/16/48,4/8/96,8/0/48 export WORK
 """
 import os, sys, time; os.environ["TF_CPP_MIN_LOG_LEVEL"]="3"
 import numpy as np, keras
@@ -18,13 +25,18 @@ teacher = keras.models.load_model(os.path.join(WORK, "reference_cnn", "dense.ker
 def build(c1,c2,dn):
     i=keras.Input((28,28,1)); h=keras.layers.Conv2D(c1,3,padding="same",use_bias=False)(i)
     h=keras.layers.BatchNormalization()(h); h=keras.layers.ReLU()(h); h=keras.layers.MaxPooling2D(2)(h)
-    h=keras.layers.Conv2D(c2,3,padding="same",use_bias=False)(h); h=keras.layers.BatchNormalization()(h); h=keras.layers.ReLU()(h); h=keras.layers.MaxPooling2D(2)(h)
+    if c2:
+        h=keras.layers.Conv2D(c2,3,padding="same",use_bias=False)(h); h=keras.layers.BatchNormalization()(h); h=keras.layers.ReLU()(h); h=keras.layers.MaxPooling2D(2)(h)
     h=keras.layers.Flatten()(h); h=keras.layers.Dense(dn,activation="relu")(h); h=keras.layers.Dropout(0.3)(h)
     return keras.Model(i, keras.layers.Dense(10)(h))
 for spec in sys.argv[1].split(","):
     c1,c2,dn=map(int,spec.split("/"))
     keras.utils.set_random_seed(0)
     m=build(c1,c2,dn)
+    if sys.argv[2]=="export":
+        import dkdp_keras
+        dkdp_keras.export_tflite(m, os.path.join(WORK, "w%d-%d-%d.tflite"%(c1,c2,dn)), check_data=xt[:64], latency_runs=1)
+        continue
     loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     if teacher is not None:
         from keras.distillation import Distiller, LogitsDistillation
