@@ -622,8 +622,9 @@ def cost_lines(paths):
     paired runs) against its bound, and DKDP's against TFMOT's own ratio for
     the same model and target where that was measured (on the same machine
     where both files name theirs). A file of fewer than `MIN_PAIRS` pairs (a
-    set still under way: paired_times goes on from it) is shown, not judged."""
-    found = [json.loads(p.read_text()) for p in paths]
+    set still under way: paired_times goes on from it) is shown, not judged.
+    Each line names its file: one model and target can have several sets."""
+    found = [dict(json.loads(p.read_text()), file=p.name) for p in paths]
     if not found:
         return []
     lines = ["", "## Training cost (medians of paired runs, `benchmarks/paired_times.py`)", ""]
@@ -631,7 +632,8 @@ def cost_lines(paths):
     for t in found:
         what = t["structured"] or f"{t['target']:g}"
         text = (f"{t['model']}, {t['system']} at {what}: median **{t['median']:.2f}×** of "
-                f"{len(t['ratios'])} pairs ({', '.join(f'{r:.2f}' for r in t['ratios'])})")
+                f"{len(t['ratios'])} pairs ({', '.join(f'{r:.2f}' for r in t['ratios'])}; "
+                f"`{t['file']}`)")
         if len(t["ratios"]) < MIN_PAIRS:
             lines.append(f"- under way ({len(t['ratios'])} of the {MIN_PAIRS} pairs a figure "
                          f"needs): {text}")
@@ -654,7 +656,7 @@ def cost_lines(paths):
             continue
         if rival is not None:
             ok = ok and t["median"] <= rival["median"]
-            note = f", TFMOT's own {rival['median']:.2f}×"
+            note = f", TFMOT's own {rival['median']:.2f}× (`{rival['file']}`)"
             if None not in (rival.get("machine"), t.get("machine")) and \
                     rival["machine"] != t["machine"]:
                 note += " (measured on another machine)"

@@ -531,7 +531,8 @@ def test_cost_lines_judge_three_pairs_against_the_bound_and_tfmot_and_show_a_set
              write("c.json", "dkdp", [1.1], target=0.95)]
     lines = "\n".join(run.cost_lines(paths))
     assert "**not met**: reference_cnn, dkdp at 0.9: median **1.25×**" in lines
-    assert "TFMOT's own 1.10×" in lines and "another machine" not in lines
+    assert "TFMOT's own 1.10× (`b.json`)" in lines and "another machine" not in lines
+    assert "(1.25, 1.20, 1.30; `a.json`)" in lines
     assert "under way (1 of the 3 pairs a figure needs): reference_cnn, dkdp at 0.95" in lines
     # Under the bound and under TFMOT's own ratio: met; a TFMOT set of two
     # pairs is no rival yet.
@@ -543,7 +544,7 @@ def test_cost_lines_judge_three_pairs_against_the_bound_and_tfmot_and_show_a_set
     paths = [write("a.json", "dkdp", [1.05, 1.2, 1.1]),
              write("b.json", "tfmot", [1.2, 1.3, 1.25], machine="cpu B")]
     lines = "\n".join(run.cost_lines(paths))
-    assert "- met:" in lines and "TFMOT's own 1.25× (measured on another machine)" in lines
+    assert "- met:" in lines and "TFMOT's own 1.25× (`b.json`) (measured on another machine)" in lines
 
 
 def test_one_pass_times_files_together_and_continues_the_training_it_paused(
