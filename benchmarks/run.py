@@ -44,6 +44,7 @@ import time
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+import pareto  # noqa: E402
 import protocol  # noqa: E402
 
 SYSTEMS = ("dense", "kd", "tfmot", "tfmot_xnnpack", "dkdp", "dense_avg", "ablation")
@@ -374,88 +375,6 @@ def sparse_evidence(record, outputs):
                    f" {twin}'s")
     ran = False if (avx or same) else None
     return {"sparse_kernels_ran": ran, "sparse_kernels": "; ".join(why)}
-
-
-def _tick_label(value, unit):
-    """A log-axis tick written plainly: "0.02" (ms), "300 kB", "1 MB"."""
-    if unit == "bytes":
-        return f"{value / 1e6:g} MB" if value >= 1e6 else f"{value / 1e3:g} kB"
-    return f"{value:g}"
-
-
-def annotate_apart(ax, rows, key):
-    """Label each point with its variant, a label moved up by a line while it
-    would cover one already placed (points of equal accuracy and close size
-    or latency otherwise print their names over each other)."""
-    ax.autoscale_view()
-    low, high = ax.get_ylim()
-    ax.set_ylim(low, high + 0.2 * (high - low))  # room for labels moved up
-    placed = []  # (x0, x1, y) of placed labels, in points
-    line, width = 7.5, 3.0  # points per text line, and per character, at fontsize 6
-    per_pixel = 72.0 / ax.figure.dpi
-    right = ax.get_window_extent().x1 * per_pixel
-    order = sorted(rows, key=lambda r: (100 * r["tflite_test_acc"], r[key]))
-    for r in order:
-        x, y = ax.transData.transform((r[key], 100 * r["tflite_test_acc"])) * per_pixel
-        size = width * len(r["variant"])
-        left = x + 3 + size > right  # near the right edge: the label goes left
-        x0, x1 = (x - 3 - size, x - 3) if left else (x + 3, x + 3 + size)
-        lift = 2.0
-        while any(a < x1 and x0 < b and abs(y + lift - c) < line for a, b, c in placed):
-            lift += line
-        placed.append((x0, x1, y + lift))
-        text = ax.annotate(r["variant"], (r[key], 100 * r["tflite_test_acc"]), fontsize=6,
-                           xytext=(-3 if left else 3, lift), textcoords="offset points",
-                           ha="right" if left else "left",
-                           arrowprops=None if lift == 2.0 else {"arrowstyle": "-", "lw": 0.3,
-                                                                 "color": "0.5"})
-        text.set_in_layout(False)  # long labels must not shrink the axes
-
-
-def pareto_plot(rows, model, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib import ticker
-
-    colors = {"dense": "black", "tfmot": "tab:orange", "tfmot_xnnpack": "tab:brown",
-              "kd": "tab:blue", "dkdp": "tab:red", "dense_avg": "tab:gray",
-              "ablation": "tab:pink"}
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    # Milliseconds hold within one machine; a ledger's rows timed on several
-    # are placed by their ratio to dense, timed beside each on its machine.
-    machines = {r.get("machine") for r in rows if r["model"] == model}
-    latency = ((axes[1], "lat_b1_ms", "ms", (1.0, 2.0, 5.0), "batch-1 latency, ms (log)")
-               if len(machines) <= 1 else
-               (axes[1], "lat_b1_x_dense", "x", (1.0, 2.0, 5.0),
-                f"batch-1 latency × dense's on the same machine (log; {len(machines)} machines)"))
-    for ax, key, unit, subs, label in (
-            (axes[0], "tflite_bytes", "bytes", (1.0, 3.0), "TFLite file size (log)"), latency):
-        for system, color in colors.items():
-            pts = [r for r in rows if r["model"] == model and r["system"] == system]
-            if not pts:
-                continue
-            ax.scatter([r[key] for r in pts], [100 * r["tflite_test_acc"] for r in pts],
-                       color=color, label=system, s=30)
-        ax.set_xscale("log")
-        annotate_apart(ax, [r for r in rows if r["model"] == model and r["system"] in colors],
-                       key)
-        # Plain labels ("300 kB", "0.02") at 1-3 ticks per decade for sizes (two
-        # decades) and 1-2-5 for latencies (about one): matplotlib's default
-        # labels every minor tick "2x10^-2", and on a short axis they overlap.
-        ax.xaxis.set_major_locator(ticker.LogLocator(subs=subs))
-        ax.xaxis.set_major_formatter(ticker.FuncFormatter(
-            lambda v, _, unit=unit: _tick_label(v, unit)))
-        ax.xaxis.set_minor_formatter(ticker.NullFormatter())
-        ax.set_xlabel(label)
-        ax.set_ylabel("TFLite test accuracy, %")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle(f"{model}: accuracy against size and latency (Fashion-MNIST test set)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def table(rows, model):
@@ -811,7 +730,8 @@ def main(argv=None):
         for r in rows:
             f.write(json.dumps(r) + "\n")
     for model in args.models:
-        pareto_plot(rows, model, results / f"{date}-{model}-pareto.png")
+        pareto.pareto_plot(rows, model, results / f"{date}-{model}-pareto.png",
+                           {s: i for i, s in enumerate(SYSTEMS)})
     report = HERE / "RESULTS.md" if args.report else results / f"{date}.md"
     cmdline = ["run.py"] + (argv if argv is not None else sys.argv[1:])
     write_report(rows, failures, results, date, cmdline, time.perf_counter() - start, report)

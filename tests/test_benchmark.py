@@ -515,6 +515,38 @@ def test_paired_times_goes_on_from_the_pairs_an_interrupted_run_wrote(monkeypatc
         paired_times.main()
 
 
+def test_pareto_plot_numbers_points_keys_them_and_puts_a_far_outlier_on_the_floor(
+        monkeypatch, tmp_path):
+    # Model 3's plain dense (58.64%) against 84-91% for the rest squeezed the
+    # band into a strip, and twenty-five names beside the points stacked over
+    # the title: the plot numbers points, keys them below, spans the band.
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import matplotlib.image
+    import pareto
+    import run
+
+    def row(system, variant, acc, target=0.0):
+        return {"model": "m", "system": system, "variant": variant, "target": target,
+                "tflite_test_acc": acc, "tflite_bytes": 1e6 * (1 - target) + 1e4,
+                "lat_b1_ms": 0.2 * (1 - target) + 0.01, "machine": "cpu A"}
+
+    rows = [row("dkdp", f"budget {t:.2f}", 0.90 + t / 100, t) for t in (0.5, 0.3, 0.2)]
+    rows += [row("dense", "dense", 0.5864), row("kd", "width 0.5", 0.8769, 0.6),
+             row("unknown", "not plotted", 0.9)]
+    order = {s: i for i, s in enumerate(run.SYSTEMS)}
+    numbered = pareto.plotted(rows, "m", order)
+    assert [(n, r["system"]) for n, r in numbered][:2] == [(1, "dense"), (2, "kd")]
+    assert [r["target"] for _, r in numbered[2:]] == [0.2, 0.3, 0.5]  # the table's order
+    low, high, floor = pareto.accuracy_range([100 * r["tflite_test_acc"] for _, r in numbered])
+    assert 86.0 < floor < 87.69 and low < floor and high > 90.5  # dense is off the band
+    few, many = tmp_path / "few.png", tmp_path / "many.png"
+    pareto.pareto_plot(rows, "m", few, order)
+    rows += [row("dkdp", f"more {i}", 0.88 + i / 1000, 0.9) for i in range(20)]
+    pareto.pareto_plot(rows, "m", many, order)
+    assert matplotlib.image.imread(many).shape[0] > matplotlib.image.imread(few).shape[0] + 100
+    assert pareto.tick_label(3e5, "bytes") == "300 kB" and pareto.tick_label(0.05, "ms") == "0.05"
+
+
 def test_cost_lines_judge_three_pairs_against_the_bound_and_tfmot_and_show_a_set_under_way(
         monkeypatch, tmp_path):
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
