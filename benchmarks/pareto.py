@@ -104,12 +104,13 @@ def pareto_plot(rows, model, path, order):
         xs = [r[key] for _, r in points]
         for system, color in COLORS.items():
             mine = [i for i, (_, r) in enumerate(points) if r["system"] == system]
-            for marker, keep in (("o", lambda i: accs[i] >= floor), ("v", lambda i: accs[i] < floor)):
-                sel = [i for i in mine if keep(i)]
+            label = system  # once per system, on whichever marker it shows first
+            for marker, below in (("o", False), ("v", True)):
+                sel = [i for i in mine if (accs[i] < floor) == below]
                 if sel:
                     ax.scatter([xs[i] for i in sel], [ys[i] for i in sel], color=color, s=28,
-                               marker=marker, label=system if marker == "o" or len(sel) == len(mine)
-                               else None, clip_on=False, zorder=3)
+                               marker=marker, label=label, clip_on=False, zorder=3)
+                    label = None
         ax.set_xscale("log")
         ax.set_ylim(low, high)
         if any(a < floor for a in accs):
