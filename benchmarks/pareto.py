@@ -70,7 +70,8 @@ def number_apart(ax, points, xs, ys):
 
 
 def pareto_plot(rows, model, path, order):
-    """Write the plot of `model`'s rows to `path` (PNG)."""
+    """Write the plot of `model`'s rows to `path` (PNG); return its axes'
+    labels (x, y) and legend entries."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -104,13 +105,13 @@ def pareto_plot(rows, model, path, order):
         xs = [r[key] for _, r in points]
         for system, color in COLORS.items():
             mine = [i for i, (_, r) in enumerate(points) if r["system"] == system]
-            label = system  # once per system, on whichever marker it shows first
+            legend = system  # once per system, on whichever marker it shows first
             for marker, below in (("o", False), ("v", True)):
                 sel = [i for i in mine if (accs[i] < floor) == below]
                 if sel:
                     ax.scatter([xs[i] for i in sel], [ys[i] for i in sel], color=color, s=28,
-                               marker=marker, label=label, clip_on=False, zorder=3)
-                    label = None
+                               marker=marker, label=legend, clip_on=False, zorder=3)
+                    legend = None
         ax.set_xscale("log")
         ax.set_ylim(low, high)
         if any(a < floor for a in accs):
@@ -140,4 +141,7 @@ def pareto_plot(rows, model, path, order):
         fig.text(0.02 + column * column_in / WIDTH_IN, top - line * KEY_LINE_IN / height, entry,
                  fontsize=6.5, color=COLORS[r["system"]], va="top", family="monospace")
     fig.savefig(path, dpi=110)
+    shown = [(ax.get_xlabel(), ax.get_ylabel()) for ax in axes], [
+        t.get_text() for t in axes[0].get_legend().get_texts()]
     plt.close(fig)
+    return shown

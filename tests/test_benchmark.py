@@ -540,7 +540,10 @@ def test_pareto_plot_numbers_points_keys_them_and_puts_a_far_outlier_on_the_floo
     low, high, floor = pareto.accuracy_range([100 * r["tflite_test_acc"] for _, r in numbered])
     assert 86.0 < floor < 87.69 and low < floor and high > 90.5  # dense is off the band
     few, many = tmp_path / "few.png", tmp_path / "many.png"
-    pareto.pareto_plot(rows, "m", few, order)
+    labels, legend = pareto.pareto_plot(rows, "m", few, order)
+    assert labels == [("TFLite file size (log)", "TFLite test accuracy, %"),
+                      ("batch-1 latency, ms (log)", "TFLite test accuracy, %")]
+    assert legend == ["dense", "kd", "dkdp"]  # one entry a system, the floor's too
     rows += [row("dkdp", f"more {i}", 0.88 + i / 1000, 0.9) for i in range(20)]
     pareto.pareto_plot(rows, "m", many, order)
     assert matplotlib.image.imread(many).shape[0] > matplotlib.image.imread(few).shape[0] + 100
