@@ -11,6 +11,7 @@ from dkdp_keras.budget import Budget, count_macs, count_params
 from dkdp_keras.callbacks import DKDPCallback, StudentRefresh
 from dkdp_keras.compaction import compact
 from dkdp_keras.export import ExportReport, export_tflite
+from dkdp_keras.latency import LatencyFit, fit_latency
 from dkdp_keras.layers import (
     MaskedConv1D,
     MaskedConv2D,
@@ -33,6 +34,7 @@ __all__ = [
     "DKDPCallback",
     "DKDPModel",
     "ExportReport",
+    "LatencyFit",
     "MaskedConv1D",
     "MaskedConv2D",
     "MaskedConv3D",
@@ -47,6 +49,7 @@ __all__ = [
     "count_params",
     "datasets",
     "export_tflite",
+    "fit_latency",
     "importance",
     "masked_layers",
     "prunable",

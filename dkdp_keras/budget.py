@@ -12,15 +12,15 @@ measures a masked model after compacting it, as it will be deployed):
 - multiply-accumulates per example: Dense ``nonzero(kernel) * positions``,
   convolutions ``nonzero(kernel) * output positions`` (depthwise likewise);
   other layers count 0.
-- latency: estimated from MACs, ``dense_latency_ms * kept_macs / dense_macs``
-  where `dense_latency_ms` is measured by timing the model at batch 1 (see
-  `measure_latency_ms`); an estimate, since zeros inside a kernel buy no
-  speed until the model is compacted, and a small model's time is not
-  proportional to its MACs: the runtime's cost per operator weighs (see
+- latency: with `latency_fit`, ``fixed_ms + ms_per_mac * kept_macs``, a line
+  fitted to the model timed at several widths on the runtime it will run on
+  (`dkdp_keras.latency`); without, ``dense_latency_ms * kept_macs /
+  dense_macs`` where `dense_latency_ms` is the model timed in Keras at batch
+  1 (`measure_latency_ms`). Both are estimates from the kept MACs: zeros
+  inside a kernel buy no speed until the model is compacted. The second
+  misses what a small model spends per operator whatever its widths (see
   README.md, Budgets).
 """
-
-import time
 
 import numpy as np
 
@@ -33,21 +33,9 @@ from dkdp_keras.counting import (  # noqa: F401  (part of this module's API)
     count_params,
     count_params_of_layer,
 )
+from dkdp_keras.latency import RUNTIMES, LatencyFit, fit_latency
+from dkdp_keras.latency import measure_latency_ms  # noqa: F401  (part of this module's API)
 from dkdp_keras.prunable import effective_kernels, is_masked, iter_layers
-
-
-def measure_latency_ms(model, runs=50, warmup=5):
-    """Median wall time of one batch-1 inference of `model`, in ms (Keras)."""
-    shape = tuple(model.inputs[0].shape)[1:]
-    x = np.zeros((1,) + shape, dtype="float32")
-    for _ in range(warmup):
-        model(x, training=False)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        model(x, training=False)
-        times.append(time.perf_counter() - start)
-    return 1000.0 * float(np.median(times))
 
 
 def deployed(model):
@@ -86,8 +74,16 @@ class Budget:
             (`export_tflite`, `compact`): widths then step one unit at a
             time and the file holds no zero channel.
         max_macs: at most this many multiply-accumulates per example.
-        max_latency_ms: at most this estimated batch-1 latency (estimated
-            from MACs against the dense model's measured latency).
+        max_latency_ms: at most this estimated batch-1 latency in ms. How
+            it is estimated from the kept MACs: `latency_fit`.
+        latency_fit: with `max_latency_ms`, the runtime to fit latency on,
+            "litert" or "keras" (`dkdp_keras.latency.fit_latency`: the
+            model timed at widths 1, 0.5, 0.25 and 0.125 before training,
+            the line ``fixed_ms + ms_per_mac × MACs`` fitted to the times),
+            or a `LatencyFit` of your own device's timings
+            (`LatencyFit.from_timings`). None (the default): dense's Keras
+            time × kept MACs / dense MACs, which a small model's fixed
+            time per operator makes too low (README.md, Budgets).
         bytes_per_param: 4 (float32), 2 (float16) or 1 (int8) for bytes.
         input_shape: the shape of one input example (no batch axis) at
             which MACs and latency are counted, for models whose layers
@@ -103,7 +99,8 @@ class Budget:
     MEASURES = ("params", "bytes", "macs", "latency_ms")
 
     def __init__(self, max_params=None, max_bytes=None, max_macs=None,
-                 max_latency_ms=None, bytes_per_param=4, input_shape=None):
+                 max_latency_ms=None, bytes_per_param=4, input_shape=None,
+                 latency_fit=None):
         limits = {
             "max_params": max_params,
             "max_bytes": max_bytes,
@@ -135,7 +132,20 @@ class Budget:
                 "input_shape must be the shape of one input example, positive "
                 f"integers without the batch axis (e.g. (224, 224, 3)), got {input_shape!r}.")
         self.input_shape = None if input_shape is None else tuple(input_shape)
+        if isinstance(latency_fit, dict):
+            latency_fit = LatencyFit.from_config(latency_fit)
+        if latency_fit is not None and not (
+                isinstance(latency_fit, LatencyFit) or latency_fit in RUNTIMES):
+            raise ValueError(
+                f"latency_fit must be one of {RUNTIMES} (time the model there before "
+                "training) or a LatencyFit (LatencyFit.from_timings of your device's "
+                f"timings), got {latency_fit!r}.")
+        if latency_fit is not None and max_latency_ms is None:
+            raise ValueError("latency_fit says how max_latency_ms is estimated; set "
+                             "max_latency_ms too, or drop latency_fit.")
+        self.latency_fit = latency_fit
         self._dense_latency = {}
+        self._fits = {}  # architecture -> its LatencyFit, when latency_fit names a runtime
 
     def limits(self):
         """The set limits, keyed by measure name."""
@@ -165,7 +175,9 @@ class Budget:
         if "macs" in limits or "latency_ms" in limits:
             if "macs" in limits:
                 out["macs"] = macs
-            if "latency_ms" in limits:
+            if "latency_ms" in limits and self.latency_fit is not None:
+                out["latency_ms"] = self.fit_for(model).predict(macs)
+            elif "latency_ms" in limits:
                 key = id(model)
                 if key not in self._dense_latency:
                     self._dense_latency[key] = (
@@ -175,6 +187,20 @@ class Budget:
                 dense_ms, dense_macs = self._dense_latency[key]
                 out["latency_ms"] = dense_ms * macs / max(dense_macs, 1)
         return out
+
+    def fit_for(self, model):
+        """The `LatencyFit` this budget estimates `model`'s latency with:
+        the one given, or the model timed on the runtime named (once per
+        model)."""
+        if isinstance(self.latency_fit, LatencyFit):
+            return self.latency_fit
+        # Keyed by the architecture, not the object: a fit depends on the
+        # widths only, and `dkdp run` checks the budget on the teacher
+        # before its dense baseline trains.
+        key = (model.name, tuple(model.inputs[0].shape)[1:], count_macs(model, nonzero=False))
+        if key not in self._fits:
+            self._fits[key] = fit_latency(model, self.latency_fit)
+        return self._fits[key]
 
     def usage(self, model, counts=None):
         """measure / limit for each limit (1.0 = exactly at the budget)."""
@@ -226,6 +252,15 @@ class Budget:
                 "cannot remove (one weight per masked layer, at each of its "
                 f"output positions); allow more than {floor_macs}."
             )
+        if self.max_latency_ms is not None and self.latency_fit is not None:
+            fit = self.fit_for(model)
+            floor_ms = fit.predict(floor_macs)
+            if self.max_latency_ms < floor_ms:
+                raise ValueError(
+                    f"max_latency_ms={self.max_latency_ms} is below the {floor_ms:.4g} ms "
+                    f"that model '{model.name}' would take at its narrowest on "
+                    f"{fit.runtime} ({fit}: {fit.fixed_ms:.4g} ms whatever the widths); "
+                    f"allow more than {floor_ms:.4g} ms, or use a smaller architecture.")
 
     def get_config(self):
         return {
@@ -235,9 +270,12 @@ class Budget:
             "max_latency_ms": self.max_latency_ms,
             "bytes_per_param": self.bytes_per_param,
             "input_shape": None if self.input_shape is None else list(self.input_shape),
+            "latency_fit": self.latency_fit.get_config()
+            if isinstance(self.latency_fit, LatencyFit) else self.latency_fit,
         }
 
     def __repr__(self):
-        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items()
+        config = dict(self.get_config(), latency_fit=self.latency_fit)
+        args = ", ".join(f"{k}={v!r}" for k, v in config.items()
                          if v is not None and k != "bytes_per_param")
         return f"Budget({args})"

@@ -55,7 +55,10 @@ def run(dataset="fashion_mnist", model="reference_cnn", out="dkdp_run", *,
         model: "reference_cnn", "lenet_300_100", or a .keras path.
         out: the directory for the report, models, files and backups.
         max_params, max_bytes, max_macs, max_latency_ms: the budget
-            (default: 10% of the teacher's parameters). `max_bytes` counts
+            (default: 10% of the teacher's parameters). `max_latency_ms` is
+            the float32 file's batch-1 LiteRT time on this machine, as a
+            line fitted before training to the teacher timed at four widths
+            (`dkdp_keras.latency`); an int8 file runs faster. `max_bytes` counts
             the weights at the bytes `quantize` stores them in (1 for
             "int8" and "dynamic", 2 for "float16", 4 for "none"); with it,
             widths step one unit at a time and the compacted teacher keeps
@@ -130,8 +133,10 @@ def _run(args, explicit):
     # for XNNPACK (steps of 16 left 30% of a 25 kB int8 budget unused).
     align = 1 if args.max_bytes is not None else dkdp.compaction.ALIGN
     try:
+        # A latency is of the file this run writes: fitted on LiteRT here.
         budget = dkdp.Budget(**{k: v for k, v in limits.items() if v is not None},
-                             bytes_per_param=BYTES_PER_PARAM[args.quantize])
+                             bytes_per_param=BYTES_PER_PARAM[args.quantize],
+                             latency_fit="litert" if args.max_latency_ms else None)
         model = dkdp.DKDPModel(teacher, lambda_kd=args.lambda_kd,
                                temperature=args.temperature)
         callback = dkdp.DKDPCallback(

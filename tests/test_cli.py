@@ -372,6 +372,24 @@ def test_impossible_budget_and_no_traceback(tmp_path):
     assert "max_params=100 is below" in out.stderr and "Traceback" not in out.stderr
 
 
+def test_a_latency_budget_under_the_runtimes_fixed_time_is_refused_before_training(
+        tmp_path, capsys):
+    # dkdp run fits the teacher's LiteRT latency (four widths, timed) before
+    # the dense baseline: a budget under what every inference pays is one line.
+    data = _digits_npz(tmp_path / "d.npz")
+    assert cli.main(["run", "--dataset", data, "--model", "lenet_300_100",
+                     "--max-latency-ms", "1e-6", "--out", str(tmp_path / "o")]) == 2
+    captured = capsys.readouterr()
+    assert "fit_latency: width 0.125" in captured.out  # the timing was shown as it ran
+    # LiteRT's own log line ("INFO: Created TensorFlow Lite XNNPACK delegate")
+    # is the interpreter's, on stderr whatever Python does.
+    err = [line for line in captured.err.splitlines() if not line.startswith("INFO: ")]
+    assert len(err) == 1 and "Traceback" not in captured.err, captured.err
+    assert re.match(r"dkdp run: max_latency_ms=1e-06 is below the [0-9.e-]+ ms that model "
+                    r"'lenet_300_100' would take at its narrowest on litert", err[0]), err
+    assert not (tmp_path / "o" / "settings.json").exists()
+
+
 @pytest.mark.slow
 @needs_fashion
 def test_quick_run_writes_the_report(tmp_path):

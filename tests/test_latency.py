@@ -1,0 +1,132 @@
+"""Latency fitted on the runtime (`dkdp_keras.latency`) and the latency
+budget that uses it. No test here asserts a time: times are the benchmark's;
+these assert the fit, the counts and what the budget does with them."""
+
+import keras
+import numpy as np
+import pytest
+
+import dkdp_keras as dkdp
+from dkdp_keras import thresholds
+from dkdp_keras.latency import LatencyFit, fit_latency
+from tests.conftest import sign_data, two_hidden_mlp
+
+CE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def small_cnn():
+    inputs = keras.Input((12, 12, 3))
+    x = keras.layers.Conv2D(16, 3, activation="relu")(inputs)
+    x = keras.layers.Conv2D(16, 3, activation="relu")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, keras.layers.Dense(4)(x))
+
+
+def test_a_line_through_timings_is_recovered_and_held_at_zero_or_above():
+    macs = [4_000_000, 1_000_000, 250_000]
+    fit = LatencyFit.from_timings(macs, [0.005 + 2e-8 * m for m in macs], runtime="phone")
+    assert fit.fixed_ms == pytest.approx(0.005) and fit.ms_per_mac == pytest.approx(2e-8)
+    assert fit.predict(500_000) == pytest.approx(0.015)
+    assert fit.points == [(4_000_000, pytest.approx(0.085)), (1_000_000, pytest.approx(0.025)),
+                          (250_000, pytest.approx(0.01))]
+    # Times that fall as MACs grow (noise on a model whose time its MACs do
+    # not set): no slope, the mean time.
+    flat = LatencyFit.from_timings([1e6, 2e6, 3e6], [5.4, 5.3, 5.2])
+    assert flat.ms_per_mac == 0 and flat.fixed_ms == pytest.approx(5.3)
+    # A line that would cross zero above zero MACs goes through the origin.
+    steep = LatencyFit.from_timings([1e6, 2e6], [1.0, 3.0])
+    assert steep.fixed_ms == 0 and steep.ms_per_mac == pytest.approx(7.0 / 5e6)
+    again = LatencyFit.from_config(fit.get_config())
+    assert (again.fixed_ms, again.ms_per_mac, again.runtime) == (
+        fit.fixed_ms, fit.ms_per_mac, "phone")
+
+
+@pytest.mark.parametrize("macs,ms,text", [
+    ([1e6, 1e6], [1.0, 2.0], "at least two models of different MACs"),
+    ([1e6, 2e6], [1.0, 0.0], "positive times"),
+    ([1e6, 2e6], [1.0], "two lists of equal length"),
+])
+def test_timings_that_cannot_fit_a_line_are_refused(macs, ms, text):
+    with pytest.raises(ValueError, match=text):
+        LatencyFit.from_timings(macs, ms)
+
+
+@pytest.mark.parametrize("kwargs,text", [
+    (dict(max_params=10, latency_fit="litert"), "set max_latency_ms too"),
+    (dict(max_latency_ms=1.0, latency_fit="tpu"), r"one of \('litert', 'keras'\)"),
+    (dict(max_latency_ms=1.0, latency_fit=0.5), "LatencyFit.from_timings"),
+])
+def test_a_budget_refuses_a_latency_fit_it_cannot_use(kwargs, text):
+    with pytest.raises(ValueError, match=text):
+        dkdp.Budget(**kwargs)
+
+
+def test_a_budget_estimates_latency_with_the_fit_and_refuses_what_no_pruning_reaches():
+    model = dkdp.prunable(small_cnn())
+    fit = LatencyFit(0.004, 1e-7)
+    budget = dkdp.Budget(max_latency_ms=0.02, latency_fit=fit)
+    first = dkdp.masked_layers(model)[0]
+    mask = np.ones(first.kernel.shape, "float32")
+    mask[..., :8] = 0.0  # half the first convolution's filters: the next one's inputs too
+    first.kernel_mask.assign(mask)
+    macs = dkdp.count_macs(dkdp.compact(model))
+    assert macs < dkdp.count_macs(model, nonzero=False)
+    assert budget.measure(model)["latency_ms"] == pytest.approx(0.004 + 1e-7 * macs)
+    assert budget.usage(model)["latency_ms"] == pytest.approx((0.004 + 1e-7 * macs) / 0.02)
+    budget.check_feasible(model)
+    # Under the fixed time every inference pays: refused before training,
+    # with the fit named.
+    with pytest.raises(ValueError, match=r"max_latency_ms=0.003 is below the 0.004\d* ms "
+                                         r"that model .* at its narrowest"):
+        dkdp.Budget(max_latency_ms=0.003, latency_fit=fit).check_feasible(model)
+    # The config carries the fit; a budget made from it estimates alike.
+    config = budget.get_config()
+    assert config["latency_fit"]["fixed_ms"] == 0.004
+    assert dkdp.Budget(**config).measure(model) == budget.measure(model)
+    assert "LatencyFit(fixed_ms=0.004" in repr(budget)
+
+
+def test_adaptive_prunes_to_a_latency_budget_of_a_fit_in_the_same_fit():
+    x, y = sign_data(256, 0)
+    model = dkdp.DKDPModel(two_hidden_mlp())
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss=CE, metrics=["accuracy"])
+    dense_macs = dkdp.count_macs(model.teacher, nonzero=False)
+    fit = LatencyFit(0.001, 1e-6, runtime="device")
+    limit = fit.predict(0.3 * dense_macs)  # 0.3 of the MACs, plus the fixed time
+    budget = dkdp.Budget(max_latency_ms=limit, latency_fit=fit)
+    cb = dkdp.DKDPCallback(threshold=thresholds.Adaptive(budget, tolerance=0.2), verbose=0)
+    model.fit(x, y, epochs=6, batch_size=32, verbose=0, callbacks=[cb],
+              validation_data=(x[:64], y[:64]))
+    kept = dkdp.count_macs(dkdp.compact(model.teacher))
+    assert kept <= 0.3 * dense_macs
+    assert budget.measure(model.teacher)["latency_ms"] == pytest.approx(fit.predict(kept))
+    assert budget.is_met(model.teacher)
+
+
+def test_fit_latency_times_narrower_copies_on_litert():
+    model = dkdp.prunable(small_cnn())
+    fit = fit_latency(model, "litert", widths=(1.0, 0.5, 0.25), runs=20, verbose=False)
+    macs = [m for m, _ in fit.points]
+    assert macs[0] == dkdp.count_macs(model, nonzero=False)
+    assert macs[0] > macs[1] > macs[2] > 0
+    assert all(t > 0 for _, t in fit.points)
+    assert fit.runtime == "litert" and fit.fixed_ms >= 0 and fit.ms_per_mac >= 0
+    # The fit is the least-squares line of its points (or held at zero).
+    line = LatencyFit.from_timings(*zip(*fit.points))
+    assert (line.fixed_ms, line.ms_per_mac) == (fit.fixed_ms, fit.ms_per_mac)
+
+
+def test_fit_latency_builds_keras_applications_copies_and_refuses_what_it_cannot_time():
+    net = keras.applications.MobileNetV2(input_shape=(32, 32, 3), alpha=0.35, weights=None,
+                                         classes=10, classifier_activation=None)
+    fit = fit_latency(net, "keras", widths=(1.0, 0.5), verbose=False)
+    (wide, _), (narrow, _) = fit.points
+    assert wide == dkdp.count_macs(net, nonzero=False) and 0 < narrow < 0.5 * wide
+    with pytest.raises(ValueError, match="runtime must be one of"):
+        fit_latency(net, "gpu")
+    with pytest.raises(ValueError, match="at least two factors"):
+        fit_latency(net, widths=(1.0,))
+    inputs = keras.Input((None, None, 3))
+    free = keras.Model(inputs, keras.layers.Conv2D(4, 3)(inputs))
+    with pytest.raises(ValueError, match="unknown dimensions.*LatencyFit.from_timings"):
+        fit_latency(free)
