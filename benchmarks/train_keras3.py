@@ -313,7 +313,9 @@ def dkdp_callback(granularity, budget, args, run=None, multiple=None, resource_a
 
 def structured_budget(spec, model):
     """"params:0.1" (fraction of dense parameters), "macs:0.15" (fraction of
-    dense MACs) or "int8:58000" (bytes of int8 weights)."""
+    dense MACs), "latency:0.1" (fraction of dense's batch-1 LiteRT time, as
+    `dkdp.fit_latency` estimates it) or "int8:58000" (bytes of int8
+    weights)."""
     kind, value = spec.split(":")
     value = float(value)
     if kind == "params":
@@ -323,7 +325,14 @@ def structured_budget(spec, model):
         return dkdp.Budget(max_macs=int(value * macs)), f"{value:g} MACs"
     if kind == "int8":
         return dkdp.Budget(max_bytes=int(value), bytes_per_param=1), f"{value / 1000:g} kB int8"
-    raise SystemExit(f"unknown structured budget {spec!r}: params:F, macs:F or int8:BYTES")
+    if kind == "latency":
+        # dkdp.fit_latency on this machine; F of its time for the dense copy.
+        fit = dkdp.fit_latency(model, "litert")
+        dense_ms = fit.points[0][2]
+        return (dkdp.Budget(max_latency_ms=value * dense_ms, latency_fit=fit),
+                f"{value:g} LiteRT latency")
+    raise SystemExit(f"unknown structured budget {spec!r}: params:F, macs:F, latency:F or "
+                     "int8:BYTES")
 
 
 def unit_multiple(granularity, spec, given=None):
@@ -392,6 +401,9 @@ def system_dkdp(run, args):
                 "sparsity": [round(float(v), 5) for v in history["sparsity"]]}
         if multiple is not None:
             base["unit_multiple"] = multiple
+        if isinstance(budget.latency_fit, dkdp.LatencyFit):
+            base["latency_fit"] = budget.latency_fit.get_config()
+            base["predicted_latency_ms"] = budget.measure(model.teacher)["latency_ms"]
         # Widths stepped by N units are compacted to multiples of N (no
         # zero channels beyond them: what a size budget counts is the file).
         small = model.compact_teacher(align=multiple or dkdp.compaction.ALIGN)
@@ -445,7 +457,8 @@ def main():
                         help="kd students' widths (default: protocol.KD_WIDTHS)")
     parser.add_argument("--targets", type=float, nargs="*", default=[0.5, 0.8, 0.9, 0.95])
     parser.add_argument("--structured", nargs="*", default=["macs:0.15", "int8:58000"],
-                        help="budgets of structured runs: params:F, macs:F or int8:BYTES, "
+                        help="budgets of structured runs: params:F, macs:F, latency:F or "
+                             "int8:BYTES, "
                              "each optionally /N for --unit-multiple N in that run alone")
     # Overrides of the library's defaults, for the method work.
     parser.add_argument("--finish-by", type=float, default=None)

@@ -12,9 +12,9 @@ measures a masked model after compacting it, as it will be deployed):
 - multiply-accumulates per example: Dense ``nonzero(kernel) * positions``,
   convolutions ``nonzero(kernel) * output positions`` (depthwise likewise);
   other layers count 0.
-- latency: with `latency_fit`, ``fixed_ms + ms_per_mac * kept_macs``, a line
-  fitted to the model timed at several widths on the runtime it will run on
-  (`dkdp_keras.latency`); without, ``dense_latency_ms * kept_macs /
+- latency: with `latency_fit`, ``fixed_ms + ms_per_mac * kept_macs +
+  ms_per_param * kept_params``, fitted to the model timed at several widths
+  on the runtime it will run on (`dkdp_keras.latency`); without, ``dense_latency_ms * kept_macs /
   dense_macs`` where `dense_latency_ms` is the model timed in Keras at batch
   1 (`measure_latency_ms`). Both are estimates from the kept MACs: zeros
   inside a kernel buy no speed until the model is compacted. The second
@@ -77,9 +77,10 @@ class Budget:
         max_latency_ms: at most this estimated batch-1 latency in ms. How
             it is estimated from the kept MACs: `latency_fit`.
         latency_fit: with `max_latency_ms`, the runtime to fit latency on,
-            "litert" or "keras" (`dkdp_keras.latency.fit_latency`: the
-            model timed at widths 1, 0.5, 0.25 and 0.125 before training,
-            the line ``fixed_ms + ms_per_mac × MACs`` fitted to the times),
+            "litert" or "keras" (`dkdp_keras.latency.fit_latency`: copies
+            of the model at several widths timed before training, and
+            ``fixed_ms + ms_per_mac × MACs + ms_per_param × parameters``
+            fitted to the times),
             or a `LatencyFit` of your own device's timings
             (`LatencyFit.from_timings`). None (the default): dense's Keras
             time × kept MACs / dense MACs, which a small model's fixed
@@ -176,7 +177,7 @@ class Budget:
             if "macs" in limits:
                 out["macs"] = macs
             if "latency_ms" in limits and self.latency_fit is not None:
-                out["latency_ms"] = self.fit_for(model).predict(macs)
+                out["latency_ms"] = self.fit_for(model).predict(macs, params)
             elif "latency_ms" in limits:
                 key = id(model)
                 if key not in self._dense_latency:
@@ -254,12 +255,12 @@ class Budget:
             )
         if self.max_latency_ms is not None and self.latency_fit is not None:
             fit = self.fit_for(model)
-            floor_ms = fit.predict(floor_macs)
+            floor_ms = fit.predict(floor_macs, floor_params)
             if self.max_latency_ms < floor_ms:
                 raise ValueError(
                     f"max_latency_ms={self.max_latency_ms} is below the {floor_ms:.4g} ms "
                     f"that model '{model.name}' would take at its narrowest on "
-                    f"{fit.runtime} ({fit}: {fit.fixed_ms:.4g} ms whatever the widths); "
+                    f"{fit.runtime} ({fit.fixed_ms:.4g} ms whatever the widths: {fit}); "
                     f"allow more than {floor_ms:.4g} ms, or use a smaller architecture.")
 
     def get_config(self):

@@ -1,18 +1,23 @@
-"""Batch-1 latency against MACs, fitted on the runtime a model will run on.
+"""Batch-1 latency against MACs and parameters, fitted on the runtime a
+model will run on.
 
-A pruned model's time is not its dense time × its share of the MACs: every
-inference also pays for the runtime's work per operator, whatever the
-widths. On this project's CPU in LiteRT, reference_cnn at ten sets of widths
-ran at 0.084× dense's time + 0.68× its MACs share, so at 7% of the MACs at
-0.13× dense, not 0.07× (benchmarks/RESULTS.md, 2026-12-07, sixth).
+A pruned model's time is not its dense time × its share of the MACs. Every
+inference also pays the runtime's work per operator, whatever the widths:
+on this project's CPU in LiteRT, reference_cnn at ten sets of widths ran at
+0.084× dense's time + 0.68× its MACs share, so at 7% of the MACs at 0.13×
+dense, not 0.07× (benchmarks/RESULTS.md, 2026-12-07, sixth). And a weight
+costs time as a MAC does where each is read once an inference: MobileNetV2's
+pruned files ran at 0.055 + 0.725 × MACs share + 0.217 × parameter share.
 
-`LatencyFit` is that line, ``ms ≈ fixed_ms + ms_per_mac × MACs``. There are
-two ways to get one:
-- `fit_latency(model)` builds copies of the model narrowed to a few widths
-  (`narrowing.width_copy`, every channel group alike), times each, and
-  fits the line;
-- `LatencyFit.from_timings(macs, ms)` fits timings taken elsewhere, on the
-  phone or board the model will run on.
+`LatencyFit` is that plane, ``ms ≈ fixed_ms + ms_per_mac × MACs +
+ms_per_param × parameters``, each term zero or above. Two ways to get one:
+- `fit_latency(model)` builds narrower copies of the model, times each and
+  fits the plane. Four copies have every channel group narrowed alike (widths
+  1, 0.5, 0.25, 0.125). A few more draw each group's width at random, since
+  pruning does not narrow every layer alike; without them MACs and
+  parameters shrink together and cannot be told apart.
+- `LatencyFit.from_timings(macs, ms, params=...)` fits timings taken
+  elsewhere, on the phone or board the model will run on.
 
 Pass the result, or the name of the runtime to time, to
 `Budget(max_latency_ms=..., latency_fit=...)`.
@@ -41,55 +46,89 @@ def measure_latency_ms(model, runs=50, warmup=5):
     return 1000.0 * float(np.median(times))
 
 
+def _nonnegative_lstsq(columns, y):
+    """Least squares of `y` on `columns` with every coefficient ≥ 0: the best
+    fit over each subset of the columns whose own fit is non-negative."""
+    columns = np.asarray(columns, dtype="float64")
+    best, coef = np.inf, np.zeros(columns.shape[1])
+    for subset in range(1, 2 ** columns.shape[1]):
+        cols = [j for j in range(columns.shape[1]) if subset >> j & 1]
+        c, *_ = np.linalg.lstsq(columns[:, cols], y, rcond=None)
+        if np.any(c < 0):
+            continue
+        full = np.zeros(columns.shape[1])
+        full[cols] = c
+        residual = float(np.sum((columns @ full - y) ** 2))
+        if residual < best * (1 - 1e-9):
+            best, coef = residual, full
+    return coef
+
+
 class LatencyFit:
-    """Batch-1 latency as ``fixed_ms + ms_per_mac × MACs``.
+    """Batch-1 latency as ``fixed_ms + ms_per_mac × MACs + ms_per_param ×
+    parameters``.
 
     Args:
-        fixed_ms: the time an inference takes whatever its MACs (ms, ≥ 0).
+        fixed_ms: the time an inference takes whatever its size (ms, ≥ 0).
         ms_per_mac: the time each multiply-accumulate adds (ms, ≥ 0).
-        points: the `(macs, ms)` timings it was fitted from, if any.
+        ms_per_param: the time each parameter adds (ms, ≥ 0).
+        points: the `(macs, params, ms)` timings it was fitted from, if any.
         runtime: where they were timed ("litert", "keras", or your name
             for a device).
     """
 
-    def __init__(self, fixed_ms, ms_per_mac, points=(), runtime="given"):
-        for name, value in (("fixed_ms", fixed_ms), ("ms_per_mac", ms_per_mac)):
+    def __init__(self, fixed_ms, ms_per_mac, ms_per_param=0.0, points=(), runtime="given"):
+        for name, value in (("fixed_ms", fixed_ms), ("ms_per_mac", ms_per_mac),
+                            ("ms_per_param", ms_per_param)):
             if not np.isfinite(value) or value < 0:
                 raise ValueError(f"LatencyFit: {name} must be a finite number ≥ 0, got "
                                  f"{value!r}.")
         self.fixed_ms = float(fixed_ms)
         self.ms_per_mac = float(ms_per_mac)
-        self.points = [(int(m), float(t)) for m, t in points]
+        self.ms_per_param = float(ms_per_param)
+        self.points = [(int(m), None if p is None else int(p), float(t)) for m, p, t in points]
         self.runtime = runtime
 
     @classmethod
-    def from_timings(cls, macs, ms, runtime="given"):
-        """Least-squares line through timings (MACs per example, ms) of
-        models of one architecture at several widths, both terms held at
-        zero or above. Two timings at different MACs at least."""
+    def from_timings(cls, macs, ms, params=None, runtime="given"):
+        """Least-squares plane through timings of models of one architecture
+        at several widths (MACs per example, ms, and the parameters of each
+        where given; without them the fit is of MACs alone), every term held
+        at zero or above. Two timings at different MACs at least."""
         macs = np.asarray(macs, dtype="float64")
         ms = np.asarray(ms, dtype="float64")
-        if macs.shape != ms.shape or macs.ndim != 1:
-            raise ValueError("LatencyFit.from_timings needs one time per MACs figure, two "
-                             f"lists of equal length; got {macs.shape} and {ms.shape}.")
+        given = None if params is None else np.asarray(params, dtype="float64")
+        if macs.shape != ms.shape or macs.ndim != 1 or (
+                given is not None and given.shape != macs.shape):
+            raise ValueError("LatencyFit.from_timings needs one time (and one parameter "
+                             "count, if any) per MACs figure, lists of equal length; got "
+                             f"{macs.shape}, {ms.shape}"
+                             + ("" if given is None else f" and {given.shape}") + ".")
         if len(np.unique(macs)) < 2 or not np.all(np.isfinite(ms)) or np.any(ms <= 0):
             raise ValueError(
                 "LatencyFit.from_timings needs positive times of at least two models of "
                 "different MACs (e.g. the model at widths 1, 0.5 and 0.25); got MACs "
                 f"{macs.tolist()} and ms {ms.tolist()}.")
-        slope, fixed = np.polyfit(macs, ms, 1)
-        if slope < 0:  # noise on a model whose time does not follow its MACs
-            slope, fixed = 0.0, float(np.mean(ms))
-        elif fixed < 0:  # through the origin instead
-            slope, fixed = float(macs @ ms / (macs @ macs)), 0.0
-        return cls(fixed, slope, zip(macs, ms), runtime)
+        # Columns scaled to at most 1, for a well-conditioned fit.
+        scale = [1.0, macs.max()] + ([] if given is None else [max(given.max(), 1.0)])
+        columns = np.stack([np.ones_like(macs), macs] + ([] if given is None else [given]), 1)
+        coef = _nonnegative_lstsq(columns / scale, ms) / scale
+        per_param = 0.0 if given is None else coef[2]
+        points = zip(macs, [None] * len(macs) if given is None else given, ms)
+        return cls(coef[0], coef[1], per_param, points, runtime)
 
-    def predict(self, macs):
-        """Estimated batch-1 latency in ms of a model with `macs` MACs."""
-        return self.fixed_ms + self.ms_per_mac * float(macs)
+    def predict(self, macs, params=None):
+        """Estimated batch-1 latency in ms of a model with `macs` MACs per
+        example and `params` parameters (needed when the fit has a
+        parameter term)."""
+        if params is None and self.ms_per_param > 0:
+            raise ValueError(f"{self!r} has a time per parameter: give params too.")
+        return (self.fixed_ms + self.ms_per_mac * float(macs)
+                + self.ms_per_param * float(params or 0))
 
     def get_config(self):
         return {"fixed_ms": self.fixed_ms, "ms_per_mac": self.ms_per_mac,
+                "ms_per_param": self.ms_per_param,
                 "points": [list(p) for p in self.points], "runtime": self.runtime}
 
     @classmethod
@@ -98,25 +137,49 @@ class LatencyFit:
 
     def __repr__(self):
         return (f"LatencyFit(fixed_ms={self.fixed_ms:.4g}, ms_per_mac={self.ms_per_mac:.4g}, "
-                f"runtime={self.runtime!r}, {len(self.points)} timings)")
+                f"ms_per_param={self.ms_per_param:.4g}, runtime={self.runtime!r}, "
+                f"{len(self.points)} timings)")
 
 
-def fit_latency(model, runtime="litert", widths=WIDTHS, runs=100, verbose=True):
-    """Time `model` narrowed to each of `widths` on `runtime` and fit a
+def _mixed_widths(model, widths, count, seed):
+    """`count` callables group -> factor, each group's factor drawn from
+    `widths`, no two groups all alike (that copy is one of the uniform
+    ones); none for a model of a single group to narrow."""
+    from dkdp_keras import depgraph
+
+    graph = depgraph.of(model)
+    groups = [g for g in graph.roots() if not graph.pinned[g]]
+    if len(groups) < 2:
+        return []
+    rng = np.random.default_rng(seed)
+    drawn = []
+    while len(drawn) < count:
+        factor = dict(zip(groups, rng.choice(widths, size=len(groups)).tolist()))
+        if len(set(factor.values())) > 1:
+            drawn.append(factor.get)
+    return drawn
+
+
+def fit_latency(model, runtime="litert", widths=WIDTHS, mixed=4, seed=0, runs=100,
+                verbose=True):
+    """Time copies of `model` at several widths on `runtime` and fit a
     `LatencyFit` to the times.
 
     Args:
         model: a built Sequential or Functional model (masked or not) with
-            a fixed input shape; its weights do not matter (a copy at each
-            width is built fresh: time does not depend on the weights).
+            a fixed input shape; its weights do not matter (each copy is
+            built fresh: time does not depend on the weights).
         runtime: "litert" (each copy exported as float32 `.tflite` and
             timed in the LiteRT interpreter, one thread, files interleaved)
             or "keras" (the Keras model called eagerly).
-        widths: channel-width factors of the copies (at least two).
+        widths: factors in (0, 1] of the copies whose channel groups are
+            all narrowed alike (at least two).
+        mixed: how many copies more have each group narrowed by a factor
+            drawn from `widths` (`seed` draws them).
         runs: timed invocations per copy (LiteRT; the median is kept).
         verbose: print a line per copy as it is timed.
     """
-    from dkdp_keras.counting import count_macs
+    from dkdp_keras.counting import count_macs, count_params
     from dkdp_keras.narrowing import width_copy
 
     if runtime not in RUNTIMES:
@@ -131,32 +194,34 @@ def fit_latency(model, runtime="litert", widths=WIDTHS, runs=100, verbose=True):
             f"{shape} has unknown dimensions. Build the model at the input size it will "
             "run at, or time it there yourself and pass LatencyFit.from_timings(macs, ms).")
     try:
-        copies = [width_copy(model, w, name=f"{model.name}_latency_w{w:g}") for w in widths]
+        factors = list(widths) + _mixed_widths(model, widths, mixed, seed)
+        names = [f"width {w:g}" for w in widths] + [
+            f"mixed widths {i + 1}" for i in range(len(factors) - len(widths))]
+        copies = [width_copy(model, f, name=f"{model.name}_latency_{i}")
+                  for i, f in enumerate(factors)]
     except ValueError as err:
         raise ValueError(
             f"fit_latency times narrower copies of model '{model.name}' and cannot build "
             f"them: {err} Time the model at a few widths yourself and pass "
             "LatencyFit.from_timings(macs, ms).") from err
     macs = [count_macs(c, nonzero=False) for c in copies]
+    params = [count_params(c, nonzero=False) for c in copies]
     say = print if verbose else (lambda *_: None)
     if runtime == "keras":
-        ms = []
-        for w, copy, m in zip(widths, copies, macs):
-            ms.append(measure_latency_ms(copy))
-            say(f"fit_latency: width {w:g}, {m:,} MACs: {ms[-1]:.4g} ms (Keras)")
+        ms = [measure_latency_ms(copy) for copy in copies]
     else:
         from dkdp_keras.export import _convert, measure_tflite_latencies_ms
 
         with tempfile.TemporaryDirectory() as tmp:
             paths = []
-            for i, (w, copy) in enumerate(zip(widths, copies)):
-                say(f"fit_latency: exporting width {w:g} ({i + 1} of {len(widths)})")
-                paths.append(f"{tmp}/w{i}.tflite")
+            for i, (name, copy) in enumerate(zip(names, copies)):
+                say(f"fit_latency: exporting the copy at {name} ({i + 1} of {len(copies)})")
+                paths.append(f"{tmp}/copy{i}.tflite")
                 with open(paths[-1], "wb") as f:
                     f.write(_convert(copy, None, None, False, False, None))
             ms = measure_tflite_latencies_ms(paths, runs=runs)
-        for w, m, t in zip(widths, macs, ms):
-            say(f"fit_latency: width {w:g}, {m:,} MACs: {t:.4g} ms (LiteRT)")
-    fit = LatencyFit.from_timings(macs, ms, runtime)
+    for name, m, p, t in zip(names, macs, params, ms):
+        say(f"fit_latency: {name}: {m:,} MACs, {p:,} parameters, {t:.4g} ms ({runtime})")
+    fit = LatencyFit.from_timings(macs, ms, params=params, runtime=runtime)
     say(f"fit_latency: {fit}")
     return fit

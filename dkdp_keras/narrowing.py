@@ -16,12 +16,13 @@ from dkdp_keras.graph import _clone, check_graph_model, is_strippable
 
 
 def group_widths(model, width):
-    """Group -> its width in the narrower copy: `width` times, at least one
-    channel, except the groups that keep theirs (any that is pinned)."""
+    """Group -> its width in the narrower copy: `width` times (`width(group)`
+    times when it is a callable), at least one channel, except the groups
+    that keep theirs (any that is pinned)."""
     graph = depgraph.of(model)
     return {
         group: graph.size[group] if graph.pinned[group]
-        else max(1, int(round(graph.size[group] * width)))
+        else max(1, int(round(graph.size[group] * (width(group) if callable(width) else width))))
         for group in graph.roots()
     }
 
@@ -33,7 +34,8 @@ def width_copy(model, width, name=None):
 
     Args:
         model: a built Sequential or Functional model (masked or not).
-        width: factor in (0, 1] (or larger, for a wider copy).
+        width: factor in (0, 1] (or larger, for a wider copy), or a
+            callable group -> factor for groups of different widths.
         name: name of the copy (default: `<model.name>_w<width>`).
     """
     check_graph_model(model)
@@ -71,5 +73,5 @@ def width_copy(model, width, name=None):
         return cls.from_config(config)
 
     copy, _ = _clone(model, clone_function)
-    copy.name = name or f"{model.name}_w{width:g}"
+    copy.name = name or (f"{model.name}_mixed" if callable(width) else f"{model.name}_w{width:g}")
     return copy

@@ -463,6 +463,27 @@ def test_a_structured_budget_can_step_its_own_widths(monkeypatch):
     assert callback.unit_multiple == 16
 
 
+def test_a_latency_budget_is_a_share_of_dense_time_on_the_fitted_plane(monkeypatch):
+    # "latency:0.1": a tenth of the dense copy's LiteRT time, estimated with
+    # the plane dkdp.fit_latency fitted on this machine (stubbed here: the
+    # timing is the benchmark's, not a test's).
+    import dkdp_keras as dkdp
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import train_keras3
+
+    fit = dkdp.LatencyFit(0.005, 2e-8, 3e-8, points=[(4_643_840, 824_746, 0.12),
+                                                      (97_536, 13_278, 0.009)])
+    asked = []
+    monkeypatch.setattr(dkdp, "fit_latency", lambda model, runtime: asked.append(runtime) or fit)
+    model = dkdp.zoo.reference_cnn()
+    budget, label = train_keras3.structured_budget("latency:0.1", model)
+    assert asked == ["litert"] and label == "0.1 LiteRT latency"
+    assert budget.max_latency_ms == pytest.approx(0.012) and budget.latency_fit is fit
+    with pytest.raises(SystemExit, match="latency:F"):
+        train_keras3.structured_budget("time:0.1", model)
+
+
 def test_paired_times_goes_on_from_the_pairs_an_interrupted_run_wrote(monkeypatch, tmp_path):
     # A reference_cnn cost set is hours of training on 2 cores: each pair is
     # written as it ends, a second run with the same --out trains only the

@@ -380,7 +380,7 @@ def test_a_latency_budget_under_the_runtimes_fixed_time_is_refused_before_traini
     assert cli.main(["run", "--dataset", data, "--model", "lenet_300_100",
                      "--max-latency-ms", "1e-6", "--out", str(tmp_path / "o")]) == 2
     captured = capsys.readouterr()
-    assert "fit_latency: width 0.125" in captured.out  # the timing was shown as it ran
+    assert "fit_latency: width 0.125: " in captured.out  # the timing was shown as it ran
     # LiteRT's own log line ("INFO: Created TensorFlow Lite XNNPACK delegate")
     # is the interpreter's, on stderr whatever Python does.
     err = [line for line in captured.err.splitlines() if not line.startswith("INFO: ")]

@@ -27,8 +27,20 @@ def test_a_line_through_timings_is_recovered_and_held_at_zero_or_above():
     fit = LatencyFit.from_timings(macs, [0.005 + 2e-8 * m for m in macs], runtime="phone")
     assert fit.fixed_ms == pytest.approx(0.005) and fit.ms_per_mac == pytest.approx(2e-8)
     assert fit.predict(500_000) == pytest.approx(0.015)
-    assert fit.points == [(4_000_000, pytest.approx(0.085)), (1_000_000, pytest.approx(0.025)),
-                          (250_000, pytest.approx(0.01))]
+    assert fit.ms_per_param == 0 and fit.points == [
+        (4_000_000, None, pytest.approx(0.085)), (1_000_000, None, pytest.approx(0.025)),
+        (250_000, None, pytest.approx(0.01))]
+    # With parameters: the plane MobileNetV2's files followed (a weight read
+    # once an inference costs as a MAC does), recovered from widths that
+    # keep MACs and parameters apart.
+    macs, params = [6e6, 3e6, 3e6, 1e6, 2e6], [2.2e6, 6e5, 1.5e6, 1.6e5, 1.2e6]
+    plane = LatencyFit.from_timings(macs, [0.011 + 3e-8 * m + 2e-8 * p
+                                           for m, p in zip(macs, params)], params=params)
+    assert (plane.fixed_ms, plane.ms_per_mac, plane.ms_per_param) == (
+        pytest.approx(0.011), pytest.approx(3e-8), pytest.approx(2e-8))
+    assert plane.predict(1e6, 1e6) == pytest.approx(0.061)
+    with pytest.raises(ValueError, match="time per parameter: give params too"):
+        plane.predict(1e6)
     # Times that fall as MACs grow (noise on a model whose time its MACs do
     # not set): no slope, the mean time.
     flat = LatencyFit.from_timings([1e6, 2e6, 3e6], [5.4, 5.3, 5.2])
@@ -44,7 +56,7 @@ def test_a_line_through_timings_is_recovered_and_held_at_zero_or_above():
 @pytest.mark.parametrize("macs,ms,text", [
     ([1e6, 1e6], [1.0, 2.0], "at least two models of different MACs"),
     ([1e6, 2e6], [1.0, 0.0], "positive times"),
-    ([1e6, 2e6], [1.0], "two lists of equal length"),
+    ([1e6, 2e6], [1.0], "lists of equal length"),
 ])
 def test_timings_that_cannot_fit_a_line_are_refused(macs, ms, text):
     with pytest.raises(ValueError, match=text):
@@ -63,16 +75,18 @@ def test_a_budget_refuses_a_latency_fit_it_cannot_use(kwargs, text):
 
 def test_a_budget_estimates_latency_with_the_fit_and_refuses_what_no_pruning_reaches():
     model = dkdp.prunable(small_cnn())
-    fit = LatencyFit(0.004, 1e-7)
-    budget = dkdp.Budget(max_latency_ms=0.02, latency_fit=fit)
+    fit = LatencyFit(0.004, 1e-7, 1e-6)
+    budget = dkdp.Budget(max_latency_ms=0.03, latency_fit=fit)
     first = dkdp.masked_layers(model)[0]
     mask = np.ones(first.kernel.shape, "float32")
     mask[..., :8] = 0.0  # half the first convolution's filters: the next one's inputs too
     first.kernel_mask.assign(mask)
-    macs = dkdp.count_macs(dkdp.compact(model))
+    small = dkdp.compact(model)
+    macs, params = dkdp.count_macs(small), dkdp.count_params(small)
     assert macs < dkdp.count_macs(model, nonzero=False)
-    assert budget.measure(model)["latency_ms"] == pytest.approx(0.004 + 1e-7 * macs)
-    assert budget.usage(model)["latency_ms"] == pytest.approx((0.004 + 1e-7 * macs) / 0.02)
+    expected = 0.004 + 1e-7 * macs + 1e-6 * params
+    assert budget.measure(model)["latency_ms"] == pytest.approx(expected)
+    assert budget.usage(model)["latency_ms"] == pytest.approx(expected / 0.03)
     budget.check_feasible(model)
     # Under the fixed time every inference pays: refused before training,
     # with the fit named.
@@ -91,7 +105,7 @@ def test_adaptive_prunes_to_a_latency_budget_of_a_fit_in_the_same_fit():
     model = dkdp.DKDPModel(two_hidden_mlp())
     model.compile(optimizer=keras.optimizers.Adam(1e-2), loss=CE, metrics=["accuracy"])
     dense_macs = dkdp.count_macs(model.teacher, nonzero=False)
-    fit = LatencyFit(0.001, 1e-6, runtime="device")
+    fit = LatencyFit(0.001, 1e-6, runtime="device")  # MACs alone, as a device's timings give
     limit = fit.predict(0.3 * dense_macs)  # 0.3 of the MACs, plus the fixed time
     budget = dkdp.Budget(max_latency_ms=limit, latency_fit=fit)
     cb = dkdp.DKDPCallback(threshold=thresholds.Adaptive(budget, tolerance=0.2), verbose=0)
@@ -105,22 +119,26 @@ def test_adaptive_prunes_to_a_latency_budget_of_a_fit_in_the_same_fit():
 
 def test_fit_latency_times_narrower_copies_on_litert():
     model = dkdp.prunable(small_cnn())
-    fit = fit_latency(model, "litert", widths=(1.0, 0.5, 0.25), runs=20, verbose=False)
-    macs = [m for m, _ in fit.points]
-    assert macs[0] == dkdp.count_macs(model, nonzero=False)
-    assert macs[0] > macs[1] > macs[2] > 0
-    assert all(t > 0 for _, t in fit.points)
-    assert fit.runtime == "litert" and fit.fixed_ms >= 0 and fit.ms_per_mac >= 0
-    # The fit is the least-squares line of its points (or held at zero).
-    line = LatencyFit.from_timings(*zip(*fit.points))
-    assert (line.fixed_ms, line.ms_per_mac) == (fit.fixed_ms, fit.ms_per_mac)
+    fit = fit_latency(model, "litert", widths=(1.0, 0.5, 0.25), mixed=3, runs=20,
+                      verbose=False)
+    macs, params, ms = zip(*fit.points)
+    assert len(fit.points) == 6 and macs[0] == dkdp.count_macs(model, nonzero=False)
+    assert macs[0] > macs[1] > macs[2] > 0 and params[0] > params[1] > params[2]
+    # Groups narrowed apart: MACs and parameters do not shrink together.
+    assert len({round(m / p, 3) for m, p in zip(macs, params)}) >= 4
+    assert all(t > 0 for t in ms)
+    assert fit.runtime == "litert" and min(fit.fixed_ms, fit.ms_per_mac, fit.ms_per_param) >= 0
+    # The fit is the least-squares plane of its points (terms held at zero or above).
+    again = LatencyFit.from_timings(macs, ms, params=params)
+    assert (again.fixed_ms, again.ms_per_mac, again.ms_per_param) == (
+        fit.fixed_ms, fit.ms_per_mac, fit.ms_per_param)
 
 
 def test_fit_latency_builds_keras_applications_copies_and_refuses_what_it_cannot_time():
     net = keras.applications.MobileNetV2(input_shape=(32, 32, 3), alpha=0.35, weights=None,
                                          classes=10, classifier_activation=None)
-    fit = fit_latency(net, "keras", widths=(1.0, 0.5), verbose=False)
-    (wide, _), (narrow, _) = fit.points
+    fit = fit_latency(net, "keras", widths=(1.0, 0.5), mixed=1, verbose=False)
+    (wide, _, _), (narrow, _, _), _ = fit.points
     assert wide == dkdp.count_macs(net, nonzero=False) and 0 < narrow < 0.5 * wide
     with pytest.raises(ValueError, match="runtime must be one of"):
         fit_latency(net, "gpu")
