@@ -311,7 +311,7 @@ def dkdp_callback(granularity, budget, args, run=None, multiple=None, resource_a
     return callback, importance
 
 
-def structured_budget(spec, model):
+def structured_budget(spec, model, latency_fit=None):
     """"params:0.1" (fraction of dense parameters), "macs:0.15" (fraction of
     dense MACs), "latency:0.1" (fraction of dense's batch-1 LiteRT time, as
     `dkdp.fit_latency` estimates it) or "int8:58000" (bytes of int8
@@ -326,13 +326,25 @@ def structured_budget(spec, model):
     if kind == "int8":
         return dkdp.Budget(max_bytes=int(value), bytes_per_param=1), f"{value / 1000:g} kB int8"
     if kind == "latency":
-        # dkdp.fit_latency on this machine; F of its time for the dense copy.
-        fit = dkdp.fit_latency(model, "litert")
+        # dkdp.fit_latency on this machine (or the plane of an earlier run:
+        # the fixed time moved by a third between two passes here), F of
+        # its time for the dense copy.
+        fit = dkdp.fit_latency(model, "litert") if latency_fit is None else latency_fit
         dense_ms = fit.points[0][2]
         return (dkdp.Budget(max_latency_ms=value * dense_ms, latency_fit=fit),
                 f"{value:g} LiteRT latency")
     raise SystemExit(f"unknown structured budget {spec!r}: params:F, macs:F, latency:F or "
                      "int8:BYTES")
+
+
+def latency_fit(path):
+    """The `LatencyFit` of a `.json` of a row that holds one ("latency_fit",
+    as this script writes for a latency budget), or None."""
+    if path is None:
+        return None
+    text = pathlib.Path(path).read_text()
+    row = json.loads(text.splitlines()[0] if path.endswith(".jsonl") else text)
+    return dkdp.LatencyFit.from_config(row["latency_fit"])
 
 
 def unit_multiple(granularity, spec, given=None):
@@ -359,7 +371,7 @@ def system_dkdp(run, args):
     for granularity, spec, target in jobs:
         spec, multiple = unit_multiple(granularity, spec, args.unit_multiple)
         kind = "unstructured" if granularity == "weight" else "structured"
-        budget, label = structured_budget(spec, run.build())
+        budget, label = structured_budget(spec, run.build(), latency_fit(args.latency_fit))
         stem = f"dkdp-{kind}-{spec.replace(':', '-')}"
         if multiple is not None:
             stem += f"-multiple-{multiple}"
@@ -471,6 +483,9 @@ def main():
                         help="structured runs: widths step by this many units "
                              "(DKDPCallback's unit_multiple, default 16) and are compacted "
                              "to multiples of it (1: no zero channels, the smallest file)")
+    parser.add_argument("--latency-fit", default=None,
+                        help="a row (.json/.jsonl) whose latency_fit a latency:F budget uses "
+                             "instead of fitting on this machine again")
     parser.add_argument("--resource-aware", action="store_true",
                         help="structured runs: rank units per share of the budget they take "
                              "(DKDPCallback(resource_aware=True))")

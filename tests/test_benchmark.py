@@ -463,7 +463,7 @@ def test_a_structured_budget_can_step_its_own_widths(monkeypatch):
     assert callback.unit_multiple == 16
 
 
-def test_a_latency_budget_is_a_share_of_dense_time_on_the_fitted_plane(monkeypatch):
+def test_a_latency_budget_is_a_share_of_dense_time_on_the_fitted_plane(monkeypatch, tmp_path):
     # "latency:0.1": a tenth of the dense copy's LiteRT time, estimated with
     # the plane dkdp.fit_latency fitted on this machine (stubbed here: the
     # timing is the benchmark's, not a test's).
@@ -482,6 +482,16 @@ def test_a_latency_budget_is_a_share_of_dense_time_on_the_fitted_plane(monkeypat
     assert budget.max_latency_ms == pytest.approx(0.012) and budget.latency_fit is fit
     with pytest.raises(SystemExit, match="latency:F"):
         train_keras3.structured_budget("time:0.1", model)
+    # --latency-fit: an earlier run's plane, not a new fit (the fixed time
+    # moved by a third between two passes on this machine).
+    row = tmp_path / "row.json"
+    row.write_text(json.dumps({"budget": "latency:0.1", "latency_fit": fit.get_config()},
+                              indent=1))
+    again, _ = train_keras3.structured_budget("latency:0.2", model,
+                                              train_keras3.latency_fit(str(row)))
+    assert asked == ["litert"] and again.max_latency_ms == pytest.approx(0.024)
+    assert again.latency_fit.get_config() == fit.get_config()
+    assert train_keras3.latency_fit(None) is None
 
 
 def test_paired_times_goes_on_from_the_pairs_an_interrupted_run_wrote(monkeypatch, tmp_path):
