@@ -4,8 +4,8 @@ the MACs share).
 
 The model is fitted on this machine (copies at several widths, timed in
 LiteRT). Then the given files are timed in one pass with dense's file
-first. Each file's MACs and parameters come from the `.json` beside it
-(`train_keras3.py` writes them). This machine's speed has two states
+first. Each file's MACs and parameters are of its shapes, counted on the
+compacted `.keras` beside it (`train_keras3.py` writes it). This machine's speed has two states
 (RESULTS.md, 2026-12-07, second), so predictions are compared as ratios to
 dense: the fit's prediction for a file over its prediction for dense,
 against the measured ratio of the pass.
@@ -30,6 +30,17 @@ import protocol  # noqa: E402
 
 
 def counts(path):
+    """(MACs, parameters) of the file's shapes, zeros included (what the
+    runtime computes; `Budget` estimates latency from them): from the
+    compacted `.keras` beside it, else the `.json`'s non-zero counts."""
+    keras_file = pathlib.Path(path).with_suffix(".keras")
+    if keras_file.is_file():
+        import keras
+
+        import dkdp_keras as dkdp
+
+        model = keras.models.load_model(keras_file, compile=False)
+        return dkdp.count_macs(model, nonzero=False), dkdp.count_params(model, nonzero=False)
     info = json.loads(pathlib.Path(path).with_suffix(".json").read_text())
     return info["macs"], info["params"]
 

@@ -25,7 +25,7 @@ measures a masked model after compacting it, as it will be deployed):
 import numpy as np
 
 from dkdp_keras import _validation
-from dkdp_keras.compaction import compact
+from dkdp_keras.compaction import Counts, compact
 from dkdp_keras.compaction import deployed_counts as _compacted_counts
 from dkdp_keras.counting import (  # noqa: F401  (part of this module's API)
     _positions,
@@ -56,7 +56,8 @@ def deployed_counts(model, masks=None, snapshot=None):
     them, and with `snapshot` from its weights read once
     (`compaction.deployed_counts`)."""
     if not any(is_masked(layer) for layer in iter_layers(model)):
-        return count_params(model, nonzero=True), count_macs(model, nonzero=True)
+        return Counts(count_params(model, nonzero=True), count_macs(model, nonzero=True),
+                      (count_params(model, nonzero=False), count_macs(model, nonzero=False)))
     return _compacted_counts(model, masks, snapshot)
 
 
@@ -165,10 +166,14 @@ class Budget:
         (`dkdp_keras.compact`), so that the inputs a removed unit fed in the
         next layer count as removed too, then counted over non-zeros.
         `counts`: `deployed_counts(model)` when the caller has them already.
+        A latency on a `latency_fit` is estimated from the compacted
+        model's shapes instead (`Counts.computed`): the runtime computes
+        the zero channels `compact` keeps for alignment too.
         """
         limits = self.limits()
         out = {}
-        params, macs = deployed_counts(model) if counts is None else counts
+        counts = deployed_counts(model) if counts is None else counts
+        params, macs = counts
         if "params" in limits or "bytes" in limits:
             out["params"] = params
             if "bytes" in limits:
@@ -177,7 +182,9 @@ class Budget:
             if "macs" in limits:
                 out["macs"] = macs
             if "latency_ms" in limits and self.latency_fit is not None:
-                out["latency_ms"] = self.fit_for(model).predict(macs, params)
+                # Time follows the shapes the runtime computes, zeros included.
+                shape_params, shape_macs = getattr(counts, "computed", (params, macs))
+                out["latency_ms"] = self.fit_for(model).predict(shape_macs, shape_params)
             elif "latency_ms" in limits:
                 key = id(model)
                 if key not in self._dense_latency:

@@ -227,18 +227,33 @@ def deployed_counts(model, masks=None, snapshot=None):
     plan = _plan(model, masks, snapshot)
     if isinstance(plan, str):
         small = strip(model)
-        return count_params(small), count_macs(small)
-    params = macs = 0
+        return Counts(count_params(small), count_macs(small),
+                      (count_params(small, nonzero=False), count_macs(small, nonzero=False)))
+    params = macs = shape_params = shape_macs = 0
     for node in plan.graph.nodes:
         layer = node.op
         if is_operation(layer) or isinstance(layer, keras.layers.InputLayer):
             continue
         weights = plan.weights(layer)
         params += sum(int(np.count_nonzero(w)) for w in weights)
+        shape_params += sum(int(w.size) for w in weights)
         if is_kernel_layer(layer):
             macs += int(np.count_nonzero(weights[0])) * positions(layer)
+            shape_macs += int(weights[0].size) * positions(layer)
     warn_guessed(model)
-    return params, macs
+    return Counts(params, macs, (shape_params, shape_macs))
+
+
+class Counts(tuple):
+    """`(non-zero parameters, MACs per example)` of a compacted model, and in
+    `computed` the same of its shapes, zeros included: what a runtime stores
+    and computes (the zero channels `compact` keeps for alignment, the zeros
+    of a pruned kernel), which a latency estimate needs."""
+
+    def __new__(cls, params, macs, computed=None):
+        counts = super().__new__(cls, (params, macs))
+        counts.computed = (params, macs) if computed is None else tuple(computed)
+        return counts
 
 
 def _with_masks(model, masks, snapshot=None):

@@ -82,7 +82,8 @@ def test_a_budget_estimates_latency_with_the_fit_and_refuses_what_no_pruning_rea
     mask[..., :8] = 0.0  # half the first convolution's filters: the next one's inputs too
     first.kernel_mask.assign(mask)
     small = dkdp.compact(model)
-    macs, params = dkdp.count_macs(small), dkdp.count_params(small)
+    # Time follows shapes: zero biases and weights are computed all the same.
+    macs, params = dkdp.count_macs(small, nonzero=False), dkdp.count_params(small, nonzero=False)
     assert macs < dkdp.count_macs(model, nonzero=False)
     expected = 0.004 + 1e-7 * macs + 1e-6 * params
     assert budget.measure(model)["latency_ms"] == pytest.approx(expected)
@@ -100,6 +101,30 @@ def test_a_budget_estimates_latency_with_the_fit_and_refuses_what_no_pruning_rea
     assert "LatencyFit(fixed_ms=0.004" in repr(budget)
 
 
+def test_a_latency_estimate_counts_the_zero_channels_compaction_keeps_for_alignment():
+    # reference_cnn cut to 20/40/100 units compacts to 20/48/112: XNNPACK's
+    # multiples of 16 in layers of 64 units or more. The file computes those
+    # zero channels; a latency estimate must count them, a MACs budget not.
+    model = dkdp.prunable(dkdp.zoo.reference_cnn())
+    for layer, keep in zip(dkdp.masked_layers(model), (20, 40, 100)):
+        mask = np.ones(layer.kernel.shape, "float32")
+        mask[..., keep:] = 0.0
+        layer.kernel_mask.assign(mask)
+    small = dkdp.compact(model)
+    assert [layer.kernel.shape[-1] for layer in small.layers if hasattr(layer, "kernel")] == [
+        20, 48, 112, 10]
+    shapes = (dkdp.count_macs(small, nonzero=False), dkdp.count_params(small, nonzero=False))
+    fit = LatencyFit(0.01, 1e-8, 2e-8)
+    budget = dkdp.Budget(max_latency_ms=1.0, max_macs=1e9, latency_fit=fit)
+    measured = budget.measure(model)
+    assert measured["macs"] == dkdp.count_macs(small) < shapes[0]  # non-zeros only
+    assert measured["latency_ms"] == pytest.approx(fit.predict(*shapes))
+    counts = dkdp.budget.deployed_counts(model)
+    assert counts.computed == shapes[::-1] and tuple(counts) == (dkdp.count_params(small),
+                                                                 measured["macs"])
+    assert budget.measure(model, counts=counts) == measured
+
+
 def test_adaptive_prunes_to_a_latency_budget_of_a_fit_in_the_same_fit():
     x, y = sign_data(256, 0)
     model = dkdp.DKDPModel(two_hidden_mlp())
@@ -111,7 +136,8 @@ def test_adaptive_prunes_to_a_latency_budget_of_a_fit_in_the_same_fit():
     cb = dkdp.DKDPCallback(threshold=thresholds.Adaptive(budget, tolerance=0.2), verbose=0)
     model.fit(x, y, epochs=6, batch_size=32, verbose=0, callbacks=[cb],
               validation_data=(x[:64], y[:64]))
-    kept = dkdp.count_macs(dkdp.compact(model.teacher))
+    small = dkdp.compact(model.teacher)
+    kept = dkdp.count_macs(small, nonzero=False)  # the shapes: what the runtime computes
     assert kept <= 0.3 * dense_macs
     assert budget.measure(model.teacher)["latency_ms"] == pytest.approx(fit.predict(kept))
     assert budget.is_met(model.teacher)

@@ -15,7 +15,8 @@ from keras import ops
 
 from dkdp_keras import _validation, importance
 from dkdp_keras.budget import Budget, deployed
-from dkdp_keras.counting import count_macs, has_unknown_positions, set_reference
+from dkdp_keras.compaction import Counts
+from dkdp_keras.counting import count_macs, count_params, has_unknown_positions, set_reference
 from dkdp_keras.prunable import is_kernel_layer, iter_layers
 from dkdp_keras.thresholds.mechanism import MaskPool
 from dkdp_keras.thresholds.schedules import SparsityPolicy
@@ -431,7 +432,8 @@ def check_reachable(budget, pruner):
                 values = ops.convert_to_numpy(variable)
                 params += (int(np.count_nonzero(values)) if variable is kernel
                            else values.size)
-        return budget.usage(teacher, counts=(params, count_macs(small)))
+        shapes = (count_params(small, nonzero=False), count_macs(small, nonzero=False))
+        return budget.usage(teacher, counts=Counts(params, count_macs(small), shapes))
 
     used = pruner.measure_with(pruner.expand(pool.masks(MAX_SPARSITY)).masks, usage)
     over = {k: v for k, v in used.items() if v > 1.0}
