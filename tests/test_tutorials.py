@@ -35,6 +35,7 @@ WRITES = {
         "tutorial_03/model_float16.tflite",
         "tutorial_03/model_int8.tflite",
         "tutorial_03/model_mcu.tflite",
+        "tutorial_03/model_latency.tflite",
         "tutorial_03/model_data.cc",
     ],
     "04_continual_learning": [],
