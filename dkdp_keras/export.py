@@ -4,14 +4,12 @@ import dataclasses
 import gzip
 import os
 import secrets
-import tempfile
-import time
 import warnings
 
 import keras
 import numpy as np
 
-from dkdp_keras import _data_checks, _validation, sparse_format
+from dkdp_keras import _data_checks, _validation, litert, sparse_format
 from dkdp_keras.compaction import ALIGN, compact
 from dkdp_keras.prunable import check_graph_model, masked_layers
 
@@ -168,16 +166,7 @@ def _float32_copy(model, policy):
 def _convert(model, quantize, representative, sparsity, int8_io, fixed_batch):
     import tensorflow as tf
 
-    signature = None
-    if fixed_batch:
-        signature = [
-            keras.InputSpec(shape=(1,) + tuple(t.shape[1:]), dtype=t.dtype)
-            for t in model.inputs
-        ]
-    with tempfile.TemporaryDirectory() as tmp:
-        model.export(tmp, format="tf_saved_model", verbose=False,
-                     input_signature=signature)
-        converter = tf.lite.TFLiteConverter.from_saved_model(tmp)
+    def configure(converter):
         optimizations = []
         if quantize in ("dynamic", "float16", "int8"):
             optimizations.append(tf.lite.Optimize.DEFAULT)
@@ -201,19 +190,14 @@ def _convert(model, quantize, representative, sparsity, int8_io, fixed_batch):
             if int8_io:
                 converter.inference_input_type = tf.int8
                 converter.inference_output_type = tf.int8
-        return converter.convert()
 
-
-def _interpreter(path):
-    from ai_edge_litert.interpreter import Interpreter
-
-    return Interpreter(model_path=str(path), num_threads=1)
+    return litert.convert(model, configure, fixed_batch=fixed_batch)
 
 
 def _run(path, x):
     """TFLite outputs for `x`, one example at a time (batch 1), float; `x`
     quantized for an int8/uint8 input, else cast to the input's type."""
-    interp = _interpreter(path)
+    interp = litert.interpreter(path)
     interp.allocate_tensors()
     inp = interp.get_input_details()[0]
     out = interp.get_output_details()[0]
@@ -234,40 +218,10 @@ def _run(path, x):
     return np.concatenate(results)
 
 
-def measure_tflite_latency_ms(path, runs=100, warmup=10, batch=1):
-    """Median wall time of one invocation (one thread) of a `.tflite` file on
-    zeros of the input's shape with the given batch size, in ms."""
-    return measure_tflite_latencies_ms([path], runs, warmup, batch, rounds=1)[0]
-
-
-def measure_tflite_latencies_ms(paths, runs=100, warmup=10, batch=1, rounds=5):
-    """`measure_tflite_latency_ms` of several files, interleaved: after each
-    file's `warmup`, `rounds` rounds each time every file `runs / rounds`
-    times, so that a machine whose speed drifts during the measurement
-    slows every file alike. Each file's figure is still the median of
-    `runs` invocations."""
-    runs = int(runs)
-    rounds = max(1, min(int(rounds), runs))
-    setups = []
-    for path in paths:
-        interp = _interpreter(path)
-        inp = interp.get_input_details()[0]
-        shape = [batch] + list(inp["shape"][1:])
-        interp.resize_tensor_input(inp["index"], shape)
-        interp.allocate_tensors()
-        interp.set_tensor(inp["index"], np.zeros(shape, dtype=inp["dtype"]))
-        for _ in range(warmup):
-            interp.invoke()
-        setups.append(interp)
-    times = [[] for _ in paths]
-    for r in range(rounds):
-        share = runs // rounds + (1 if r < runs % rounds else 0)
-        for interp, record in zip(setups, times):
-            for _ in range(share):
-                start = time.perf_counter()
-                interp.invoke()
-                record.append(time.perf_counter() - start)
-    return [1000.0 * float(np.median(t)) for t in times]
+#: Timing and the interpreter live in `dkdp_keras.litert`; their names here
+#: are the ones the package has always had.
+measure_tflite_latency_ms = litert.measure_latency_ms
+measure_tflite_latencies_ms = litert.measure_latencies_ms
 
 
 def export_tflite(model, path, quantize=None, representative_data=None,

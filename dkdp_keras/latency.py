@@ -210,7 +210,7 @@ def fit_latency(model, runtime="litert", widths=WIDTHS, mixed=4, seed=0, runs=10
     if runtime == "keras":
         ms = [measure_latency_ms(copy) for copy in copies]
     else:
-        from dkdp_keras.export import _convert, measure_tflite_latencies_ms
+        from dkdp_keras import litert
 
         with tempfile.TemporaryDirectory() as tmp:
             paths = []
@@ -218,8 +218,8 @@ def fit_latency(model, runtime="litert", widths=WIDTHS, mixed=4, seed=0, runs=10
                 say(f"fit_latency: exporting the copy at {name} ({i + 1} of {len(copies)})")
                 paths.append(f"{tmp}/copy{i}.tflite")
                 with open(paths[-1], "wb") as f:
-                    f.write(_convert(copy, None, None, False, False, None))
-            ms = measure_tflite_latencies_ms(paths, runs=runs)
+                    f.write(litert.convert(copy))
+            ms = litert.measure_latencies_ms(paths, runs=runs)
     for name, m, p, t in zip(names, macs, params, ms):
         say(f"fit_latency: {name}: {m:,} MACs, {p:,} parameters, {t:.4g} ms ({runtime})")
     fit = LatencyFit.from_timings(macs, ms, params=params, runtime=runtime)

@@ -12,7 +12,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "dkdp_keras"
 #: Bottom first. A module may import the modules of earlier entries only;
 #: modules in one entry import none of each other.
 LAYERS = [
-    ("_version", "_validation", "guard", "thresholds.ordering", "sparse_format"),
+    ("_version", "_validation", "guard", "thresholds.ordering", "sparse_format", "litert"),
     ("layers.base",),
     ("layers.batch_normalization", "layers.conv", "layers.dense", "layers.depthwise_conv"),
     ("layers",),
@@ -21,6 +21,7 @@ LAYERS = [
     ("depgraph",),
     ("counting", "narrowing"),
     ("compaction",),
+    ("latency",),
     ("budget",),
     ("regrowth",),
     ("importance.base",),

@@ -190,7 +190,7 @@ def test_latencies_of_several_files_are_measured_interleaved(monkeypatch):
     rounds that visit every file in turn (a machine whose speed drifts
     during the pass slows every file alike); each figure is the median of
     that file's own invocations."""
-    from dkdp_keras import export
+    from dkdp_keras import export, litert
 
     calls = []
     now = [0.0]  # a fake clock: each invocation lasts its file's cost (s)
@@ -216,8 +216,8 @@ def test_latencies_of_several_files_are_measured_interleaved(monkeypatch):
             now[0] += self.cost
 
     costs = {"a.tflite": 1, "b.tflite": 3}
-    monkeypatch.setattr(export, "_interpreter", lambda path: FakeInterpreter(path, costs[path]))
-    monkeypatch.setattr(export.time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(litert, "interpreter", lambda path: FakeInterpreter(path, costs[path]))
+    monkeypatch.setattr(litert.time, "perf_counter", lambda: now[0])
     medians = export.measure_tflite_latencies_ms(["a.tflite", "b.tflite"], runs=7,
                                                  warmup=2, rounds=3)
     assert medians == [1000.0, 3000.0]
