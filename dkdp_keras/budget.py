@@ -12,14 +12,13 @@ measures a masked model after compacting it, as it will be deployed):
 - multiply-accumulates per example: Dense ``nonzero(kernel) * positions``,
   convolutions ``nonzero(kernel) * output positions`` (depthwise likewise);
   other layers count 0.
-- latency: with `latency_fit`, ``fixed_ms + ms_per_mac * kept_macs +
-  ms_per_param * kept_params``, fitted to the model timed at several widths
-  on the runtime it will run on (`dkdp_keras.latency`); without, ``dense_latency_ms * kept_macs /
-  dense_macs`` where `dense_latency_ms` is the model timed in Keras at batch
-  1 (`measure_latency_ms`). Both are estimates from the kept MACs: zeros
-  inside a kernel buy no speed until the model is compacted. The second
-  misses what a small model spends per operator whatever its widths (see
-  README.md, Budgets).
+- latency: with `latency_fit`, ``fixed_ms + ms_per_mac * macs + ms_per_param
+  * params`` of the compacted model's shapes (zeros included: the runtime
+  computes them), fitted to the model timed at several widths on the
+  runtime it will run on (`dkdp_keras.latency`); without, ``dense_latency_ms
+  * kept_macs / dense_macs`` where `dense_latency_ms` is the model timed in
+  Keras at batch 1 (`measure_latency_ms`), which misses what a small model
+  spends per operator whatever its widths (see README.md, Budgets).
 """
 
 import numpy as np
@@ -81,8 +80,7 @@ class Budget:
             "litert" or "keras" (`dkdp_keras.latency.fit_latency`: copies
             of the model at several widths timed before training, and
             ``fixed_ms + ms_per_mac × MACs + ms_per_param × parameters``
-            fitted to the times),
-            or a `LatencyFit` of your own device's timings
+            fitted to the times), or a `LatencyFit` of your own device's timings
             (`LatencyFit.from_timings`). None (the default): dense's Keras
             time × kept MACs / dense MACs, which a small model's fixed
             time per operator makes too low (README.md, Budgets).
