@@ -143,8 +143,9 @@ class LatencyFit:
 
 def _mixed_widths(model, widths, count, seed):
     """`count` callables group -> factor, each group's factor drawn from
-    `widths`, no two groups all alike (that copy is one of the uniform
-    ones); none for a model of a single group to narrow."""
+    `widths`, and in each copy at least two groups at different widths (a
+    copy of one width throughout is one of the uniform ones); none for a
+    model with a single group to narrow."""
     from dkdp_keras import depgraph
 
     graph = depgraph.of(model)
