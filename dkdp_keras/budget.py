@@ -203,7 +203,9 @@ class Budget:
         # Keyed by the architecture, not the object: a fit depends on the
         # widths only, and `dkdp run` checks the budget on the teacher
         # before its dense baseline trains.
-        key = (model.name, tuple(model.inputs[0].shape)[1:], count_macs(model, nonzero=False))
+        # (Keras' count_params reads shapes only: this runs in the budget
+        # search, some twenty times a pruning event.)
+        key = (model.name, tuple(model.inputs[0].shape)[1:], model.count_params())
         if key not in self._fits:
             self._fits[key] = fit_latency(model, self.latency_fit)
         return self._fits[key]

@@ -174,3 +174,23 @@ def test_fit_latency_builds_keras_applications_copies_and_refuses_what_it_cannot
     free = keras.Model(inputs, keras.layers.Conv2D(4, 3)(inputs))
     with pytest.raises(ValueError, match="unknown dimensions.*LatencyFit.from_timings"):
         fit_latency(free)
+
+
+def test_a_budget_naming_a_runtime_fits_each_architecture_once(monkeypatch):
+    # The budget search measures a model some twenty times a pruning event;
+    # the fit (eight exports and a timing pass) must run once per model.
+    from dkdp_keras import budget as budget_module
+
+    calls = []
+    monkeypatch.setattr(budget_module, "fit_latency",
+                        lambda model, runtime: calls.append((model.name, runtime))
+                        or LatencyFit(0.001, 1e-8, 1e-8, runtime=runtime))
+    model = dkdp.prunable(small_cnn())
+    budget = dkdp.Budget(max_latency_ms=1.0, latency_fit="litert")
+    budget.check_feasible(model)
+    first = budget.measure(model)["latency_ms"]
+    assert budget.measure(model)["latency_ms"] == first > 0.001
+    assert calls == [(model.name, "litert")]
+    budget.measure(dkdp.prunable(keras.Sequential(
+        [keras.Input((12, 12, 3)), keras.layers.Conv2D(4, 3)], name="other")))
+    assert [name for name, _ in calls] == [model.name, "other"]
