@@ -59,8 +59,8 @@ def _parser():
     run.add_argument("--max-macs", type=float, default=None)
     run.add_argument("--max-latency-ms", type=float, default=None,
                      help="batch-1 LiteRT time of the float32 file on this machine, "
-                          "estimated from a line fitted before training to the teacher "
-                          "timed at four widths (an int8 file runs faster)")
+                          "estimated from a plane fitted before training to the teacher "
+                          "timed at eight widths (an int8 file runs faster)")
     run.add_argument("--importance", default="taylor")
     run.add_argument("--granularity", default="unit", choices=GRANULARITY)
     run.add_argument("--lambda-kd", type=float, default=1.0)

@@ -57,7 +57,7 @@ def run(dataset="fashion_mnist", model="reference_cnn", out="dkdp_run", *,
         max_params, max_bytes, max_macs, max_latency_ms: the budget
             (default: 10% of the teacher's parameters). `max_latency_ms` is
             the float32 file's batch-1 LiteRT time on this machine, as a
-            line fitted before training to the teacher timed at four widths
+            plane fitted before training to the teacher timed at eight widths
             (`dkdp_keras.latency`); an int8 file runs faster. `max_bytes` counts
             the weights at the bytes `quantize` stores them in (1 for
             "int8" and "dynamic", 2 for "float16", 4 for "none"); with it,

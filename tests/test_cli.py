@@ -374,7 +374,7 @@ def test_impossible_budget_and_no_traceback(tmp_path):
 
 def test_a_latency_budget_under_the_runtimes_fixed_time_is_refused_before_training(
         tmp_path, capsys):
-    # dkdp run fits the teacher's LiteRT latency (four widths, timed) before
+    # dkdp run fits the teacher's LiteRT latency (eight copies, timed) before
     # the dense baseline: a budget under what every inference pays is one line.
     data = _digits_npz(tmp_path / "d.npz")
     assert cli.main(["run", "--dataset", data, "--model", "lenet_300_100",
