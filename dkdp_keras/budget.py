@@ -55,8 +55,7 @@ def deployed_counts(model, masks=None, snapshot=None):
     them, and with `snapshot` from its weights read once
     (`compaction.deployed_counts`)."""
     if not any(is_masked(layer) for layer in iter_layers(model)):
-        return Counts(count_params(model, nonzero=True), count_macs(model, nonzero=True),
-                      (count_params(model, nonzero=False), count_macs(model, nonzero=False)))
+        return Counts.of(model)
     return _compacted_counts(model, masks, snapshot)
 
 

@@ -226,9 +226,7 @@ def deployed_counts(model, masks=None, snapshot=None):
     check_graph_model(model)
     plan = _plan(model, masks, snapshot)
     if isinstance(plan, str):
-        small = strip(model)
-        return Counts(count_params(small), count_macs(small),
-                      (count_params(small, nonzero=False), count_macs(small, nonzero=False)))
+        return Counts.of(strip(model))
     params = macs = shape_params = shape_macs = 0
     for node in plan.graph.nodes:
         layer = node.op
@@ -254,6 +252,12 @@ class Counts(tuple):
         counts = super().__new__(cls, (params, macs))
         counts.computed = (params, macs) if computed is None else tuple(computed)
         return counts
+
+    @classmethod
+    def of(cls, model):
+        """The counts of a plain (or masked, uncompacted) model as it is."""
+        return cls(count_params(model), count_macs(model),
+                   (count_params(model, nonzero=False), count_macs(model, nonzero=False)))
 
 
 def _with_masks(model, masks, snapshot=None):
