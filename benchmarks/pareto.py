@@ -100,6 +100,7 @@ def pareto_plot(rows, model, path, order):
                ("lat_b1_x_dense", "x", (1.0, 2.0, 5.0),
                 f"batch-1 latency × dense's on the same machine (log; {len(machines)} machines)"))
     ys = [max(a, floor) for a in accs]
+    any_below = any(a < floor for a in accs)
     for ax, (key, unit, subs, label) in zip(
             axes, (("tflite_bytes", "bytes", (1.0, 3.0), "TFLite file size (log)"), latency)):
         xs = [r[key] for _, r in points]
@@ -114,7 +115,7 @@ def pareto_plot(rows, model, path, order):
                     legend = None
         ax.set_xscale("log")
         ax.set_ylim(low, high)
-        if any(a < floor for a in accs):
+        if any_below:
             ax.text(0.005, 0.005, f"▼ under {floor:.0f}%: at the floor, accuracy in the key",
                     transform=ax.transAxes, fontsize=6.5, color="0.35", va="bottom")
         # Plain labels ("300 kB", "0.02") at 1-3 ticks per decade for sizes (two
@@ -127,8 +128,7 @@ def pareto_plot(rows, model, path, order):
         ax.set_xlabel(label)
         ax.set_ylabel("TFLite test accuracy, %")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7, loc="lower left" if not any(a < floor for a in accs)
-                   else "center left")
+    axes[0].legend(fontsize=7, loc="center left" if any_below else "lower left")
     fig.suptitle(f"{model}: accuracy against size and latency (Fashion-MNIST test set)")
     height = 4 + key_in
     fig.tight_layout(rect=(0, key_in / height, 1, 1))
